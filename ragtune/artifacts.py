@@ -1,0 +1,91 @@
+"""Plain-file artifacts that flow between stages: JSONL rows, appended as they arrive.
+
+A stage killed with -9 may leave a half-written last line; `read_jsonl(..., tolerate_torn_tail=True)`
+drops only that torn line so a resumed stage redoes exactly that one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class ArtifactError(ValueError):
+    """A JSONL artifact cannot be read; the message names the file and line."""
+
+
+def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, row) for every non-empty line; line numbers are 1-based."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            is_last = number == len(lines) and not line.endswith("\n")
+            if tolerate_torn_tail and is_last:
+                return
+            raise ArtifactError(
+                f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
+                "Fix or delete that line and run again."
+            ) from None
+        if not isinstance(row, dict):
+            raise ArtifactError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
+        yield number, row
+
+
+def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> list[dict[str, Any]]:
+    return [row for _, row in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail)]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows atomically (tmp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Append rows to a JSONL file as they are produced, for resumable stages.
+
+    On open it drops a torn last line left by a killed run (rewriting the file without it),
+    and exposes the rows already there so the caller can skip finished work by key.
+    """
+
+    def __init__(self, path: str | Path, key: str):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.rows = read_jsonl(self.path, tolerate_torn_tail=True)
+            write_jsonl(self.path, self.rows)
+        self.done_keys = {row[key] for row in self.rows if key in row}
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def append(self, row: dict[str, Any]) -> None:
+        if row.get(self.key) in self.done_keys:
+            return
+        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.done_keys.add(row.get(self.key))
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,267 @@
+"""One YAML per domain, validated whole before any work starts.
+
+A config may start from another (`base: demo.yaml`, resolved next to the file) and override keys;
+`--set a.b=c` overrides any key from the command line. Every error names the file, the key path
+(and YAML line where known) and, for typos, the closest valid key.
+
+Stage sections are owned by their stage (`data_prep.config`, `train.config`, `eval.config`);
+this module only composes them with the model roles every stage relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from data_prep.config import DataPrepConfig
+from eval.config import EvalConfig
+from train.config import TrainConfig, library_key_errors
+
+DOCUMENT_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: where it is and what to do."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LLMRole(Strict):
+    """A teacher or judge: `hf` runs the model in-process, `openai` calls any OpenAI-compatible endpoint."""
+
+    backend: Literal["hf", "openai"] = "hf"
+    model: str
+    # hf backend
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    batch_size: int = Field(8, ge=1)
+    # openai backend
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int = Field(8, ge=1)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    structured_output: bool = True
+    # generation
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    # cost estimate (USD per million tokens), optional
+    price_per_million_input_tokens: float | None = None
+    price_per_million_output_tokens: float | None = None
+
+
+class StudentConfig(Strict):
+    """The model being tuned; loading options map to `from_pretrained` arguments."""
+
+    model: str
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class EmbeddingConfig(Strict):
+    model: str = "all-minilm-l6-v2"
+    embed_batch_size: int = Field(64, ge=1)
+
+
+class RagtuneConfig(Strict):
+    name: str
+    output_dir: Path
+    documents: list[str] = Field(min_length=1)
+    teacher: LLMRole
+    student: StudentConfig
+    judge: LLMRole
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    seed: int = 42
+    data_prep: DataPrepConfig = DataPrepConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    # Filled by load_config, not by the user.
+    config_path: Path | None = Field(default=None, exclude=True)
+    document_paths: list[Path] = Field(default_factory=list, exclude=True)
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as the run used it (JSON-friendly), for the manifest and fingerprints."""
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RagtuneConfig:
+    """Load, merge (`base:`), override (`--set`) and validate a config; raise ConfigError on any problem."""
+    path = Path(path)
+    raw, lines = _load_with_bases(path, seen=())
+    for item in overrides:
+        _apply_override(raw, item, lines)
+    if "api_key" in str(_flat_keys(raw)):
+        secret_key = next(k for k in _flat_keys(raw) if k.split(".")[-1] == "api_key")
+        raise ConfigError(
+            f"{_where(path, secret_key, lines)}: secrets do not belong in config files. "
+            "Put the key in an environment variable and name it with `api_key_env: MY_VAR`."
+        )
+    try:
+        config = RagtuneConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain_validation(path, err, raw, lines)) from None
+    for key_path, message in library_key_errors(config.train):
+        raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
+    config.config_path = path.resolve()
+    config.document_paths = _resolve_documents(path, config.documents, lines)
+    return config
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, tuple[Path, int]]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found. Pass the path to a YAML config (see configs/).")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to this file.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: malformed YAML ({problem}). Check indentation and `key: value` syntax on that line.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}.")
+    lines: dict[str, tuple[Path, int]] = {}
+    _collect_lines(node, "", path, lines)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw, lines
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    base_raw, base_lines = _load_with_bases(base_path, seen + (path.resolve(),))
+    return _deep_merge(base_raw, raw), {**base_lines, **lines}
+
+
+def _collect_lines(node: yaml.Node | None, prefix: str, path: Path, out: dict[str, tuple[Path, int]]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[key] = (path, key_node.start_mark.line + 1)
+            _collect_lines(value_node, key, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix}[{i}]"
+            out[key] = (path, item.start_mark.line + 1)
+            _collect_lines(item, key, path, out)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str, lines: dict[str, tuple[Path, int]]) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.num_train_epochs=1")
+    key_path, value_text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        value = value_text
+    target = raw
+    parts = key_path.strip().split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: `{part}` is not a section, cannot set a key inside it.")
+    target[parts[-1]] = value
+    lines[key_path.strip()] = (Path("--set"), 0)
+
+
+def _flat_keys(raw: Any, prefix: str = "") -> list[str]:
+    if not isinstance(raw, dict):
+        return []
+    keys = []
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        keys.append(full)
+        keys.extend(_flat_keys(value, full))
+    return keys
+
+
+def _where(path: Path, key_path: str, lines: dict[str, tuple[Path, int]]) -> str:
+    file, line = lines.get(key_path, lines.get(key_path.split("[")[0], (path, 0)))
+    if str(file) == "--set":
+        return f"--set {key_path}"
+    return f"{file}:{line}: {key_path}" if line else f"{file}: {key_path}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = RagtuneConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _explain_validation(path: Path, err: ValidationError, raw: dict[str, Any], lines: dict[str, tuple[Path, int]]) -> str:
+    messages = []
+    for issue in err.errors():
+        loc = tuple(issue["loc"])
+        key_path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        where = _where(path, key_path, lines)
+        kind = issue["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            valid = [name for name in valid if name not in ("config_path", "document_paths")]
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f" Did you mean `{close[0]}`?" if close else f" Valid keys here: {', '.join(valid)}."
+            messages.append(f"{where}: unknown key.{hint}")
+        elif kind == "missing":
+            messages.append(f"{where}: required key is missing. Add it to the config.")
+        else:
+            got = issue.get("input")
+            messages.append(f"{where}: {issue['msg']} (got {got!r}).")
+    return "\n".join(messages)
+
+
+def _resolve_documents(path: Path, documents: list[str], lines: dict[str, tuple[Path, int]]) -> list[Path]:
+    """Expand files, globs and folders (relative to the working directory) into a sorted list of files."""
+    found: list[Path] = []
+    for i, entry in enumerate(documents):
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True))
+        files: list[Path] = []
+        for match in matches:
+            if match.is_dir():
+                files.extend(sorted(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES))
+            elif match.is_file():
+                files.append(match)
+        if not files:
+            raise ConfigError(
+                f"{_where(path, f'documents[{i}]', lines)}: no document found at {entry!r} "
+                f"(resolved against {Path.cwd()}). Point it at a file, glob or folder of "
+                f"{', '.join(DOCUMENT_SUFFIXES)} files."
+            )
+        found.extend(p.resolve() for p in files)
+    return list(dict.fromkeys(found))

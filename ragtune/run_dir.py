@@ -1,0 +1,179 @@
+"""The run directory: every artifact a run makes, under one `output_dir`, with stable names.
+
+Stages talk to each other only through these files, so each stage can be cached, resumed and
+inspected on its own. `manifest.json` records the resolved config, package versions, git commit,
+input hashes and per-stage timings and fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+KEY_PACKAGES = (
+    "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
+    "llama-index-core", "ragas", "sentence-transformers", "xgrammar",
+)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    # data_prep
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def chunks(self) -> Path:
+        return self.data / "chunks.jsonl"
+
+    @property
+    def index(self) -> Path:
+        return self.data / "index"
+
+    @property
+    def questions_train(self) -> Path:
+        return self.data / "questions.train.jsonl"
+
+    @property
+    def questions_eval(self) -> Path:
+        return self.data / "questions.eval.jsonl"
+
+    @property
+    def train_jsonl(self) -> Path:
+        return self.data / "train.jsonl"
+
+    @property
+    def stats(self) -> Path:
+        return self.data / "stats.json"
+
+    # train
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    # eval
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def answers(self, model: str, mode: str) -> Path:
+        return self.eval / f"answers.{model}.{mode}.jsonl"
+
+    def scores(self, model: str, mode: str) -> Path:
+        return self.eval / f"scores.{model}.{mode}.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.eval / "summary.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+class Manifest:
+    """Reads and updates `manifest.json`; every write is atomic so a killed run never corrupts it."""
+
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.manifest
+        self.data: dict[str, Any] = {}
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+        self.data.setdefault("stages", {})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def record_run(self, resolved_config: dict[str, Any], input_hashes: dict[str, str]) -> None:
+        self.data.update(
+            config=resolved_config,
+            versions=package_versions(),
+            git_commit=git_commit(),
+            inputs=input_hashes,
+        )
+        self.save()
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {})
+
+    def update_stage(self, name: str, **fields: Any) -> None:
+        self.stage(name).update(fields)
+        self.save()
+
+    @contextmanager
+    def timed_stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; the yielded dict collects stage facts (counts, warnings) for the manifest."""
+        facts: dict[str, Any] = {}
+        started = time.time()
+        self.update_stage(name, status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            yield facts
+        except BaseException as err:
+            self.update_stage(name, status="failed", error=f"{type(err).__name__}: {err}",
+                              seconds=round(time.time() - started, 2), **facts)
+            raise
+        self.update_stage(name, status="done", seconds=round(time.time() - started, 2), error=None, **facts)
