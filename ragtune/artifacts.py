@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ragtune.errors import UserFacingError
 
-class ArtifactError(ValueError):
+
+class ArtifactError(UserFacingError, ValueError):
     """A JSONL artifact cannot be read; the message names the file and line."""
 
 

@@ -14,6 +14,7 @@ import copy
 import difflib
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,13 +22,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_prep.config import DataPrepConfig
+from ragtune.errors import UserFacingError
 from eval.config import EvalConfig
 from train.config import TrainConfig, library_key_errors
 
 DOCUMENT_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserFacingError, ValueError):
     """A config problem, phrased for the user: where it is and what to do."""
 
 
@@ -108,6 +110,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     raw, lines = _load_with_bases(path, seen=())
     for item in overrides:
         _apply_override(raw, item, lines)
+    raw = _yaml12_floats(raw)
     if "api_key" in str(_flat_keys(raw)):
         secret_key = next(k for k in _flat_keys(raw) if k.split(".")[-1] == "api_key")
         raise ConfigError(
@@ -190,6 +193,20 @@ def _apply_override(raw: dict[str, Any], item: str, lines: dict[str, tuple[Path,
             raise ConfigError(f"--set {item!r}: `{part}` is not a section, cannot set a key inside it.")
     target[parts[-1]] = value
     lines[key_path.strip()] = (Path("--set"), 0)
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml12_floats(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads `2e-4` as a string; every YAML 1.2 reader and every user means a float."""
+    if isinstance(value, dict):
+        return {k: _yaml12_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_floats(v) for v in value]
+    if isinstance(value, str) and _SCIENTIFIC.match(value):
+        return float(value)
+    return value
 
 
 def _flat_keys(raw: Any, prefix: str = "") -> list[str]:

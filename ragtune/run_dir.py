@@ -51,6 +51,26 @@ class RunDir:
         return self.data / "questions.eval.jsonl"
 
     @property
+    def questions_raw(self) -> Path:
+        """The teacher's question generations per chunk (resume log of the questions step)."""
+        return self.data / "questions.raw.jsonl"
+
+    @property
+    def questions_rejected(self) -> Path:
+        """Every generated question that was dropped, with its reason."""
+        return self.data / "questions.rejected.jsonl"
+
+    @property
+    def teacher_failures(self) -> Path:
+        """Every failed teacher call of prep (retried on the next run), with its error."""
+        return self.data / "teacher_failures.jsonl"
+
+    @property
+    def prep_state(self) -> Path:
+        """Fingerprint and completion of each prep sub-step, so a rerun skips finished ones."""
+        return self.data / "prep_state.json"
+
+    @property
     def train_jsonl(self) -> Path:
         return self.data / "train.jsonl"
 

@@ -1,0 +1,257 @@
+"""The `ragtune` command: one sub-command per stage, plus `run` (all stages), `validate` and `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ragtune.config import ConfigError, RagtuneConfig, load_config
+from ragtune.pipeline import STAGES, plan, run_pipeline
+from ragtune.run_dir import Manifest, RunDir
+
+log = logging.getLogger("ragtune")
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config for the domain (see configs/demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.num_train_epochs=1 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ragtune",
+        description="Fine-tune a small open student on a teacher's RAG answers, then score it against its base with Ragas.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="all stages: prep → train → merge → eval → report (skips up-to-date stages)")
+    _add_config(p)
+    p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on")
+    p.add_argument("--only", choices=STAGES, help="run just this stage")
+    p.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
+    p.add_argument("--dry-run", action="store_true", help="validate everything checkable without running; print the plan")
+
+    p = sub.add_parser("prep", help="documents → chunks + index → questions → teacher answers (data/)")
+    _add_config(p)
+    p = sub.add_parser("train", help="SFT the student on data/train.jsonl (LoRA/QLoRA/DoRA/full/prompt tuning)")
+    _add_config(p)
+    p.add_argument("--check", action="store_true", help="only run the label check (which tokens are trained) and exit")
+    p = sub.add_parser("merge", help="merge adapter/ into a 16-bit/fp32 copy of the base (merged/) and verify it")
+    _add_config(p)
+    p = sub.add_parser("eval", help="answer held-out questions with base/adapters/merged/teacher; score with Ragas")
+    _add_config(p)
+    p.add_argument("--adapters", nargs="*", type=Path, default=[], metavar="DIR", help="extra adapter folders to compare")
+    p = sub.add_parser("report", help="build report.html/report.md from saved eval files (no model is loaded)")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="where to write the comparison report (default: the first run dir)")
+
+    p = sub.add_parser("validate", help="check a chat-format training JSONL and print its token statistics")
+    p.add_argument("file", type=Path, metavar="FILE.jsonl")
+    p.add_argument("--config", type=Path, help="take tokenizer, max_length, epochs and prices from this config")
+    p.add_argument("--tokenizer", help="model reference whose tokenizer counts tokens")
+    p.add_argument("--max-length", type=int, help="flag rows longer than this many tokens")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server over a model or model+adapter")
+    p.add_argument("--config", type=Path, help="serve this run's merged/ model (or student + adapter/)")
+    p.add_argument("--model", help="model reference (hub id, folder, .gguf, smollm2-135m-instruct)")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply on the model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=8, help="requests generated together")
+    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
+    p.add_argument("--served-model-name", help="the `model` name clients send (default: the model reference)")
+    p.add_argument("--torch-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbosity == 0:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        except ImportError:
+            pass
+
+
+def stage_functions(config: RagtuneConfig, adapters: list[Path] | None = None) -> dict[str, Callable[[], dict[str, Any]]]:
+    """The stage entry points, imported lazily so `--help` and validation stay fast."""
+    run_dir = RunDir(config.output_dir)
+
+    def prep() -> dict[str, Any]:
+        from data_prep.prep import run
+
+        return run(config, run_dir)
+
+    def train() -> dict[str, Any]:
+        from train.sft import run
+
+        return run(config, run_dir)
+
+    def merge() -> dict[str, Any]:
+        from train.merge import run
+
+        return run(config, run_dir)
+
+    def evaluate() -> dict[str, Any]:
+        from eval.evaluate import run
+
+        return run(config, run_dir, adapters or [])
+
+    def report() -> dict[str, Any]:
+        from eval.report import run
+
+        return run([run_dir], None)
+
+    return {"prep": prep, "train": train, "merge": merge, "eval": evaluate, "report": report}
+
+
+def _run_single(config: RagtuneConfig, name: str, function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    from ragtune.pipeline import fingerprints, input_hashes
+
+    run_dir = RunDir(config.output_dir)
+    manifest = Manifest(run_dir)
+    manifest.record_run(config.resolved(), input_hashes(config))
+    current = fingerprints(config)[name]
+    manifest.update_stage(name, fingerprint=current["fingerprint"], inputs=current)
+    with manifest.timed_stage(name) as facts:
+        facts.update(function() or {})
+    return facts
+
+
+def print_verdict(run_dir: RunDir) -> None:
+    if not run_dir.summary.exists():
+        return
+    from eval.report import verdict_rows
+
+    rows = verdict_rows(json.loads(run_dir.summary.read_text(encoding="utf-8")))
+    if rows:
+        header = ["metric", "base", "tuned", "Δ (95% CI)", "verdict"]
+        table = [header] + [[str(c) for c in row] for row in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for i, row in enumerate(table):
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+    print(f"\nreport: {run_dir.report_html}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished rows are saved; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from ragtune.errors import UserFacingError
+
+    try:
+        return _dispatch_command(args)
+    except UserFacingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch_command(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from eval.report import run
+
+        run(args.run_dirs, args.out)
+        print_verdict(RunDir(args.out or args.run_dirs[0]))
+        return 0
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "serve":
+        return _serve(args)
+
+    config = load_config(args.config, args.overrides)
+    run_dir = RunDir(config.output_dir)
+    if args.command == "run":
+        if args.dry_run:
+            from ragtune.dry_run import dry_run
+
+            return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
+        run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config))
+        print_verdict(run_dir)
+        return 0
+    if args.command == "train" and args.check:
+        from train.sft import run
+
+        run(config, run_dir, check_only=True)
+        return 0
+    functions = stage_functions(config, getattr(args, "adapters", None))
+    name = {"prep": "prep", "train": "train", "merge": "merge", "eval": "eval"}[args.command]
+    _run_single(config, name, functions[name])
+    if name == "eval":
+        functions["report"]()
+        print_verdict(run_dir)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from data_prep.validate import validate_chat_jsonl
+
+    tokenizer_ref, max_length, epochs, prices = args.tokenizer, args.max_length, 1.0, None
+    if args.config:
+        config = load_config(args.config)
+        tokenizer_ref = tokenizer_ref or config.student.model
+        max_length = max_length or config.train.sft_kwargs().get("max_length", 1024)
+        epochs = float(config.train.sft_kwargs().get("num_train_epochs", 3.0))
+        if config.teacher.price_per_million_input_tokens is not None:
+            prices = (config.teacher.price_per_million_input_tokens, config.teacher.price_per_million_output_tokens or 0.0)
+    tokenizer = None
+    if tokenizer_ref:
+        from train.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_ref)
+    stats = validate_chat_jsonl(args.file, tokenizer=tokenizer, max_length=max_length, epochs=epochs, prices=prices)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ragtune.llm import HFChatBackend
+    from ragtune.serve import serve
+
+    model, adapter = args.model, args.adapter
+    if args.config:
+        config = load_config(args.config)
+        run_dir = RunDir(config.output_dir)
+        if model is None and run_dir.merged.exists():
+            model = str(run_dir.merged)
+        elif model is None:
+            model = config.student.model
+            adapter = adapter or (str(run_dir.adapter) if run_dir.adapter.exists() else None)
+    if model is None:
+        print("error: pass --model REF (or --config CONFIG to serve that run's model).", file=sys.stderr)
+        return 2
+    backend = HFChatBackend(model, adapter=adapter, batch_size=args.batch_size, torch_dtype=args.torch_dtype,
+                            max_new_tokens=args.max_tokens)
+    serve(backend, host=args.host, port=args.port, served_model_name=args.served_model_name or model,
+          batch_size=args.batch_size, default_max_tokens=args.max_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

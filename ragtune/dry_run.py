@@ -1,0 +1,84 @@
+"""`ragtune run --dry-run`: check everything that can be checked without a GPU or a download, print the plan."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ragtune.config import LLMRole, RagtuneConfig
+from ragtune.pipeline import PIPELINE
+
+
+def _model_check(role: str, ref: str) -> tuple[str, str]:
+    """('ok'|'warn'|'error', message) for a model reference, without loading weights."""
+    from train.models import ModelLoadError, resolve_model
+
+    try:
+        model_ref = resolve_model(ref)
+    except ModelLoadError as err:
+        return "error", f"{role}: {err}"
+    if Path(model_ref.name_or_path).exists():
+        return "ok", f"{role}: {ref} (local: {model_ref.name_or_path}{', ' + model_ref.gguf_file if model_ref.gguf_file else ''})"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    where = "in the local HF cache" if cached else "not in the local HF cache: downloaded on first use"
+    level = "ok" if cached or os.environ.get("HF_HUB_OFFLINE") != "1" else "error"
+    return level, f"{role}: hub id {ref} ({where})"
+
+
+def _endpoint_check(role: str, llm: LLMRole) -> tuple[str, str]:
+    import httpx
+
+    if llm.api_key_env and not os.environ.get(llm.api_key_env):
+        return "warn", f"{role}: environment variable {llm.api_key_env} (api_key_env) is not set here"
+    try:
+        httpx.get(f"{(llm.base_url or '').rstrip('/')}/models", timeout=3.0)
+    except httpx.HTTPError as err:
+        return "warn", f"{role}: {llm.base_url} not reachable from here ({type(err).__name__}); start it before `run`"
+    return "ok", f"{role}: {llm.model} at {llm.base_url} (reachable)"
+
+
+def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
+    import torch
+    from trl import SFTConfig
+
+    from train.config import peft_config_class
+
+    checks: list[tuple[str, str]] = []
+    try:
+        SFTConfig(output_dir=str(config.output_dir / "checkpoints"), **config.train.sft_kwargs())
+        checks.append(("ok", f"train: SFTConfig accepts {sorted(config.train.sft_kwargs())}"))
+    except Exception as err:  # report TRL's own words
+        checks.append(("error", f"train: SFTConfig rejects the `train:` keys: {err}"))
+    if config.train.method != "full":
+        try:
+            peft_config_class(config.train.method)(**config.train.peft)
+            checks.append(("ok", f"train: {config.train.method} with {config.train.peft}"))
+        except Exception as err:
+            checks.append(("error", f"train.peft: {err}"))
+    if config.train.method == "qlora" and not torch.cuda.is_available():
+        checks.append(("warn", "train: qlora on a machine without CUDA: 4-bit runs on bitsandbytes' CPU backend here (slow); "
+                               "on the GPU box it runs as configured"))
+    return checks
+
+
+def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
+    """Print every check and the stage plan; exit status 1 when any check is an error."""
+    checks: list[tuple[str, str]] = [("ok", f"config: {config.config_path} is valid")]
+    for path in config.document_paths:
+        checks.append(("ok", f"documents: {path} ({path.stat().st_size / 1e6:.1f} MB)"))
+    checks.append(_model_check("student", config.student.model))
+    for role in ("teacher", "judge"):
+        llm: LLMRole = getattr(config, role)
+        checks.append(_endpoint_check(role, llm) if llm.backend == "openai" else _model_check(role, llm.model))
+    from train.models import resolve_embedding
+
+    checks.append(("ok", f"embedding: {resolve_embedding(config.embedding.model)}"))
+    checks.extend(_training_check(config))
+    for level, message in checks:
+        print(f"[{level:5}] {message}")
+    print(f"\nplan for {config.output_dir}:")
+    for stage in PIPELINE:
+        print(f"  {stage.name:7} {decisions[stage.name]}")
+    return 1 if any(level == "error" for level, _ in checks) else 0

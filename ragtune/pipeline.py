@@ -1,0 +1,145 @@
+"""`ragtune run`: prep → train → merge → eval → report, doing no work twice.
+
+Each stage's fingerprint hashes what it consumes: its config sections, the fingerprints of the stages
+it reads from, the input documents (prep) and the source code of the stage package. A stage whose
+recorded fingerprint matches is skipped; a stage whose fingerprint changed discards its own stale
+outputs first; a stage that was interrupted with the same fingerprint resumes from its partial files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ragtune.config import RagtuneConfig
+from ragtune.run_dir import Manifest, RunDir, sha256_file
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("prep", "train", "merge", "eval", "report")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    code: tuple[str, ...]  # packages whose source is part of the fingerprint
+    config_keys: tuple[str, ...]  # config sections the stage consumes
+    upstream: tuple[str, ...]
+    outputs: Callable[[RunDir], list[Path]]  # discarded when the fingerprint changes
+
+
+PIPELINE = (
+    Stage("prep", ("data_prep",), ("documents", "embedding", "teacher", "student", "data_prep", "seed"), (),
+          lambda r: [r.data]),
+    Stage("train", ("train",), ("student", "train", "seed"), ("prep",),
+          lambda r: [r.checkpoints, r.adapter, r.logs]),
+    Stage("merge", ("train",), ("student", "train"), ("train",), lambda r: [r.merged]),
+    Stage("eval", ("eval",), ("student", "teacher", "judge", "embedding", "eval", "seed"), ("prep", "train", "merge"),
+          lambda r: []),
+    Stage("report", ("eval",), ("eval",), ("eval",), lambda r: [r.report_html, r.report_md]),
+)
+
+
+def code_hash(package: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / package).rglob("*.py")):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def input_hashes(config: RagtuneConfig) -> dict[str, str]:
+    return {str(p): sha256_file(p) for p in config.document_paths}
+
+
+def fingerprints(config: RagtuneConfig) -> dict[str, dict[str, str]]:
+    """Per stage: the hash of each thing it consumes (so the manifest can say what changed)."""
+    resolved = config.resolved()
+    docs = input_hashes(config)
+    result: dict[str, dict[str, str]] = {}
+    for stage in PIPELINE:
+        parts = {f"config.{key}": _hash(resolved.get(key)) for key in stage.config_keys}
+        parts.update({f"code.{pkg}": code_hash(pkg) for pkg in stage.code})
+        if stage.name == "prep":
+            parts["documents"] = _hash(docs)
+        parts.update({f"stage.{up}": result[up]["fingerprint"] for up in stage.upstream})
+        parts["fingerprint"] = _hash(parts)
+        result[stage.name] = parts
+    return result
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, only: str | None = None,
+         force: bool = False) -> dict[str, str]:
+    """Decide for every stage: `run`, `resume` (same fingerprint, interrupted) or `skip` (done, unchanged)."""
+    manifest = Manifest(run_dir)
+    prints = fingerprints(config)
+    decisions: dict[str, str] = {}
+    forced_from = STAGES.index(start) if start else None
+    for i, name in enumerate(STAGES):
+        recorded = manifest.data["stages"].get(name, {})
+        same = recorded.get("fingerprint") == prints[name]["fingerprint"]
+        if only:
+            decisions[name] = "run" if name == only else "skip"
+        elif force or (forced_from is not None and i >= forced_from):
+            decisions[name] = "run"
+        elif same and recorded.get("status") == "done":
+            decisions[name] = "skip"
+        elif same:
+            decisions[name] = "resume"
+        else:
+            decisions[name] = "run"
+    return decisions
+
+
+def run_pipeline(
+    config: RagtuneConfig,
+    *,
+    start: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    stage_functions: dict[str, Callable[[], dict[str, Any]]],
+) -> dict[str, str]:
+    """Run the planned stages in order; returns the decision taken for each stage."""
+    run_dir = RunDir(config.output_dir)
+    decisions = plan(config, run_dir, start=start, only=only, force=force)
+    prints = fingerprints(config)
+    manifest = Manifest(run_dir)
+    manifest.record_run(config.resolved(), input_hashes(config))
+    for stage in PIPELINE:
+        decision = decisions[stage.name]
+        if decision == "skip":
+            log.info("%s: up to date, skipped", stage.name)
+            continue
+        recorded = manifest.data["stages"].get(stage.name, {})
+        if decision == "run" and recorded:
+            _discard(stage, run_dir, recorded, prints[stage.name])
+        manifest.update_stage(stage.name, fingerprint=prints[stage.name]["fingerprint"], inputs=prints[stage.name])
+        print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}", flush=True)
+        started = time.time()
+        with manifest.timed_stage(stage.name) as facts:
+            facts.update(stage_functions[stage.name]() or {})
+        print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s", flush=True)
+        manifest = Manifest(run_dir)
+    return decisions
+
+
+def _discard(stage: Stage, run_dir: RunDir, recorded: dict[str, Any], current: dict[str, str]) -> None:
+    """Remove outputs made under another fingerprint, so no stale artifact is reused by a resume."""
+    for path in stage.outputs(run_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if stage.name == "eval" and recorded.get("inputs", {}).get("stage.prep") != current.get("stage.prep"):
+        shutil.rmtree(run_dir.eval, ignore_errors=True)
