@@ -1,18 +1,25 @@
-"""The `data_prep:` section of a ragtune config (keys owned by the data_prep stage)."""
+"""The `data_prep:` section of a ragtune config (keys owned by the data_prep stage).
+
+Names follow LlamaIndex where it has one: `chunk_size`/`chunk_overlap` (SentenceSplitter),
+`similarity_top_k` (retriever), `num_questions_per_chunk` (the question generator), and the prompt
+templates use LlamaIndex's placeholders `{context_str}`, `{query_str}`, `{num_questions_per_chunk}`.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 QUESTION_PROMPT = (
     "Context information is below.\n"
     "---------------------\n"
-    "{context}\n"
+    "{context_str}\n"
     "---------------------\n"
     "Given the context information and not prior knowledge, generate only questions based on the query below.\n"
-    "You are a Teacher/Professor. Your task is to setup {num_questions} questions for an upcoming quiz/examination. "
-    "The questions should be diverse in nature across the document. Restrict the questions to the context "
-    "information provided. Formulate a single question that captures an important fact from the context."
+    "You are a Teacher/Professor. Your task is to setup {num_questions_per_chunk} question(s) for an upcoming "
+    "quiz/examination. Restrict the questions to the context information provided. Formulate each question so "
+    "that it captures an important fact from the context. Write one question per line."
 )
 
 SYSTEM_PROMPT = (
@@ -20,25 +27,41 @@ SYSTEM_PROMPT = (
     "provided context information, and not prior knowledge."
 )
 
-USER_TEMPLATE = (
+TEXT_QA_TEMPLATE = (
     "Context information is below.\n"
     "---------------------\n"
-    "{context}\n"
+    "{context_str}\n"
     "---------------------\n"
     "Given the context information and not prior knowledge, answer the query.\n"
-    "Query: {question}\n"
+    "Query: {query_str}\n"
     "Answer: "
 )
 
+CLOSED_BOOK_SYSTEM_PROMPT = "You are an expert Q&A system that is trusted around the world. Answer the query accurately."
+
+CHAIN_OF_THOUGHT_INSTRUCTION = (
+    "\n\nFirst reason step by step, quoting the sentences of the context you rely on between "
+    "##begin_quote## and ##end_quote##. Then give the final answer on a last line starting with <ANSWER>:"
+)
+
+
+def _require(template: str, *names: str) -> str:
+    missing = [name for name in names if "{" + name + "}" not in template]
+    if missing:
+        raise ValueError(f"the template must contain {', '.join('{' + m + '}' for m in missing)}")
+    return template
+
 
 class RaftConfig(BaseModel):
-    """RAFT: with probability `oracle_probability` the oracle chunk is among the contexts, else only distractors."""
+    """RAFT (Zhang et al. 2024): with probability `oracle_probability` the question's source chunk is among the
+    contexts, otherwise only distractors; distractors are retrieved non-oracle chunks, topped up at random."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     oracle_probability: float = Field(0.8, ge=0, le=1)
-    num_distractors: int = Field(2, ge=0)
+    num_distractors: int = Field(2, ge=1)
     chain_of_thought: bool = False
+    chain_of_thought_instruction: str = CHAIN_OF_THOUGHT_INSTRUCTION
 
 
 class DataPrepConfig(BaseModel):
@@ -47,19 +70,42 @@ class DataPrepConfig(BaseModel):
     # SentenceSplitter arguments
     chunk_size: int = Field(512, ge=32)
     chunk_overlap: int = Field(64, ge=0)
-    # held-out split by document region
+    # held-out split by document region: a seeded shuffle of pages (or whole documents), the first
+    # `train_fraction` of them give training questions, the rest evaluation questions
     train_fraction: float = Field(0.5, gt=0, lt=1)
-    split_unit: str = Field("page", pattern="^(page|document)$")
-    # question generation
-    questions_per_chunk: int = Field(1, ge=1)
+    split_unit: Literal["page", "document"] = "page"
+    # question generation by the teacher
+    num_questions_per_chunk: int = Field(1, ge=1)
     num_train_questions: int = Field(40, ge=1)
     num_eval_questions: int = Field(10, ge=1)
     question_prompt: str = QUESTION_PROMPT
-    filter_unanswerable: bool = True
+    # drop questions the source chunk cannot answer: "lexical" keeps a question when at least
+    # `min_lexical_overlap` of its content words occur in the chunk; "teacher" asks the teacher (yes/no)
+    answerable_check: Literal["lexical", "teacher", "none"] = "lexical"
+    min_lexical_overlap: float = Field(0.5, ge=0, le=1)
+    # eval questions more similar than this (cosine of embeddings) to any train question are dropped
     leakage_threshold: float = Field(0.92, gt=0, le=1)
-    # teacher answers through the RAG pipeline
+    # teacher answers through the RAG pipeline (the same messages eval sends to the student)
     similarity_top_k: int = Field(2, ge=1)
     system_prompt: str = SYSTEM_PROMPT
-    user_template: str = USER_TEMPLATE
+    text_qa_template: str = TEXT_QA_TEMPLATE
     raft: RaftConfig = RaftConfig()
+    # also emit (question without context -> the teacher's RAG answer) rows, to bake knowledge in
     closed_book_rows: bool = False
+    closed_book_system_prompt: str = CLOSED_BOOK_SYSTEM_PROMPT
+
+    @field_validator("question_prompt")
+    @classmethod
+    def _question_prompt(cls, value: str) -> str:
+        return _require(value, "context_str")
+
+    @field_validator("text_qa_template")
+    @classmethod
+    def _qa_template(cls, value: str) -> str:
+        return _require(value, "context_str", "query_str")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "DataPrepConfig":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})")
+        return self

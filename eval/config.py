@@ -1,19 +1,65 @@
-"""The `eval:` section of a ragtune config (keys owned by the eval stage)."""
+"""The `eval:` section of a ragtune config (keys owned by the eval stage).
+
+Metric names are Ragas's own (`Faithfulness().name == "faithfulness"`, ...); the statistics keys are
+`scipy.stats.bootstrap`'s argument names (`n_resamples`, `confidence_level`).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Scored per model and mode, on the model's answer.
+ANSWER_METRICS = (
+    "faithfulness",  # LLM judge: share of the answer's statements supported by the contexts
+    "answer_relevancy",  # LLM judge + embeddings: does the answer address the question
+    "answer_correctness",  # LLM judge + embeddings: vs the teacher's (reference) answer
+    "semantic_similarity",  # embeddings: vs the teacher's answer
+    "bleu_score", "chrf_score", "rouge_score", "non_llm_string_similarity",  # n-gram / edit distance vs the teacher
+)
+# Scored once per question: the retriever is the same for every model.
+RETRIEVAL_METRICS = (
+    "context_precision", "context_recall",  # LLM judge, the teacher's answer as reference
+    "non_llm_context_precision_with_reference", "non_llm_context_recall",  # string match vs the oracle chunk
+)
+MetricName = Literal[
+    "faithfulness", "answer_relevancy", "answer_correctness", "semantic_similarity", "bleu_score", "chrf_score",
+    "rouge_score", "non_llm_string_similarity", "context_precision", "context_recall",
+    "non_llm_context_precision_with_reference", "non_llm_context_recall",
+]
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    modes: list[str] = Field(default_factory=lambda: ["rag", "closed_book"])
-    metrics: list[str] = Field(default_factory=lambda: ["faithfulness", "answer_relevancy"])
+    # what is answered: `rag` (retrieved contexts, the deployed setting) and `closed_book` (no context)
+    modes: list[Literal["rag", "closed_book"]] = Field(default_factory=lambda: ["rag", "closed_book"], min_length=1)
+    metrics: list[MetricName] = Field(default_factory=lambda: [*ANSWER_METRICS, *RETRIEVAL_METRICS], min_length=1)
+    # extra adapter folders to score besides run_dir/adapter (the CLI's --adapters adds more)
+    adapters: list[str] = Field(default_factory=list)
+    # student/teacher answer generation (greedy)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
-    bootstrap_resamples: int = Field(2000, ge=100)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    judge_sanity_pairs: int = Field(10, ge=0)
+    # Ragas AnswerRelevancy's number of generated questions (identical greedy calls are computed once)
+    strictness: int = Field(3, ge=1)
+    # seconds one call to an `openai` judge may take, retries included, before its samples are recorded as
+    # failed (the in-process judge needs none: judge.max_new_tokens bounds every call)
     judge_timeout: float = Field(600.0, gt=0)
-    adapters: list[str] = Field(default_factory=list)
+    # known-good vs known-bad pairs scored to measure whether the judge discriminates at all
+    judge_sanity_pairs: int = Field(10, ge=0)
+    # JSON Schema bounds added to Ragas's output schemas for the in-process (hf) judge, so constrained
+    # decoding always closes its strings and lists within judge.max_new_tokens (at most 128 characters:
+    # xgrammar 0.2.8 fails to compile longer bounded string patterns)
+    judge_max_length: int = Field(128, ge=8, le=128)
+    judge_max_items: int = Field(6, ge=1)
+    # paired bootstrap over questions (scipy.stats.bootstrap, percentile method), seeded by `seed`
+    n_resamples: int = Field(2000, ge=100)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    # |tuned - base| <= tie_tolerance counts as a tie in win/tie/loss
+    tie_tolerance: float = Field(0.0, ge=0)
+
+    @field_validator("metrics", "modes")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))

@@ -115,7 +115,7 @@ def stage_functions(config: RagtuneConfig, adapters: list[Path] | None = None) -
     def report() -> dict[str, Any]:
         from eval.report import run
 
-        return run([run_dir], None)
+        return run([run_dir.root], None)
 
     return {"prep": prep, "train": train, "merge": merge, "eval": evaluate, "report": report}
 

@@ -111,8 +111,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _apply_override(raw, item, lines)
     raw = _yaml12_floats(raw)
-    if "api_key" in str(_flat_keys(raw)):
-        secret_key = next(k for k in _flat_keys(raw) if k.split(".")[-1] == "api_key")
+    secret_keys = [k for k in _flat_keys(raw) if k.split(".")[-1] in ("api_key", "token", "password")]
+    if secret_keys:
+        secret_key = secret_keys[0]
         raise ConfigError(
             f"{_where(path, secret_key, lines)}: secrets do not belong in config files. "
             "Put the key in an environment variable and name it with `api_key_env: MY_VAR`."

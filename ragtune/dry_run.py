@@ -46,15 +46,18 @@ def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
     from train.config import peft_config_class
 
     checks: list[tuple[str, str]] = []
+    kwargs = config.train.sft_kwargs()
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # GPU-only flags (bf16, fused optimizers) are checked as far as a CPU can
     try:
-        SFTConfig(output_dir=str(config.output_dir / "checkpoints"), **config.train.sft_kwargs())
+        SFTConfig(output_dir=str(config.output_dir / "checkpoints"), **kwargs)
         checks.append(("ok", f"train: SFTConfig accepts {sorted(config.train.sft_kwargs())}"))
     except Exception as err:  # report TRL's own words
         checks.append(("error", f"train: SFTConfig rejects the `train:` keys: {err}"))
     if config.train.method != "full":
         try:
-            peft_config_class(config.train.method)(**config.train.peft)
-            checks.append(("ok", f"train: {config.train.method} with {config.train.peft}"))
+            peft_config_class(config.train.method)(**config.train.peft_kwargs())
+            checks.append(("ok", f"train: {config.train.method} with {config.train.peft_kwargs()}"))
         except Exception as err:
             checks.append(("error", f"train.peft: {err}"))
     if config.train.method == "qlora" and not torch.cuda.is_available():

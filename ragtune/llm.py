@@ -88,7 +88,8 @@ class HFChatBackend:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.tokenizer = load_tokenizer(adapter or model, trust_remote_code) if adapter else load_tokenizer(model, trust_remote_code)
+        # the base model's tokenizer: a PEFT adapter folder has no config.json, so resolve_model rejects it
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.model = load_causal_lm(model, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         if adapter:
             from peft import PeftModel

@@ -121,11 +121,14 @@ def run_pipeline(
         if decision == "skip":
             log.info("%s: up to date, skipped", stage.name)
             continue
-        recorded = manifest.data["stages"].get(stage.name, {})
+        recorded = dict(manifest.data["stages"].get(stage.name, {}))
+        changed = sorted(k for k, v in prints[stage.name].items()
+                         if k != "fingerprint" and recorded.get("inputs", {}).get(k) != v) if recorded else []
+        reason = f" (changed: {', '.join(changed)})" if changed and decision == "run" else ""
         if decision == "run" and recorded:
             _discard(stage, run_dir, recorded, prints[stage.name])
         manifest.update_stage(stage.name, fingerprint=prints[stage.name]["fingerprint"], inputs=prints[stage.name])
-        print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}", flush=True)
+        print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}{reason}", flush=True)
         started = time.time()
         with manifest.timed_stage(stage.name) as facts:
             facts.update(stage_functions[stage.name]() or {})

@@ -95,6 +95,15 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def loss_curve(self) -> Path:
+        return self.logs / "loss_curve.json"
+
+    @property
+    def dense_base(self) -> Path:
+        """A safetensors copy of a GGUF student, for 4-bit (QLoRA) loading."""
+        return self.root / "base_model"
+
     # eval
     @property
     def eval(self) -> Path:
@@ -105,6 +114,18 @@ class RunDir:
 
     def scores(self, model: str, mode: str) -> Path:
         return self.eval / f"scores.{model}.{mode}.jsonl"
+
+    @property
+    def retrieval(self) -> Path:
+        return self.eval / "retrieval.jsonl"
+
+    @property
+    def judge_sanity(self) -> Path:
+        return self.eval / "judge_sanity.jsonl"
+
+    @property
+    def per_question_csv(self) -> Path:
+        return self.eval / "per_question.csv"
 
     @property
     def summary(self) -> Path:

@@ -3,6 +3,9 @@
 ragtune's own keys are the few declared below; every other key under `train:` is passed unchanged
 to TRL's `SFTConfig` (so TRL's docs document it), `train.peft` to PEFT's `LoraConfig` (or
 `PromptTuningConfig`/`PrefixTuningConfig`), `train.quantization` to transformers' `BitsAndBytesConfig`.
+
+Where ragtune's defaults differ from TRL's, they are listed in `SFT_DEFAULTS` with the reason
+(measured with `scripts/bench_train.py`); a key set in the YAML always wins.
 """
 
 from __future__ import annotations
@@ -17,23 +20,65 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Method = Literal["lora", "qlora", "dora", "full", "prompt_tuning", "prefix_tuning"]
 
+# PEFT arguments per method, under whatever the YAML's `train.peft` sets. `lora_dropout` stays at PEFT's
+# default 0.0: a dropout mask on the input of every adapted Linear cost ~25% of a CPU step (bernoulli +
+# mul; torch profiler, SmolLM2-135M); set e.g. `train.peft.lora_dropout: 0.05` to regularize anyway.
+PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    "qlora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    "dora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "use_dora": True},
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "prefix_tuning": {"num_virtual_tokens": 20},
+    "full": {},
+}
+
+# SFTConfig values ragtune sets where TRL's default is slow or unhelpful for this workload
+# (short RAG chat rows, LoRA on small students). Each was measured; see scripts/bench_train.py.
+SFT_DEFAULTS: dict[str, Any] = {
+    # TRL turns activation recomputation on by default (`gradient_checkpointing`, now named
+    # `activation_checkpointing` in transformers): every layer's forward runs twice. Small students on
+    # CPU or one GPU have the memory to keep activations; turn it on for large students.
+    "activation_checkpointing": False,
+    # Batches of rows of similar length waste less compute on padding.
+    "train_sampling_strategy": "group_by_length",
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 2e-4,
+    "num_train_epochs": 3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 5,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "report_to": ["tensorboard"],
+}
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     method: Method = "lora"
-    peft: dict[str, Any] = Field(default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                                                          "target_modules": "all-linear"})
+    # PEFT config kwargs; merged over PEFT_DEFAULTS[method], so `{r: 64}` keeps the other defaults.
+    peft: dict[str, Any] = Field(default_factory=dict)
     quantization: dict[str, Any] = Field(default_factory=lambda: {
         "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"})
+    # Held-out rows for eval loss: a fraction of train.jsonl, or a JSONL file of the same shape.
     validation_split: float = Field(0.1, ge=0, lt=1)
     validation_file: str | None = None
+    # Stop after this many evaluations without eval-loss improvement (EarlyStoppingCallback).
     early_stopping_patience: int | None = Field(None, ge=1)
+    # Continue from the latest checkpoint under the run's checkpoints/ when one exists.
     auto_resume: bool = True
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The keys that go to `SFTConfig` unchanged."""
-        return dict(self.model_extra or {})
+        """The keys that go to `SFTConfig`: ragtune's defaults overlaid with the YAML's keys."""
+        return {**SFT_DEFAULTS, **coerce_floats(dict(self.model_extra or {}), sft_config_fields())}
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """The kwargs for the method's PEFT config class (empty for `full`)."""
+        forced = {"use_dora": True} if self.method == "dora" else {}
+        return {**PEFT_DEFAULTS[self.method], **self.peft, **forced}
 
 
 def _dataclass_fields(cls: type) -> dict[str, Any]:
@@ -115,8 +160,13 @@ def library_key_errors(train: TrainConfig) -> list[tuple[str, str]]:
     errors = list(_check_keys("train.", sft_given, sft_fields, "SFTConfig"))
     if "output_dir" in sft_given:
         errors.append(("train.output_dir", "set the run directory with the top-level `output_dir`; ragtune places checkpoints under it."))
+    if train.early_stopping_patience and not train.validation_split and not train.validation_file:
+        errors.append(("train.early_stopping_patience", "early stopping watches the eval loss: set "
+                       "train.validation_split > 0 or train.validation_file."))
     peft_cls = peft_config_class(train.method)
-    if train.method != "full":
+    if train.method == "full" and train.peft:
+        errors.append(("train.peft", "`method: full` trains every weight and takes no PEFT config; remove `train.peft`."))
+    elif train.method != "full":
         errors.extend(_check_keys("train.peft.", train.peft, _dataclass_fields(peft_cls), peft_cls.__name__))
     if train.method == "qlora":
         errors.extend(_check_keys("train.quantization.", train.quantization, _init_params(BitsAndBytesConfig), "BitsAndBytesConfig"))

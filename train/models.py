@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragtune.errors import UserFacingError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -21,7 +23,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_ALIAS = "all-minilm-l6-v2"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserFacingError):
     """A model reference that cannot be resolved or loaded; says what to install or fix."""
 
 

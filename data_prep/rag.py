@@ -1,0 +1,111 @@
+"""The RAG pipeline every stage shares: the persisted LlamaIndex index, retrieval, and the prompt.
+
+prep builds the index and trains on `build_rag_messages`; eval and serve call `load_index`, `retrieve`
+and the same `build_rag_messages`, so the student is scored on exactly the retrieval and prompt it
+was trained on. LlamaIndex is always given the embedding model explicitly and no LLM, so it never
+falls back to its OpenAI defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from data_prep.config import DataPrepConfig
+from ragtune.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.schema import BaseNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from ragtune.config import EmbeddingConfig, RagtuneConfig
+    from ragtune.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+Chunk = dict[str, Any]  # {"id", "text", "metadata": {"file", "page", ...}, "score"}
+
+
+class IndexNotFound(UserFacingError, FileNotFoundError):
+    """The run directory has no persisted index yet."""
+
+
+def embedding_model(embedding: "EmbeddingConfig") -> "HuggingFaceEmbedding":
+    """The configured sentence-transformers model as a LlamaIndex embedding (CPU/GPU picked by torch)."""
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from train.models import resolve_embedding
+
+    return HuggingFaceEmbedding(model_name=resolve_embedding(embedding.model), embed_batch_size=embedding.embed_batch_size)
+
+
+def build_index(nodes: list["BaseNode"], embed_model: "HuggingFaceEmbedding", persist_dir: Path) -> "VectorStoreIndex":
+    """Embed the chunks into a `VectorStoreIndex` and persist it (written to a temp folder, then renamed)."""
+    import shutil
+
+    from llama_index.core import Settings, VectorStoreIndex
+    from llama_index.core.llms import MockLLM
+
+    Settings.llm = MockLLM()  # retrieval only: never resolve LlamaIndex's default (OpenAI) LLM
+    index = VectorStoreIndex(nodes, embed_model=embed_model, show_progress=True)
+    tmp = persist_dir.with_name(persist_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    index.storage_context.persist(persist_dir=str(tmp))
+    shutil.rmtree(persist_dir, ignore_errors=True)
+    tmp.rename(persist_dir)
+    return index
+
+
+def load_index(config: "RagtuneConfig", run_dir: "RunDir", embed_model: "HuggingFaceEmbedding | None" = None) -> "VectorStoreIndex":
+    """Reload the index prep persisted under `run_dir.index`, with the configured embedding model."""
+    from llama_index.core import Settings, StorageContext, load_index_from_storage
+    from llama_index.core.llms import MockLLM
+
+    if not (run_dir.index / "docstore.json").exists():
+        raise IndexNotFound(f"{run_dir.index}: no persisted index. Run `ragtune prep CONFIG` first.")
+    Settings.llm = MockLLM()
+    storage = StorageContext.from_defaults(persist_dir=str(run_dir.index))
+    return load_index_from_storage(storage, embed_model=embed_model or embedding_model(config.embedding))
+
+
+def retrieve(index: "VectorStoreIndex", questions: list[str], top_k: int) -> list[list[Chunk]]:
+    """The `top_k` chunks for each question, best first; question embeddings are computed in batches."""
+    from llama_index.core.schema import QueryBundle
+
+    embed_model = index._embed_model
+    batch_size = getattr(embed_model, "embed_batch_size", 32)
+    embeddings: list[list[float]] = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        if hasattr(embed_model, "_embed"):
+            # HuggingFaceEmbedding: what get_query_embedding does for one query, for a whole batch
+            embeddings.extend(embed_model._embed(batch, prompt_name="query"))
+        else:
+            embeddings.extend(embed_model.get_query_embedding(q) for q in batch)
+    retriever = index.as_retriever(similarity_top_k=top_k)
+    results = []
+    for question, embedding in zip(questions, embeddings):
+        hits = retriever.retrieve(QueryBundle(query_str=question, embedding=embedding))
+        results.append([
+            {"id": hit.node.node_id, "text": hit.node.get_content(), "metadata": dict(hit.node.metadata),
+             "score": float(hit.score) if hit.score is not None else None}
+            for hit in hits
+        ])
+    return results
+
+
+def build_rag_messages(question: str, contexts: list[str], prep_config: DataPrepConfig) -> list[dict[str, str]]:
+    """System + user messages for a question answered from retrieved contexts (train and eval use this).
+
+    Contexts are joined the way LlamaIndex's response synthesizer joins chunks (blank line between).
+    """
+    context_str = "\n\n".join(contexts)
+    user = prep_config.text_qa_template.replace("{context_str}", context_str).replace("{query_str}", question)
+    return [{"role": "system", "content": prep_config.system_prompt}, {"role": "user", "content": user}]
+
+
+def build_closed_book_messages(question: str, prep_config: DataPrepConfig) -> list[dict[str, str]]:
+    """System + user messages for a question asked without any context (closed-book mode)."""
+    return [{"role": "system", "content": prep_config.closed_book_system_prompt}, {"role": "user", "content": question}]

@@ -1,0 +1,291 @@
+"""Answers to the held-out questions, from every model, through the one retriever and prompt of training.
+
+The models: the base student, each LoRA adapter on the base, the merged model, and the teacher (whose
+RAG answers are the reference). Retrieval runs once (`eval/retrieval.jsonl`): every model sees exactly
+the same contexts, built into messages by data_prep's `build_rag_messages` / `build_closed_book_messages`.
+Generation is batched and greedy.
+
+Each `eval/answers.<model>.<mode>.jsonl` row carries the fingerprint of what produced it (model weights,
+prompts, questions, index, generation settings); a re-run reuses rows whose fingerprint still matches,
+so adding an adapter only generates that adapter's answers. Stale files are moved to `eval/stale/`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from ragtune.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
+from ragtune.errors import UserFacingError
+from ragtune.run_dir import RunDir, sha256_file
+
+if TYPE_CHECKING:
+    from ragtune.config import RagtuneConfig
+    from ragtune.llm import ChatBackend
+
+log = logging.getLogger(__name__)
+
+MODES = ("rag", "closed_book")
+REFERENCE_MODEL = "teacher"
+SMALL_FILE = 32 << 20  # files up to this size are content-hashed; larger weights by size and mtime
+
+
+class EvalError(UserFacingError):
+    """The eval stage cannot start: a missing input, a bad adapter folder; says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model under evaluation: `name` is its file-safe label in artifact names and the report."""
+
+    name: str
+    kind: str  # base | adapter | merged | teacher
+    model: str
+    adapter: str | None
+    fingerprint: str
+
+
+# --- questions ----------------------------------------------------------------------------------
+
+
+def load_questions(run_dir: RunDir) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The held-out questions prep kept, and the count of rows marked `dropped` by reason (skipped)."""
+    path = run_dir.questions_eval
+    if not path.exists():
+        raise EvalError(f"{path}: no held-out questions. Run `ragtune prep CONFIG` first.")
+    questions, dropped = [], {}
+    for number, row in iter_jsonl(path):
+        missing = [k for k in ("id", "question", "source_chunk_id") if not row.get(k)]
+        if missing:
+            raise EvalError(f"{path}:{number}: row lacks {', '.join(missing)}. Re-run `ragtune prep` to rewrite the file.")
+        if row.get("dropped"):
+            reason = str(row["dropped"]).split(":")[0]
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        questions.append(row)
+    if not questions:
+        raise EvalError(f"{path}: every held-out question was dropped ({dropped}); nothing to evaluate.")
+    return questions, dropped
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) -> list[ModelSpec]:
+    """base, run_dir/adapter (if trained), each extra adapter, run_dir/merged (if merged), teacher."""
+    student = config.student
+    specs = [ModelSpec("base", "base", student.model, None, _fingerprint(["base", _model_fingerprint(student.model)]))]
+    adapter_dirs: list[Path] = []
+    if (run_dir.adapter / "adapter_config.json").exists():
+        adapter_dirs.append(run_dir.adapter)
+    for raw in [*config.eval.adapters, *adapters]:
+        path = Path(raw).expanduser()
+        if not (path / "adapter_config.json").exists():
+            raise EvalError(
+                f"{path}: not a PEFT adapter folder (no adapter_config.json). Pass the folder `save_pretrained` "
+                "wrote, e.g. RUN_DIR/adapter or RUN_DIR/checkpoints/checkpoint-N."
+            )
+        if path.resolve() not in [p.resolve() for p in adapter_dirs]:
+            adapter_dirs.append(path)
+    taken = {"base", "merged", REFERENCE_MODEL, "retriever"}
+    for path in adapter_dirs:
+        name = _adapter_name(path, run_dir, taken)
+        taken.add(name)
+        specs.append(ModelSpec(name, "adapter", student.model, str(path),
+                               _fingerprint(["adapter", _model_fingerprint(student.model), _dir_fingerprint(path)])))
+    if (run_dir.merged / "config.json").exists():
+        specs.append(ModelSpec("merged", "merged", str(run_dir.merged), None,
+                               _fingerprint(["merged", _dir_fingerprint(run_dir.merged)])))
+    teacher = config.teacher
+    teacher_id = [teacher.backend, teacher.model, teacher.base_url] if teacher.backend == "openai" else \
+        [teacher.backend, _model_fingerprint(teacher.model)]
+    specs.append(ModelSpec(REFERENCE_MODEL, "teacher", teacher.model, None, _fingerprint(["teacher", teacher_id])))
+    return specs
+
+
+def _adapter_name(path: Path, run_dir: RunDir, taken: set[str]) -> str:
+    if path.resolve() == run_dir.adapter.resolve():
+        return "adapter"
+    parts = [path.name] if path.name != "adapter" else [path.parent.name, path.name]
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(parts)).strip("-") or "adapter"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def _model_fingerprint(ref: str) -> Any:
+    from train.models import resolve_model
+
+    resolved = resolve_model(ref)
+    path = Path(resolved.name_or_path)
+    if resolved.gguf_file:
+        return [ref, _file_fingerprint(path / resolved.gguf_file)]
+    return [ref, _dir_fingerprint(path)] if path.is_dir() else [ref]
+
+
+def _dir_fingerprint(path: Path) -> list[Any]:
+    return [[p.name, _file_fingerprint(p)] for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return sha256_file(path) if stat.st_size <= SMALL_FILE else f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- resumable rows keyed by fingerprint --------------------------------------------------------
+
+
+def open_rows(path: Path, key: str, fingerprint: str, *, retry_errors: bool = False) -> JsonlAppender:
+    """A `JsonlAppender` holding only rows made under `fingerprint`.
+
+    A file written under another fingerprint (other weights, prompts, judge) is moved to `eval/stale/`,
+    never deleted; with `retry_errors`, rows that recorded a backend error are dropped so they are retried.
+    """
+    if path.exists():
+        rows = read_jsonl(path, tolerate_torn_tail=True)
+        if any(row.get("fingerprint") != fingerprint for row in rows):
+            stale = path.parent / "stale" / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), stale)
+            log.info("%s was made by another model/settings; moved to %s", path.name, stale)
+        elif retry_errors and any(row.get("error") for row in rows):
+            write_jsonl(path, [row for row in rows if not row.get("error")])
+    return JsonlAppender(path, key=key)
+
+
+# --- retrieval ----------------------------------------------------------------------------------
+
+
+def retrieve_contexts(config: "RagtuneConfig", run_dir: RunDir, questions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Top-`similarity_top_k` chunks per question from prep's persisted index, once for every model."""
+    from data_prep.rag import load_index, retrieve
+
+    prep = config.data_prep
+    fingerprint = _fingerprint([
+        [p.name, _file_fingerprint(p)] for p in sorted(run_dir.index.glob("*.json"))
+    ] + [prep.similarity_top_k, config.embedding.model, sha256_file(run_dir.questions_eval)])
+    with open_rows(run_dir.retrieval, "question_id", fingerprint) as rows:
+        todo = [q for q in questions if q["id"] not in rows.done_keys]
+        if todo:
+            started = time.perf_counter()
+            index = load_index(config, run_dir)
+            hits = retrieve(index, [q["question"] for q in todo], prep.similarity_top_k)
+            for question, found in zip(todo, hits):
+                rows.append({
+                    "question_id": question["id"], "context_ids": [h["id"] for h in found],
+                    "contexts": [h["text"] for h in found], "scores": [h.get("score") for h in found],
+                    "oracle_in_context": question["source_chunk_id"] in [h["id"] for h in found],
+                    "fingerprint": fingerprint,
+                })
+            log.info("retrieved contexts for %d questions in %.1fs", len(todo), time.perf_counter() - started)
+        return {row["question_id"]: row for row in rows.rows}
+
+
+# --- answers ------------------------------------------------------------------------------------
+
+
+def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec, mode: str) -> str:
+    """What an answers file depends on: the model, the questions, the contexts, the prompt, generation."""
+    prep = config.data_prep
+    prompt = [prep.system_prompt, prep.text_qa_template] if mode == "rag" else [prep.closed_book_system_prompt]
+    retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
+    return _fingerprint([spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
+                         sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval})])
+
+
+def generate_answers(
+    config: "RagtuneConfig",
+    run_dir: RunDir,
+    spec: ModelSpec,
+    modes: list[str],
+    questions: list[dict[str, Any]],
+    retrieval: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Answer every question in every mode with one model (loaded only if some answer is missing).
+
+    Returns timing facts per mode: seconds generating, answers generated, tokens, and errors recorded.
+    """
+    from data_prep.rag import build_closed_book_messages, build_rag_messages
+
+    backend: ChatBackend | None = None
+    facts: dict[str, Any] = {}
+    for mode in modes:
+        fingerprint = answer_fingerprint(config, run_dir, spec, mode)
+        with open_rows(run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
+            todo = [q for q in questions if q["id"] not in rows.done_keys]
+            mode_facts = {"generated": 0, "reused": len(questions) - len(todo), "seconds": 0.0, "completion_tokens": 0}
+            if todo and backend is None:
+                started = time.perf_counter()
+                backend = load_backend(config, spec)
+                facts["load_seconds"] = round(time.perf_counter() - started, 2)
+            with tqdm(total=len(todo), desc=f"answers {spec.name}/{mode}", unit="q", disable=not todo) as bar:
+                batch_size = backend.batch_size if backend is not None else 1
+                for start in range(0, len(todo), batch_size):
+                    batch = todo[start : start + batch_size]
+                    contexts = [retrieval[q["id"]]["contexts"] if mode == "rag" else [] for q in batch]
+                    conversations = [
+                        build_rag_messages(q["question"], ctx, config.data_prep) if mode == "rag"
+                        else build_closed_book_messages(q["question"], config.data_prep)
+                        for q, ctx in zip(batch, contexts)
+                    ]
+                    started = time.perf_counter()
+                    assert backend is not None
+                    completions = backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+                    mode_facts["seconds"] += time.perf_counter() - started
+                    for question, ctx, completion in zip(batch, contexts, completions):
+                        text = None if completion.error else (completion.text or "").strip()
+                        rows.append({
+                            "question_id": question["id"], "question": question["question"], "contexts": ctx,
+                            "context_ids": retrieval[question["id"]]["context_ids"] if mode == "rag" else [],
+                            "answer": final_answer(text, config), "raw_answer": text,
+                            "error": completion.error, "model": spec.name, "mode": mode,
+                            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                            "fingerprint": fingerprint,
+                        })
+                        mode_facts["generated"] += 1
+                        mode_facts["completion_tokens"] += completion.completion_tokens
+                    bar.update(len(batch))
+            mode_facts["seconds"] = round(mode_facts["seconds"], 2)
+            mode_facts["errors"] = sum(1 for r in rows.rows if r.get("error"))
+            mode_facts["empty"] = sum(1 for r in rows.rows if r.get("answer") == "")
+            facts[mode] = mode_facts
+    if backend is not None:
+        del backend
+        gc.collect()
+    return facts
+
+
+def final_answer(text: str | None, config: "RagtuneConfig") -> str | None:
+    """What the user is given: with RAFT chain-of-thought training, the text after the last `<ANSWER>:`."""
+    if text is None or not config.data_prep.raft.chain_of_thought or "<ANSWER>:" not in text:
+        return text
+    return text.rsplit("<ANSWER>:", 1)[-1].strip()
+
+
+def load_backend(config: "RagtuneConfig", spec: ModelSpec) -> "ChatBackend":
+    """The teacher's configured backend, or the student (base, adapter-on-base, merged) in-process."""
+    from ragtune.llm import HFChatBackend, make_backend
+
+    if spec.kind == "teacher":
+        return make_backend(config.teacher)
+    student = config.student
+    return HFChatBackend(
+        spec.model, adapter=spec.adapter, torch_dtype=student.torch_dtype, device_map=student.device_map,
+        batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
+        trust_remote_code=student.trust_remote_code, model_name=spec.name,
+    )

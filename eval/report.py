@@ -1,0 +1,450 @@
+"""`ragtune report RUN_DIR [RUN_DIR ...]`: the evaluation as report.html, report.md and a per-question CSV.
+
+Works offline from saved files only (eval/summary.json, answers and scores JSONL): no model is loaded,
+so several runs (seeds, adapters, configs) can be compared anywhere. The HTML is self-contained:
+plots are inline SVG (per-metric bars with confidence intervals, per-question paired dots), no
+external scripts, fonts or images.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.stats import spread
+from ragtune.artifacts import read_jsonl
+from ragtune.errors import UserFacingError
+from ragtune.run_dir import RunDir
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+VERDICT_COLUMNS = ("mode", "model", "metric", "n", "base", "tuned", "delta (95% CI)", "verdict")
+
+
+class ReportError(UserFacingError):
+    """A run folder holds no evaluation to report."""
+
+
+def run(run_dirs: list[Path], out: Path | None = None) -> dict[str, Any]:
+    """Write report.html, report.md and per_question.csv for one run (into the run folder) or a
+    comparison of several (into `out`, default FIRST_RUN_DIR/compare); returns the paths and warnings."""
+    if not run_dirs:
+        raise ReportError("give at least one run folder: ragtune report RUN_DIR [RUN_DIR ...]")
+    runs = [(RunDir(Path(p)), load_summary(RunDir(Path(p)))) for p in run_dirs]
+    labels = _labels(runs)
+    if len(runs) == 1 and out is None:
+        run_dir = runs[0][0]
+        html_path, md_path, csv_path = run_dir.report_html, run_dir.report_md, run_dir.per_question_csv
+    else:
+        out = Path(out) if out is not None else runs[0][0].root / "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        html_path, md_path, csv_path = out / "report.html", out / "report.md", out / "per_question.csv"
+
+    per_question = {label: per_question_rows(run_dir, summary) for label, (run_dir, summary) in zip(labels, runs)}
+    write_csv(csv_path, per_question)
+    md_path.write_text(render_markdown(labels, [s for _, s in runs]), encoding="utf-8")
+    html_path.write_text(render_html(labels, [s for _, s in runs], per_question), encoding="utf-8")
+    warnings = [f"{label}: {w}" if len(runs) > 1 else w for label, (_, s) in zip(labels, runs) for w in s["warnings"]]
+    return {"report_html": str(html_path), "report_md": str(md_path), "per_question_csv": str(csv_path),
+            "runs": len(runs), "warnings": warnings}
+
+
+def load_summary(run_dir: RunDir) -> dict[str, Any]:
+    if not run_dir.summary.exists():
+        raise ReportError(f"{run_dir.summary}: no evaluation summary. Run `ragtune eval CONFIG` for this run first.")
+    try:
+        return json.loads(run_dir.summary.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{run_dir.summary}:{err.lineno}: not valid JSON ({err.msg}). Re-run `ragtune eval`.") from None
+
+
+def _labels(runs: list[tuple[RunDir, dict[str, Any]]]) -> list[str]:
+    names = [s["run"]["name"] for _, s in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{s['run']['name']}:{r.root.name}" for r, s in runs]
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def comparison_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """Every comparison vs the base: one row per (mode, model, metric), columns `VERDICT_COLUMNS`."""
+    rows = []
+    for mode, models in summary.get("comparisons", {}).items():
+        for model, metrics in models.items():
+            for metric, c in metrics.items():
+                n = str(c["n"]) + (f" ({c['excluded']} excl.)" if c.get("excluded") else "")
+                rows.append(dict(zip(VERDICT_COLUMNS, (mode, model, metric, n, _fmt(c["base"]), _fmt(c["tuned"]),
+                                                       _delta(c), c["verdict"]))))
+    return rows
+
+
+def _delta(c: dict[str, Any]) -> str:
+    text = _fmt(c["delta"], signed=True)
+    if c["ci_low"] is not None:
+        text += f" [{_fmt(c['ci_low'], True)}, {_fmt(c['ci_high'], True)}]"
+    return text
+
+
+def verdict_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The short verdict table for the terminal: (metric, base, tuned, delta with 95% CI, verdict) for each
+    fine-tuned model (adapters, merged) vs the base; the metric reads `faithfulness (adapter, rag)`."""
+    tuned = {m["name"] for m in summary.get("models", []) if m["kind"] in ("adapter", "merged")}
+    return [(f"{r['metric']} ({r['model']}, {r['mode']})", r["base"], r["tuned"], r["delta (95% CI)"], r["verdict"])
+            for r in comparison_rows(summary) if r["model"] in tuned]
+
+
+def verdict_table(summary: dict[str, Any]) -> str:
+    """`verdict_rows` as aligned plain text."""
+    return _text_table(("metric", "base", "tuned", "delta (95% CI)", "verdict"),
+                       [list(r) for r in verdict_rows(summary)])
+
+
+def _text_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+# --- per-question table -------------------------------------------------------------------------
+
+
+def per_question_rows(run_dir: RunDir, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (mode, question): the question, the reference, every model's answer and scores."""
+    files = summary["files"]
+    retrieval = {r["question_id"]: r for r in read_jsonl(run_dir.retrieval)} if run_dir.retrieval.exists() else {}
+    reference_rel = files["answers"].get(summary["reference"], {}).get("rag")
+    reference = {r["question_id"]: r for r in read_jsonl(run_dir.root / reference_rel)} if reference_rel else {}
+    retriever_scores = load_scores(run_dir.root / files["retrieval_scores"]) if "retrieval_scores" in files else {}
+    rows = []
+    for mode in summary["modes"]:
+        answers = {m: {r["question_id"]: r for r in read_jsonl(run_dir.root / p[mode])}
+                   for m, p in files["answers"].items() if mode in p}
+        scores = {m: load_scores(run_dir.root / p[mode]) for m, p in files["scores"].items() if mode in p}
+        qids = list(dict.fromkeys(q for table in answers.values() for q in table))
+        for qid in qids:
+            any_answer = next(table[qid] for table in answers.values() if qid in table)
+            row: dict[str, Any] = {"mode": mode, "question_id": qid, "question": any_answer["question"],
+                                   "reference_answer": (reference.get(qid) or {}).get("answer"),
+                                   "context_ids": " ".join(retrieval.get(qid, {}).get("context_ids", [])),
+                                   "oracle_in_context": retrieval.get(qid, {}).get("oracle_in_context")}
+            for metric in summary.get("retrieval_metrics", []):
+                row[f"retriever.{metric}"] = retriever_scores.get(qid, {}).get(metric, {}).get("value")
+            for model in answers:
+                answer = answers[model].get(qid, {})
+                row[f"{model}.answer"] = answer.get("answer") if answer.get("error") is None else f"[error] {answer['error']}"
+            for model, table in scores.items():
+                failures = []
+                for metric, entry in table.get(qid, {}).items():
+                    row[f"{model}.{metric}"] = entry["value"]
+                    if entry["value"] is None:
+                        failures.append(f"{metric}: {entry['error']}")
+                row[f"{model}.failures"] = "; ".join(failures)
+            rows.append(row)
+    return rows
+
+
+def load_scores(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{question_id: {metric: row}} from a scores file (empty when the file does not exist)."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    if path.exists():
+        for row in read_jsonl(path, tolerate_torn_tail=True):
+            table.setdefault(row["question_id"], {})[row["metric"]] = row
+    return table
+
+
+def write_csv(path: Path, per_run: dict[str, list[dict[str, Any]]]) -> None:
+    columns: list[str] = ["run"]
+    for rows in per_run.values():
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for label, rows in per_run.items():
+            for row in rows:
+                writer.writerow({"run": label, **row})
+    tmp.replace(path)
+
+
+# --- markdown -----------------------------------------------------------------------------------
+
+
+def _md_table(header: list[str] | tuple[str, ...], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _results_rows(summary: dict[str, Any], mode: str) -> tuple[list[str], list[list[str]]]:
+    """Metrics as rows, models as columns: mean [95% CI] and the count of failed samples."""
+    models = summary["results"].get(mode, {})
+    metrics = list(dict.fromkeys(m for entry in models.values() for m in entry))
+    rows = []
+    for metric in metrics:
+        cells = [metric]
+        for entry in models.values():
+            e = entry.get(metric)
+            if e is None:
+                cells.append("n/a")
+            elif metric == "ragas_score":
+                cells.append(_fmt(e["value"]) + f" (n={e['n']})")
+            else:
+                ci = f" [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]" if e["ci_low"] is not None else ""
+                cells.append(_fmt(e["mean"]) + ci + (f", {e['failures']} failed" if e["failures"] else ""))
+        rows.append(cells)
+    return ["metric", *models], rows
+
+
+def _sanity_rows(summary: dict[str, Any]) -> list[list[str]]:
+    sanity = summary["judge"]["sanity"]
+    rows = []
+    for metric, s in {**sanity["metrics"], "overall": sanity["overall"]}.items():
+        rate = "–" if s["rate"] is None else f"{s['rate']:.0%}"
+        ci = "–" if s["ci_low"] is None else f"{s['ci_low']:.0%}–{s['ci_high']:.0%}"
+        rows.append([metric, str(s["pairs"]), str(s["failed_pairs"]), rate, ci])
+    return rows
+
+
+def _timing_lines(summary: dict[str, Any]) -> list[str]:
+    t = summary["timings"]
+    lines = [f"total {t.get('total_seconds', 0):.0f}s for {t.get('questions')} questions"]
+    for key, value in t.get("generation_seconds_per_question", {}).items():
+        lines.append(f"generation {key}: {value:.2f} s/question")
+    if t.get("judge"):
+        lines.append(f"judge: {t['judge']['seconds']:.0f}s in {t['judge']['calls']} batched calls "
+                     f"({t['judge']['requests']} requests, {t['judge']['cached']} answered from cache), "
+                     f"{t.get('judge_seconds_per_llm_scored_sample') or 0:.2f} s per LLM-scored sample")
+    if "embeddings_seconds" in t:
+        lines.append(f"embeddings: {t['embeddings_seconds']:.1f}s in {t.get('embedding_calls', 0)} calls")
+    if "scoring_seconds" in t:
+        lines.append(f"scoring wall time {t['scoring_seconds']:.1f}s (judge and embeddings overlap; the rest is "
+                     "string metrics and Ragas itself)")
+    return lines
+
+
+def render_markdown(labels: list[str], summaries: list[dict[str, Any]]) -> str:
+    parts = ["# ragtune evaluation report", ""]
+    for label, summary in zip(labels, summaries):
+        parts += [f"## Run `{label}`", "", f"Folder: `{summary['run']['run_dir']}` · "
+                  f"{summary['questions']['evaluated']} held-out questions · judge: {summary['judge']['backend']} "
+                  f"`{summary['judge']['model']}` · {summary['stats']['method']}, "
+                  f"{summary['stats']['n_resamples']} resamples, seed {summary['stats']['seed']}", ""]
+        if summary["warnings"]:
+            parts += ["### ⚠ Warnings", ""] + [f"- **{w}**" if i == 0 and "JUDGE" in w else f"- {w}"
+                                               for i, w in enumerate(summary["warnings"])] + [""]
+        parts += [f"- {note}" for note in summary.get("notes", [])] + [""]
+        parts += ["### Verdicts (vs base, paired over questions scored for both)", "",
+                  "A difference is declared only when its 95% CI excludes 0.", ""]
+        rows = comparison_rows(summary)
+        parts += [_md_table(VERDICT_COLUMNS, [list(r.values()) for r in rows]) if rows else "_no model to compare_", ""]
+        for mode in summary["modes"]:
+            header, rows = _results_rows(summary, mode)
+            parts += [f"### Mean scores, {mode}", "", _md_table(header, rows), ""]
+        retrieval = summary["retrieval"]
+        parts += ["### Retrieval (same for every model)", "",
+                  f"Oracle chunk among the top {retrieval['similarity_top_k']}: {retrieval['oracle_hit_rate']:.0%}", ""]
+        rows = [[m, _fmt(e["mean"]), str(e["failures"])] for m, e in retrieval.items() if isinstance(e, dict)]
+        if rows:
+            parts += [_md_table(["metric", "mean", "failed"], rows), ""]
+        parts += ["### Judge sanity check", "", "Share of known-good/known-bad pairs the judge ranked correctly "
+                  "(chance = 50%).", "", _md_table(["metric", "pairs", "failed pairs", "rate", "95% CI"], _sanity_rows(summary)),
+                  "", "### Time", ""] + [f"- {line}" for line in _timing_lines(summary)] + [""]
+    if len(summaries) > 1:
+        rows = _spread_rows(labels, summaries)
+        parts += ["## Across runs (seeds / configs)", "", "Spread of each run's delta vs its own base.", "",
+                  _md_table(["mode", "model", "metric", "runs", "mean delta", "std", "min", "max", "runs 'better'"], rows)
+                  if rows else "_no comparison shared by two runs_", ""]
+    return "\n".join(parts)
+
+
+def _spread_rows(labels: list[str], summaries: list[dict[str, Any]]) -> list[list[str]]:
+    keys: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for summary in summaries:
+        for mode, models in summary.get("comparisons", {}).items():
+            for model, metrics in models.items():
+                for metric, c in metrics.items():
+                    keys.setdefault((mode, model, metric), []).append(c)
+    rows = []
+    for (mode, model, metric), comparisons in keys.items():
+        if len(comparisons) < 2:
+            continue
+        s = spread([c["delta"] for c in comparisons])
+        better = sum(c["verdict"] == "better" for c in comparisons)
+        rows.append([mode, model, metric, str(s["runs"]), _fmt(s.get("mean"), True), _fmt(s.get("std")),
+                     _fmt(s.get("min"), True), _fmt(s.get("max"), True), f"{better}/{len(comparisons)}"])
+    return rows
+
+
+# --- html ---------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}.warn{background:#fff0f0;border:2px solid #d62728;padding:.6em 1em;border-radius:6px}
+.warn li.loud{font-weight:700;color:#b00}.better{color:#1a7f37;font-weight:600}.worse{color:#c62828;font-weight:600}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.muted{color:#666;font-size:.9em}svg{background:#fff;border:1px solid #eee}
+"""
+
+RENDER_CHECK = """
+window.addEventListener('load', function () {
+  var shapes = document.querySelectorAll('svg rect, svg circle, svg line');
+  var drawn = 0;
+  shapes.forEach(function (s) { var b = s.getBoundingClientRect(); if (b.width > 0 || b.height > 0) drawn++; });
+  document.body.setAttribute('data-svg-shapes', String(shapes.length));
+  document.body.setAttribute('data-rendered-shapes', String(drawn));
+});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _html_table(header: list[str] | tuple[str, ...], rows: list[list[Any]], verdict_col: int | None = None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = ""
+            if i == verdict_col and str(cell) in ("better", "worse"):
+                cls = f' class="{cell}"'
+            cells.append(f"<td{cls}>{_e(cell)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _scale(lo: float, hi: float, a: float, b: float):  # type: ignore[no-untyped-def]
+    return lambda v: a + (v - lo) / (hi - lo or 1.0) * (b - a)
+
+
+def svg_bars(title: str, bars: list[tuple[str, float | None, float | None, float | None]]) -> str:
+    """Bars of means with CI whiskers, one per model."""
+    width, height, left, bottom, top = max(170, 60 + 46 * len(bars)), 190, 34, 40, 22
+    values = [v for _, m, lo, hi in bars for v in (m, lo, hi) if v is not None]
+    lo, hi = min([0.0, *values]), max([1.0, *values])
+    y = _scale(lo, hi, height - bottom, top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="11" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{y(lo)}" x2="{width - 8}" y2="{y(lo)}" stroke="#999"/>']
+    for tick in (lo, (lo + hi) / 2, hi):
+        parts.append(f'<text x="{left - 4}" y="{y(tick) + 4}" text-anchor="end" font-size="9">{tick:.1f}</text>')
+    for i, (label, mean, ci_low, ci_high) in enumerate(bars):
+        x = left + 10 + i * 46
+        if mean is not None:
+            parts.append(f'<rect x="{x}" y="{min(y(mean), y(0 if lo <= 0 else lo))}" width="30" '
+                         f'height="{abs(y(mean) - y(0 if lo <= 0 else lo)) or 1}" fill="{PALETTE[i % len(PALETTE)]}">'
+                         f'<title>{_e(label)}: {mean:.3f}</title></rect>')
+        if ci_low is not None and ci_high is not None:
+            if ci_high > ci_low:
+                parts.append(f'<line x1="{x + 15}" y1="{y(ci_low)}" x2="{x + 15}" y2="{y(ci_high)}" stroke="#222" '
+                             'stroke-width="1.5"/>')
+            for v in (ci_low, ci_high):
+                parts.append(f'<line x1="{x + 9}" y1="{y(v)}" x2="{x + 21}" y2="{y(v)}" stroke="#222" stroke-width="1.5"/>')
+        parts.append(f'<text x="{x + 15}" y="{height - bottom + 14}" text-anchor="middle" font-size="9">{_e(label[:9])}</text>')
+    if all(mean is None for _, mean, _, _ in bars):
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="10" fill="#c62828">'
+                     "no scores: every sample failed</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_paired(title: str, pairs: list[tuple[str, float, float]], left_label: str, right_label: str) -> str:
+    """Per-question paired dots: base on the left, tuned on the right, one line per question."""
+    width, height, top, bottom = 200, 190, 24, 30
+    values = [v for _, a, b in pairs for v in (a, b)]
+    lo, hi = min([0.0, *values]), max([1.0, *values])
+    y = _scale(lo, hi, height - bottom, top)
+    xa, xb = 50, 140
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="11" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{xa}" y1="{y(lo)}" x2="{xa}" y2="{y(hi)}" stroke="#ddd"/>',
+             f'<line x1="{xb}" y1="{y(lo)}" x2="{xb}" y2="{y(hi)}" stroke="#ddd"/>']
+    for qid, a, b in pairs:
+        colour = "#1a7f37" if b > a else "#c62828" if b < a else "#888"
+        parts.append(f'<line x1="{xa}" y1="{y(a):.1f}" x2="{xb}" y2="{y(b):.1f}" stroke="{colour}" stroke-opacity=".6"/>')
+        for x, v in ((xa, a), (xb, b)):
+            parts.append(f'<circle cx="{x}" cy="{y(v):.1f}" r="3" fill="{colour}"><title>{_e(qid)}: {v:.3f}</title></circle>')
+    for x, label in ((xa, left_label), (xb, right_label)):
+        parts.append(f'<text x="{x}" y="{height - 10}" text-anchor="middle" font-size="10">{_e(label[:14])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question: dict[str, list[dict[str, Any]]]) -> str:
+    body = ["<h1>ragtune evaluation report</h1>"]
+    for label, summary in zip(labels, summaries):
+        stats = summary["stats"]
+        dropped = sum(summary["questions"]["dropped"].values())
+        body.append(f"<h2>Run {_e(label)}</h2><p class=muted>{_e(summary['run']['run_dir'])} · "
+                    f"{summary['questions']['evaluated']} held-out questions"
+                    f"{f' ({dropped} dropped)' if dropped else ''}"
+                    f" · judge {_e(summary['judge']['backend'])} <code>{_e(summary['judge']['model'])}</code> · "
+                    f"{_e(stats['method'])}, {stats['n_resamples']} resamples, seed {stats['seed']}</p>")
+        if summary["warnings"]:
+            items = "".join(f'<li class="{"loud" if "JUDGE" in w else ""}">{_e(w)}</li>' for w in summary["warnings"])
+            body.append(f'<div class="warn"><strong>Warnings</strong><ul>{items}</ul></div>')
+        if summary.get("notes"):
+            body.append("<ul class=muted>" + "".join(f"<li>{_e(n)}</li>" for n in summary["notes"]) + "</ul>")
+        body.append("<h3>Verdicts vs base</h3><p class=muted>Paired over the questions scored for both models "
+                    "(n; excluded = failed for one or both). A difference is declared only when the 95% CI excludes 0.</p>")
+        rows = comparison_rows(summary)
+        body.append(_html_table(VERDICT_COLUMNS, [list(r.values()) for r in rows], verdict_col=7) if rows
+                    else "<p>No model to compare.</p>")
+        for mode in summary["modes"]:
+            models = summary["results"].get(mode, {})
+            header, rows = _results_rows(summary, mode)
+            body.append(f"<h3>Scores, {_e(mode)}</h3>" + _html_table(header, rows))
+            charts = []
+            for metric in summary["metrics"]:
+                bars = [(m, e[metric]["mean"], e[metric]["ci_low"], e[metric]["ci_high"])
+                        for m, e in models.items() if metric in e]
+                if bars:
+                    charts.append(svg_bars(metric, bars))
+            body.append(f"<div class=charts>{''.join(charts)}</div>")
+            body.append(_paired_section(summary, mode, per_question[label]))
+        retrieval = summary["retrieval"]
+        rows = [[m, _fmt(e["mean"]), e["failures"]] for m, e in retrieval.items() if isinstance(e, dict)]
+        body.append(f"<h3>Retrieval (same for every model)</h3><p>Oracle chunk among the top "
+                    f"{retrieval['similarity_top_k']}: {retrieval['oracle_hit_rate']:.0%}</p>"
+                    + (_html_table(["metric", "mean", "failed"], rows) if rows else ""))
+        body.append("<h3>Judge sanity check</h3><p class=muted>Share of known-good vs known-bad pairs (reference "
+                    "answer vs the answer to another question; source chunk vs an unrelated chunk) that the judge "
+                    "ranked correctly. Chance is 50%.</p>"
+                    + _html_table(["metric", "pairs", "failed pairs", "rate", "95% CI"], _sanity_rows(summary)))
+        body.append("<h3>Time</h3><ul>" + "".join(f"<li>{_e(line)}</li>" for line in _timing_lines(summary)) + "</ul>")
+    if len(summaries) > 1:
+        rows = _spread_rows(labels, summaries)
+        body.append("<h2>Across runs</h2><p class=muted>Spread of each run's delta vs its own base.</p>"
+                    + _html_table(["mode", "model", "metric", "runs", "mean delta", "std", "min", "max", "runs 'better'"], rows))
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>ragtune evaluation report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}<script>{RENDER_CHECK}</script></body></html>")
+
+
+def _paired_section(summary: dict[str, Any], mode: str, rows: list[dict[str, Any]]) -> str:
+    baseline = summary["baseline"]
+    parts = []
+    for model in summary.get("comparisons", {}).get(mode, {}):
+        charts = []
+        for metric in summary["metrics"]:
+            pairs = [(r["question_id"], r[f"{baseline}.{metric}"], r[f"{model}.{metric}"]) for r in rows
+                     if r["mode"] == mode and r.get(f"{baseline}.{metric}") is not None
+                     and r.get(f"{model}.{metric}") is not None]
+            if pairs:
+                charts.append(svg_paired(metric, pairs, baseline, model))
+        if charts:
+            parts.append(f"<h4>Per question: {_e(baseline)} → {_e(model)} ({_e(mode)})</h4>"
+                         f"<div class=charts>{''.join(charts)}</div>")
+    return "".join(parts)

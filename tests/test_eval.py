@@ -1,0 +1,532 @@
+"""The eval stage end to end on small real data: tiny real models, a real LlamaIndex index, real Ragas
+metrics through the in-process judge, a real OpenAI-compatible judge server on 127.0.0.1, the report
+opened in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from eval import evaluate, report
+from ragtune.artifacts import read_jsonl
+from ragtune.config import load_config
+from ragtune.run_dir import RunDir
+
+EXCERPT_PDF = Path(__file__).parent / "data" / "uber_10k_excerpt.pdf"
+ALL_METRICS = [
+    "faithfulness", "answer_relevancy", "answer_correctness", "semantic_similarity", "bleu_score", "chrf_score",
+    "rouge_score", "non_llm_string_similarity", "context_precision", "context_recall",
+    "non_llm_context_precision_with_reference", "non_llm_context_recall",
+]
+CHUNKS = [
+    ("c1", "Uber operates a ridesharing platform connecting riders with drivers in over 70 countries."),
+    ("c2", "Uber Eats lets consumers order food from restaurants and have it delivered by couriers."),
+    ("c3", "Uber Freight connects shippers with carriers and provides logistics services for trucking."),
+    ("c4", "In 2021 Uber's revenue was 17.5 billion dollars, up 57 percent year over year."),
+]
+QUESTIONS = [
+    {"id": "q1", "question": "In how many countries does Uber operate its ridesharing platform?", "source_chunk_id": "c1"},
+    {"id": "q2", "question": "What does Uber Eats let consumers do?", "source_chunk_id": "c2"},
+    {"id": "q3", "question": "What was Uber's revenue in 2021?", "source_chunk_id": "c4"},
+    {"id": "q4", "question": "What?", "source_chunk_id": "c3", "dropped": "degenerate: too short"},
+]
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+def _tiny_model(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
+    """conftest's tiny Llama with untied output embeddings: a tied random model only echoes its last
+    prompt token (newlines), which would make every answer empty."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("eval_models")
+    student = _tiny_model(tiny_llama_dir, root / "student", seed=0)
+    teacher = _tiny_model(tiny_llama_dir, root / "teacher", seed=1)
+    adapters = {}
+    for name, seed in (("adapter", 2), ("other", 3)):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(student),
+                                    LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft_model.save_pretrained(root / name)
+        adapters[name] = root / name
+    return {"student": student, "teacher": teacher, **adapters}
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What prep leaves for eval: data/chunks.jsonl, a persisted LlamaIndex index, data/questions.eval.jsonl."""
+    from llama_index.core import Settings, VectorStoreIndex
+    from llama_index.core.schema import TextNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from train.models import resolve_embedding
+
+    data = tmp_path_factory.mktemp("eval_data") / "data"
+    data.mkdir()
+    chunks = [{"id": cid, "text": text, "metadata": {"file": "uber.pdf", "page": i + 1}}
+              for i, (cid, text) in enumerate(CHUNKS)]
+    (data / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    (data / "questions.eval.jsonl").write_text("".join(json.dumps({**q, "split": "eval"}) + "\n" for q in QUESTIONS))
+    Settings.llm = None
+    embed = HuggingFaceEmbedding(model_name=resolve_embedding("all-minilm-l6-v2"))
+    index = VectorStoreIndex([TextNode(id_=c["id"], text=c["text"], metadata=c["metadata"]) for c in chunks],
+                             embed_model=embed)
+    index.storage_context.persist(persist_dir=str(data / "index"))
+    return data
+
+
+def make_run(root: Path, prepared_data: Path, models: dict[str, Path], *, adapter: bool = True,
+             judge: dict[str, Any] | None = None, **eval_section: Any) -> tuple[Any, RunDir]:
+    """A run folder holding prep's outputs (and a trained adapter), with its config."""
+    run = RunDir(root / "run")
+    shutil.copytree(prepared_data, run.data)
+    if adapter:
+        shutil.copytree(models["adapter"], run.adapter)
+    config = {
+        "name": root.name, "output_dir": str(run.root), "documents": [str(EXCERPT_PDF)],
+        "teacher": {"backend": "hf", "model": str(models["teacher"]), "max_new_tokens": 16},
+        "student": {"model": str(models["student"])},
+        "judge": judge or {"backend": "hf", "model": str(models["student"]), "max_new_tokens": 96},
+        "eval": {"max_new_tokens": 12, "judge_max_length": 40, "judge_max_items": 3, "judge_sanity_pairs": 3,
+                 "n_resamples": 500, "metrics": ALL_METRICS, **eval_section},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return load_config(path), run
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared_data: Path, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    config, run = make_run(tmp_path_factory.mktemp("evaluated"), prepared_data, models)
+    facts = evaluate.run(config, run, [])
+    return {"config": config, "run": run, "facts": facts, "summary": json.loads(run.summary.read_text())}
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, Any]) -> None:
+    run, facts = evaluated["run"], evaluated["facts"]
+    assert facts["models"] == ["base", "adapter", "teacher"]
+    assert facts["questions"] == 3 and facts["questions_dropped"] == 1
+    assert evaluated["summary"]["questions"]["dropped"] == {"degenerate": 1}
+    retrieval = {r["question_id"]: r for r in read_jsonl(run.retrieval)}
+    for model in ("base", "adapter", "teacher"):
+        for mode in ("rag", "closed_book"):
+            rows = read_jsonl(run.answers(model, mode))
+            assert [r["question_id"] for r in rows] == ["q1", "q2", "q3"]
+            for row in rows:
+                assert {"question_id", "question", "contexts", "answer", "error"} <= row.keys()
+                assert row["error"] is None and row["answer"].strip()
+                # the one persisted retriever: every model saw exactly the same contexts
+                assert row["contexts"] == (retrieval[row["question_id"]]["contexts"] if mode == "rag" else [])
+    assert len(retrieval["q1"]["contexts"]) == 2 and retrieval["q1"]["oracle_in_context"]
+    # the adapter really changes the model
+    base = [r["answer"] for r in read_jsonl(run.answers("base", "rag"))]
+    tuned = [r["answer"] for r in read_jsonl(run.answers("adapter", "rag"))]
+    assert base != tuned
+
+
+def test_rag_prompt_is_the_training_prompt(evaluated: dict[str, Any]) -> None:
+    """Eval sends data_prep's messages: the same system prompt and template as the training rows."""
+    from data_prep.rag import build_rag_messages
+
+    config, run = evaluated["config"], evaluated["run"]
+    row = read_jsonl(run.answers("base", "rag"))[0]
+    messages = build_rag_messages(row["question"], row["contexts"], config.data_prep)
+    assert messages[0]["content"] == config.data_prep.system_prompt
+    assert all(context in messages[1]["content"] for context in row["contexts"])
+    assert row["prompt_tokens"] > 0
+
+
+# --- scores: no silent NaN ------------------------------------------------------------------------
+
+
+def test_every_sample_metric_is_a_score_or_a_recorded_failure(evaluated: dict[str, Any]) -> None:
+    run, summary = evaluated["run"], evaluated["summary"]
+    reference_metrics = {"answer_correctness", "semantic_similarity", "bleu_score", "chrf_score", "rouge_score",
+                         "non_llm_string_similarity"}
+    answer_metrics = [m for m in ALL_METRICS if not m.startswith(("context_", "non_llm_context"))]
+    llm_scored = 0
+    for model in ("base", "adapter", "teacher"):
+        for mode in ("rag", "closed_book"):
+            rows = read_jsonl(run.scores(model, mode))
+            expected = [m for m in answer_metrics if not (model == "teacher" and m in reference_metrics)]
+            assert sorted((r["question_id"], r["metric"]) for r in rows) == sorted(
+                (q, m) for q in ("q1", "q2", "q3") for m in expected)
+            for row in rows:
+                if row["value"] is None:
+                    assert row["error"], row  # a failure always says why
+                else:
+                    assert row["error"] is None and math.isfinite(row["value"])
+                    llm_scored += row["metric"] in ("faithfulness", "answer_relevancy", "answer_correctness")
+            # the summary counts exactly the recorded failures
+            for metric in expected:
+                failed = sum(1 for r in rows if r["metric"] == metric and r["value"] is None)
+                assert summary["results"][mode][model][metric]["failures"] == failed
+    assert llm_scored > 0, "the in-process judge produced no LLM-judged score at all"
+    retrieval_rows = read_jsonl(run.scores("retriever", "rag"))
+    assert len(retrieval_rows) == 3 * 4
+    assert all((r["value"] is None) == bool(r["error"]) for r in retrieval_rows)
+    assert_no_nan(run.summary)
+
+
+def assert_no_nan(path: Path) -> None:
+    """JSON numbers only: Python's json writes a NaN mean as the bare constant NaN."""
+    def reject(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}")
+
+    json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_comparisons_are_paired_on_the_intersection(evaluated: dict[str, Any]) -> None:
+    run, summary = evaluated["run"], evaluated["summary"]
+    base = {(r["question_id"], r["metric"]): r["value"] for r in read_jsonl(run.scores("base", "rag"))}
+    tuned = {(r["question_id"], r["metric"]): r["value"] for r in read_jsonl(run.scores("adapter", "rag"))}
+    for metric, comparison in summary["comparisons"]["rag"]["adapter"].items():
+        if metric == "ragas_score":
+            continue
+        common = [q for q in ("q1", "q2", "q3") if base[(q, metric)] is not None and tuned[(q, metric)] is not None]
+        assert comparison["n"] == len(common) and comparison["excluded"] == 3 - len(common)
+        if common:
+            expected = sum(tuned[(q, metric)] - base[(q, metric)] for q in common) / len(common)
+            assert comparison["delta"] == pytest.approx(expected)
+            assert comparison["wins"] + comparison["ties"] + comparison["losses"] == len(common)
+        # 3 questions: no verdict is ever declared
+        assert comparison["verdict"].startswith("too few questions")
+
+
+def test_judge_sanity_check_is_reported_and_warns(evaluated: dict[str, Any]) -> None:
+    run, summary = evaluated["run"], evaluated["summary"]
+    rows = read_jsonl(run.judge_sanity)
+    assert {r["label"] for r in rows} == {"good", "bad"}
+    assert all(r["pair"] != r["other"] for r in rows)
+    sanity = summary["judge"]["sanity"]
+    assert set(sanity["metrics"]) == {"faithfulness", "answer_relevancy", "context_precision", "context_recall"}
+    # a random 2-layer judge cannot discriminate: the report must say so loudly, first
+    assert sanity["warning"] and summary["warnings"][0] == sanity["warning"]
+    assert sanity["warning"].startswith("JUDGE")
+
+
+def test_timings_say_where_eval_time_goes(evaluated: dict[str, Any]) -> None:
+    timings = evaluated["summary"]["timings"]
+    assert set(timings["generation_seconds_per_question"]) == {
+        f"{m}/{mode}" for m in ("base", "adapter", "teacher") for mode in ("rag", "closed_book")}
+    assert timings["judge"]["calls"] < timings["judge"]["requests"]  # batched and cached
+    assert timings["embeddings_seconds"] > 0 and timings["scoring_seconds"] > 0
+
+
+# --- re-running -----------------------------------------------------------------------------------
+
+
+def test_rerun_with_another_adapter_reuses_the_other_answers(
+    evaluated: dict[str, Any], models: dict[str, Path], tmp_path: Path
+) -> None:
+    run = RunDir(tmp_path / "rerun")
+    shutil.copytree(evaluated["run"].root, run.root)
+    config = evaluated["config"].model_copy(update={"output_dir": run.root})
+    before = {p.name: p.read_bytes() for p in run.eval.glob("answers.*.jsonl")}
+    facts = evaluate.run(config, run, [models["other"]])
+    assert facts["models"] == ["base", "adapter", "other", "teacher"]
+    generation = facts["timings"]["generation"]
+    for model in ("base", "adapter", "teacher"):
+        assert "load_seconds" not in generation[model]  # not even loaded
+        assert generation[model]["rag"]["generated"] == 0 and generation[model]["rag"]["reused"] == 3
+    assert generation["other"]["rag"]["generated"] == 3
+    for name, content in before.items():
+        assert (run.eval / name).read_bytes() == content
+    summary = json.loads(run.summary.read_text())
+    assert "other" in summary["comparisons"]["rag"]
+    # only the new adapter's samples were scored
+    assert facts["timings"]["scored"] == len(read_jsonl(run.scores("other", "rag"))) * 2
+
+
+def test_changed_generation_settings_regenerate_and_keep_the_old_answers(
+    evaluated: dict[str, Any], tmp_path: Path
+) -> None:
+    run = RunDir(tmp_path / "changed")
+    shutil.copytree(evaluated["run"].root, run.root)
+    config = evaluated["config"].model_copy(update={"output_dir": run.root})
+    config.eval = config.eval.model_copy(update={"max_new_tokens": 6, "metrics": ["bleu_score"], "modes": ["rag"],
+                                                 "judge_sanity_pairs": 0})
+    facts = evaluate.run(config, run, [])
+    assert facts["timings"]["generation"]["base"]["rag"]["generated"] == 3
+    assert all(r["completion_tokens"] <= 6 for r in read_jsonl(run.answers("base", "rag")))
+    stale = list((run.eval / "stale").glob("answers.base.rag.*.jsonl"))
+    assert len(stale) == 1 and len(read_jsonl(stale[0])) == 3
+
+
+def test_missing_questions_file_says_what_to_run(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    from eval.answer import EvalError
+
+    config = evaluated["config"].model_copy(update={"output_dir": tmp_path / "empty"})
+    with pytest.raises(EvalError, match="ragtune prep"):
+        evaluate.run(config, RunDir(tmp_path / "empty"), [])
+
+
+def test_bad_adapter_folder_is_named(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    from eval.answer import EvalError
+
+    (tmp_path / "not_an_adapter").mkdir()
+    with pytest.raises(EvalError, match="not_an_adapter.*adapter_config.json"):
+        evaluate.run(evaluated["config"], evaluated["run"], [tmp_path / "not_an_adapter"])
+
+
+# --- the judge ------------------------------------------------------------------------------------
+
+
+def test_batched_judge_returns_schema_valid_objects_in_few_calls(models: dict[str, Path]) -> None:
+    """Ragas's own response models, many concurrent calls: every result validates, calls are batched,
+    and identical greedy prompts are generated once."""
+    from ragas.metrics.collections.answer_relevancy.util import AnswerRelevanceOutput
+    from ragas.metrics.collections.faithfulness.util import NLIStatementOutput
+
+    from eval.judge import BatchedJudge
+    from ragtune.llm import HFChatBackend
+
+    judge = BatchedJudge(HFChatBackend(str(models["student"]), batch_size=4, max_new_tokens=96),
+                         max_new_tokens=96, max_length=30, max_items=2)
+
+    async def ask() -> list[Any]:
+        prompts = [f"Question {i}: what does Uber do?" for i in range(6)]
+        calls = [judge.agenerate(p, AnswerRelevanceOutput) for p in prompts]
+        calls += [judge.agenerate(prompts[0], AnswerRelevanceOutput)]  # a repeat: answered from the first
+        calls += [judge.agenerate("Judge: Uber is a company.", NLIStatementOutput)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(ask())
+    for result in results[:7]:
+        assert isinstance(result, AnswerRelevanceOutput) and result.noncommittal in (0, 1)
+    assert isinstance(results[7], NLIStatementOutput) and len(results[7].statements) <= 2
+    assert all(s.verdict in (0, 1) for s in results[7].statements)
+    assert results[6] == results[0]
+    assert judge.usage.requests == 8 and judge.usage.cached == 1
+    assert judge.usage.calls == 3  # 6 distinct relevance prompts in batches of 4, then the NLI one
+    assert isinstance(judge.generate("Question 0: what does Uber do?", AnswerRelevanceOutput), AnswerRelevanceOutput)
+
+
+def test_bounded_schema_rejects_what_ragas_cannot_parse() -> None:
+    """The bounds keep Ragas's schema valid and exclude control characters and non-binary verdicts."""
+    import xgrammar as xgr
+    from ragas.metrics.collections.context_recall.util import ContextRecallOutput
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from eval.judge import bounded_schema
+
+    schema = bounded_schema(ContextRecallOutput.model_json_schema(), max_length=20, max_items=2)
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+
+    def output(statement: str, attributed: int, n: int = 1) -> str:
+        item = {"statement": statement, "reason": "in the context", "attributed": attributed}
+        return json.dumps({"classifications": [item] * n})
+
+    good = output("Uber has drivers.", 1)
+    assert _is_grammar_accept_string(grammar, good)
+    ContextRecallOutput.model_validate_json(good)
+    assert not _is_grammar_accept_string(grammar, output("Uber has drivers.", 2))
+    assert not _is_grammar_accept_string(grammar, output("Uber\thas drivers.", 1).replace("\\t", "\t"))
+    assert not _is_grammar_accept_string(grammar, output("Uber has many many drivers.", 1))
+    assert not _is_grammar_accept_string(grammar, output("Uber has drivers.", 1, n=3))
+
+
+def test_judge_output_parsing_and_its_errors() -> None:
+    """An OpenAI-compatible server without structured output may wrap the JSON in prose or a fence."""
+    from ragas.metrics.collections.answer_relevancy.util import AnswerRelevanceOutput
+
+    from eval.judge import BatchedJudge, JudgeError
+
+    fenced = 'Here you go:\n```json\n{"question": "What does Uber do?", "noncommittal": 0}\n```'
+    assert BatchedJudge._parse(fenced, None, AnswerRelevanceOutput).question == "What does Uber do?"
+    with pytest.raises(JudgeError, match="not a valid AnswerRelevanceOutput"):
+        BatchedJudge._parse('{"question": 3}', None, AnswerRelevanceOutput)
+    with pytest.raises(JudgeError, match="judge call failed: HTTP 500"):
+        BatchedJudge._parse(None, "HTTP 500: boom", AnswerRelevanceOutput)
+
+
+# --- a judge that fails -----------------------------------------------------------------------------
+
+
+class _JudgeServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that answers AnswerRelevancy calls and stalls on everything else."""
+
+    stall_seconds = 3.0
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        schema_name = body.get("response_format", {}).get("json_schema", {}).get("name")
+        if schema_name != "AnswerRelevanceOutput":
+            time.sleep(self.stall_seconds)
+        content = json.dumps({"question": "What does Uber do?", "noncommittal": 0})
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                              "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            pass  # the client gave up (that is the point)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def judge_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeServer)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("limit", ["backend timeout", "eval.judge_timeout"])
+def test_failing_judge_is_a_recorded_failure_not_a_nan(
+    limit: str, judge_server: str, prepared_data: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    backend_timeout, judge_timeout = (1.0, 600.0) if limit == "backend timeout" else (30.0, 1.0)
+    config, run = make_run(
+        tmp_path, prepared_data, models,
+        judge={"backend": "openai", "model": "stub-judge", "base_url": judge_server, "timeout": backend_timeout,
+               "max_retries": 0, "max_concurrency": 8},
+        metrics=["faithfulness", "answer_relevancy", "bleu_score"], modes=["rag"], judge_sanity_pairs=2,
+        judge_timeout=judge_timeout,
+    )
+    evaluate.run(config, run, [])
+    summary = json.loads(run.summary.read_text())
+    base = summary["results"]["rag"]["base"]
+    assert base["faithfulness"]["n"] == 0 and base["faithfulness"]["mean"] is None
+    assert base["faithfulness"]["failures"] == 3
+    (reason,) = base["faithfulness"]["failure_reasons"]
+    assert re.search(r"timed out after 1(\.0)?s", reason), reason
+    assert base["answer_relevancy"]["n"] == 3 and 0 <= base["answer_relevancy"]["mean"] <= 1
+    assert base["bleu_score"]["n"] == 3
+    assert base["ragas_score"] == {"n": 0, "value": None}
+    for row in read_jsonl(run.scores("base", "rag")):
+        assert (row["value"] is None) == (row["metric"] == "faithfulness")
+    assert any("faithfulness: 3 of 3 samples failed" in w for w in summary["warnings"])
+    assert_no_nan(run.summary)
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def test_report_files_and_verdict_rows(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "reported")
+    shutil.copytree(evaluated["run"].root, run.root)
+    out = report.run([run.root])
+    assert Path(out["report_html"]) == run.report_html and run.report_md.exists()
+    rows = list(csv.DictReader(run.per_question_csv.open(encoding="utf-8")))
+    assert len(rows) == 6  # 3 questions x 2 modes
+    first = rows[0]
+    assert first["question"] and first["reference_answer"]
+    assert first["base.answer"] and first["adapter.answer"] and first["teacher.answer"]
+    assert "base.bleu_score" in first and "retriever.non_llm_context_recall" in first
+    comparisons = report.comparison_rows(evaluated["summary"])
+    assert {(r["mode"], r["model"]) for r in comparisons} == {
+        (mode, model) for mode in ("rag", "closed_book") for model in ("adapter", "teacher")}
+    assert list(comparisons[0]) == list(report.VERDICT_COLUMNS)
+    # the CLI's short table: (metric, base, tuned, delta with CI, verdict), fine-tuned models only
+    verdicts = report.verdict_rows(evaluated["summary"])
+    assert all(len(row) == 5 and "teacher" not in row[0] for row in verdicts)
+    relevancy = next(r for r in verdicts if r[0] == "answer_relevancy (adapter, rag)")
+    entry = evaluated["summary"]["comparisons"]["rag"]["adapter"]["answer_relevancy"]
+    assert relevancy[1] == f"{entry['base']:.3f}" and relevancy[4] == entry["verdict"]
+    assert relevancy[3].startswith(f"{entry['delta']:+.3f} [")
+    assert "delta (95% CI)" in report.verdict_table(evaluated["summary"]).splitlines()[0]
+    md = run.report_md.read_text()
+    assert "JUDGE" in md and "| mode | model | metric |" in md
+
+
+def test_report_compares_several_runs_offline(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    runs = []
+    for name in ("seed1", "seed2"):
+        run = RunDir(tmp_path / name)
+        shutil.copytree(evaluated["run"].root, run.root)
+        summary = json.loads(run.summary.read_text())
+        summary["run"]["name"] = name
+        run.summary.write_text(json.dumps(summary))
+        runs.append(run.root)
+    out = report.run(runs, tmp_path / "compare")
+    md = Path(out["report_md"]).read_text()
+    assert "Across runs" in md and "seed1" in md and "seed2" in md
+    assert {r["run"] for r in csv.DictReader(Path(out["per_question_csv"]).open())} == {"seed1", "seed2"}
+    with pytest.raises(report.ReportError, match="ragtune eval"):
+        report.run([tmp_path / "nothing"])
+
+
+def test_report_renders_in_headless_chromium(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
+    run = RunDir(tmp_path / "rendered")
+    shutil.copytree(evaluated["run"].root, run.root)
+    report.run([run.root])
+    html = run.report_html.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html) and "<link" not in html  # self-contained
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=3000"]
+    dom = subprocess.run([*command, "--dump-dom", run.report_html.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    shapes = int(dom.split('data-svg-shapes="')[1].split('"')[0])
+    drawn = int(dom.split('data-rendered-shapes="')[1].split('"')[0])
+    assert shapes > 20 and drawn == shapes  # every bar, whisker and dot was laid out with a size
+    png = tmp_path / "report.png"
+    subprocess.run([*command, f"--screenshot={png}", "--window-size=1200,2000", run.report_html.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 20  # not a blank page
+
+
+@pytest.mark.slow
+def test_smollm2_judge_gives_ragas_scores_not_nan() -> None:
+    """The 135M judge that gave NaN on every sample through Ragas's legacy wrappers, now schema-constrained,
+    scores a real sample through Ragas's AnswerRelevancy (~1 min on 2 CPU cores, mostly loading the GGUF)."""
+    from eval.judge import BatchedJudge, timed_embeddings
+    from eval.score import Sample, build_metrics, score_one
+    from ragtune.llm import HFChatBackend
+    from train.models import resolve_embedding
+
+    judge = BatchedJudge(HFChatBackend("smollm2-135m-instruct", batch_size=4, max_new_tokens=64),
+                         max_new_tokens=64, max_length=64, max_items=3)
+    calls = build_metrics(["answer_relevancy"], judge, timed_embeddings(resolve_embedding("all-minilm-l6-v2"), 32),
+                          strictness=2)
+    sample = Sample("q1", "In how many countries does Uber operate?", answer="Uber operates in over 70 countries.")
+    result = asyncio.run(score_one(calls["answer_relevancy"], "answer_relevancy", sample))
+    assert result["error"] is None, result
+    assert 0.0 <= result["value"] <= 1.0
+    assert judge.usage.calls == 1 and judge.usage.cached == 1  # the repeated greedy question is generated once

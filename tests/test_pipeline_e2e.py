@@ -1,0 +1,72 @@
+"""`ragtune run` end to end on real components, then the caching contract of issue 6."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragtune.run_dir import RunDir
+
+
+def _ragtune(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "ragtune.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
+    assert result.returncode == 0, f"ragtune {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _executed(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.split()[1].rstrip(":") for line in result.stdout.splitlines()
+            if line.startswith("[ragtune]") and ("running" in line or "resuming" in line)]
+
+
+@pytest.fixture
+def tiny_run(write_config, smollm2_dir, tiny_llama_dir) -> Path:
+    return write_config(
+        student={"model": str(tiny_llama_dir)},
+        teacher={"backend": "hf", "model": str(smollm2_dir), "max_new_tokens": 48, "batch_size": 8},
+        judge={"backend": "hf", "model": str(smollm2_dir), "max_new_tokens": 64},
+        data_prep={"chunk_size": 256, "chunk_overlap": 16, "num_train_questions": 6, "num_eval_questions": 3},
+        train={"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2,
+               "validation_split": 0.0},
+        eval={"modes": ["rag", "closed_book"], "max_new_tokens": 16, "judge_sanity_pairs": 0,
+              "metrics": ["semantic_similarity", "rouge_score", "non_llm_context_recall"]},
+    )
+
+
+@pytest.mark.slow
+def test_run_every_stage_then_skip_then_rerun_only_downstream_of_a_change(tiny_run):
+    first = _ragtune("run", str(tiny_run))
+    assert _executed(first) == ["prep", "train", "merge", "eval", "report"]
+    run_dir = RunDir(Path(json.loads(json.dumps(str(tiny_run.parent / "run")))))
+    for artifact in (run_dir.chunks, run_dir.train_jsonl, run_dir.questions_eval, run_dir.stats,
+                     run_dir.adapter / "adapter_config.json", run_dir.merged / "config.json",
+                     run_dir.summary, run_dir.report_html, run_dir.manifest):
+        assert artifact.exists(), artifact
+    manifest = json.loads(run_dir.manifest.read_text())
+    assert {name: stage["status"] for name, stage in manifest["stages"].items()} == dict.fromkeys(
+        ["prep", "train", "merge", "eval", "report"], "done")
+    assert all(stage["seconds"] > 0 for stage in manifest["stages"].values())
+    assert manifest["inputs"] and manifest["versions"]["transformers"]
+    assert "report:" in first.stdout and "metric" in first.stdout  # the verdict table
+
+    second = _ragtune("run", str(tiny_run))
+    assert _executed(second) == []
+
+    third = _ragtune("run", str(tiny_run), "--set", "train.learning_rate=1e-3")
+    assert _executed(third) == ["train", "merge", "eval", "report"]
+    answers_base = run_dir.answers("base", "rag")
+    assert answers_base.exists()
+
+
+def test_dry_run_checks_without_running(write_config, tiny_llama_dir):
+    config = write_config(student={"model": str(tiny_llama_dir)}, train={"method": "qlora"})
+    result = _ragtune("run", str(config), "--dry-run")
+    assert "[ok   ] config" in result.stdout
+    assert "plan for" in result.stdout and "prep    run" in result.stdout
+    assert not (config.parent / "run" / "data").exists()

@@ -1,0 +1,272 @@
+"""The train stage on real components: TRL SFTTrainer + PEFT on a tiny Llama (SmolLM2 tokenizer/template)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtune.config import ConfigError, load_config
+from ragtune.run_dir import RunDir
+
+# The shape of data_prep's rows (system prompt, RAG user turn with context + question, teacher answer).
+SYSTEM_PROMPT = "You are an expert Q&A system. Answer the query using the provided context information."
+USER_TEMPLATE = "Context information is below.\n---------------------\n{context}\n---------------------\nQuery: {question}\nAnswer: "
+
+FACTS = [
+    ("Uber's ridesharing products are offered in over 70 countries.", "In how many countries are ridesharing products offered?", "Over 70 countries."),
+    ("Uber Eats lets consumers order food from restaurants for delivery.", "What does Uber Eats let consumers do?", "Order food from restaurants for delivery."),
+    ("Freight connects shippers with carriers in the trucking industry.", "Whom does Freight connect?", "Shippers with carriers in trucking."),
+    ("The company had 1.3 million drivers and couriers in the quarter.", "How many drivers and couriers were there?", "1.3 million drivers and couriers."),
+    ("Gross Bookings grew 56% year-over-year to $90.4 billion in 2021.", "How much did Gross Bookings grow?", "56% year-over-year, to $90.4 billion."),
+    ("Mobility trips were lower due to COVID-19 restrictions.", "Why were Mobility trips lower?", "Because of COVID-19 restrictions."),
+]
+
+
+def chat_row(context: str, question: str, answer: str) -> dict[str, Any]:
+    """A row shaped like data_prep's data/train.jsonl output."""
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": USER_TEMPLATE.format(context=context, question=question)},
+            {"role": "assistant", "content": answer},
+        ],
+        "meta": {"question_id": question[:12], "source": "uber_10k_excerpt.pdf"},
+    }
+
+
+def write_rows(run_root: Path, rows: list[dict[str, Any]]) -> Path:
+    path = RunDir(run_root).train_jsonl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def default_rows(n: int = 12) -> list[dict[str, Any]]:
+    return [chat_row(*FACTS[i % len(FACTS)]) for i in range(n)]
+
+
+@pytest.fixture
+def make_config(write_config, tiny_llama_dir: Path, tmp_path: Path):
+    """A config training the tiny Llama for a few steps; `train` keys override, `rows` go to data/train.jsonl."""
+
+    def _make(rows: list[dict[str, Any]] | None = None, name: str = "config.yaml", run: str = "run", **train: Any):
+        train_section = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2,
+                         "save_strategy": "steps", "eval_strategy": "no", "report_to": "none", "disable_tqdm": True, **train}
+        path = write_config(name=name, output_dir=str(tmp_path / run), student={"model": str(tiny_llama_dir)},
+                            train=train_section)
+        config = load_config(path)
+        write_rows(config.output_dir, default_rows() if rows is None else rows)
+        return config
+
+    return _make
+
+
+def test_label_check_trains_answer_and_end_of_turn_only(make_config, capsys):
+    from train import sft
+
+    config = make_config()
+    facts = sft.run(config, RunDir(config.output_dir), check_only=True)
+
+    example = capsys.readouterr().out.split(":\n", 1)[1]
+    trained_spans = [part.split("]]")[0] for part in example.split("[[")[1:]]
+    # Exactly one trained span per row, and it is the assistant answer followed by the end-of-turn token.
+    assert len(trained_spans) == 1
+    assert trained_spans[0].rstrip("\n").endswith("<|im_end|>")
+    assert trained_spans[0].replace("<|im_end|>", "").strip() in {a for _, _, a in FACTS}
+    assert "<|im_start|>assistant" not in trained_spans[0]
+    check = facts["label_check"]
+    assert check["rows_checked"] == 12 and check["end_of_turn_tokens"] == ["<|im_end|>"]
+    assert 0 < check["trained_tokens"] < check["tokens"] / 4
+
+
+def test_label_check_sees_rows_through_packing(make_config):
+    from train import sft
+
+    rows = default_rows(6)
+    rows[4]["messages"][-1]["content"] = " "
+    config = make_config(rows=rows, packing=True, max_length=512, validation_split=0.0)
+    with pytest.raises(sft.LabelCheckError, match=r"1 of 6 rows:\n  \S+train\.jsonl:5: no answer token"):
+        sft.run(config, RunDir(config.output_dir), check_only=True)
+
+
+def test_label_check_names_the_row_with_an_empty_answer(make_config):
+    from train import sft
+
+    rows = default_rows(6)
+    rows[2]["messages"][-1]["content"] = ""
+    config = make_config(rows=rows, validation_split=0.0)
+    with pytest.raises(sft.LabelCheckError) as err:
+        sft.run(config, RunDir(config.output_dir), check_only=True)
+    message = str(err.value)
+    assert "train.jsonl:3" in message and "no answer token is trained" in message
+    assert "train.jsonl:1:" not in message and "1 of 6 rows" in message
+
+
+def test_label_check_fails_when_max_length_cuts_the_end_of_turn(make_config):
+    from train import sft
+
+    rows = default_rows(4)
+    rows[1]["messages"][-1]["content"] = "a long answer " * 200
+    config = make_config(rows=rows, validation_split=0.0, max_length=300)
+    with pytest.raises(sft.LabelCheckError, match=r"train\.jsonl:2: the end-of-turn token \['<\|im_end\|>'\] is not trained"):
+        sft.run(config, RunDir(config.output_dir), check_only=True)
+
+
+def test_bad_row_is_reported_with_file_and_line(make_config):
+    from train import sft
+
+    rows = default_rows(3)
+    rows[1] = {"messages": [{"role": "user", "content": "no answer turn"}]}
+    config = make_config(rows=rows)
+    with pytest.raises(sft.TrainDataError, match=r"train\.jsonl:2: the last message must be the assistant"):
+        sft.run(config, RunDir(config.output_dir), check_only=True)
+
+
+def test_peft_defaults_follow_the_method(write_config):
+    prompt = load_config(write_config(train={"method": "prompt_tuning"}))
+    assert prompt.train.peft_kwargs() == {"num_virtual_tokens": 20}
+    dora = load_config(write_config(train={"method": "dora", "peft": {"r": 8}}))
+    assert dora.train.peft_kwargs()["use_dora"] is True and dora.train.peft_kwargs()["r"] == 8
+    with pytest.raises(ConfigError, match="train.peft.r"):
+        load_config(write_config(train={"method": "prefix_tuning", "peft": {"r": 8}}))
+    with pytest.raises(ConfigError, match="method: full"):
+        load_config(write_config(train={"method": "full", "peft": {"r": 8}}))
+
+
+def test_train_saves_adapter_and_loss_curve_and_resumes(make_config):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train import sft
+
+    config = make_config(report_to=["tensorboard"])
+    run_dir = RunDir(config.output_dir)
+    first = sft.run(config, run_dir)
+    assert first["global_step"] == 2 and first["resumed_from"] is None
+    assert first["method"] == "lora" and first["train_rows"] == 11 and first["eval_rows"] == 1
+    assert (run_dir.adapter / "adapter_model.safetensors").exists() and (run_dir.adapter / "tokenizer.json").exists()
+    assert list((run_dir.logs / "tensorboard").glob("events.out.tfevents.*"))
+    curve = json.loads(run_dir.loss_curve.read_text())
+    assert [p["step"] for p in curve["train"]] == [1, 2] and all(math.isfinite(p["loss"]) for p in curve["train"])
+
+    # "Interrupted" after step 2: a longer run picks up checkpoint-2 instead of starting over.
+    longer = make_config(max_steps=4)
+    second = sft.run(longer, run_dir)
+    assert second["resumed_from"].endswith("checkpoint-2")
+    assert second["global_step"] == 4
+    curve = json.loads(run_dir.loss_curve.read_text())
+    assert [p["step"] for p in curve["train"]] == [1, 2, 3, 4]
+
+    base = AutoModelForCausalLM.from_pretrained(config.student.model)
+    assert isinstance(PeftModel.from_pretrained(base, str(run_dir.adapter)), PeftModel)
+
+
+def test_same_seed_same_loss_curve(make_config):
+    from train import sft
+
+    curves = []
+    for run in ("a", "b"):
+        config = make_config(run=run, name=f"{run}.yaml", max_steps=3, learning_rate=1e-2)
+        sft.run(config, RunDir(config.output_dir))
+        curves.append([p["loss"] for p in json.loads(RunDir(config.output_dir).loss_curve.read_text())["train"]])
+    assert curves[0] == curves[1] and len(curves[0]) == 3
+    assert curves[0][0] != curves[0][-1]
+
+
+def test_merged_and_adapter_load_in_plain_libraries_and_agree(make_config):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train import merge, sft
+
+    config = make_config(max_steps=3, learning_rate=5e-2)
+    run_dir = RunDir(config.output_dir)
+    sft.run(config, run_dir)
+    facts = merge.run(config, run_dir)
+    assert facts["merged"] is True and facts["max_abs_logit_diff"] <= facts["tolerance"] == 1e-3
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.merged)
+    assert "<|im_start|>" in tokenizer.chat_template
+    merged = AutoModelForCausalLM.from_pretrained(run_dir.merged)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.student.model), str(run_dir.adapter))
+    plain = AutoModelForCausalLM.from_pretrained(config.student.model)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How many countries?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        merged_logits, adapter_logits, base_logits = (m(ids).logits for m in (merged, with_adapter, plain))
+    assert (merged_logits - adapter_logits).abs().max() < 1e-3
+    # The adapter really changed the model, so agreeing is not trivial.
+    assert (merged_logits - base_logits).abs().max() > 1e-2
+
+
+def test_qlora_runs_4bit_on_cpu_and_merges_onto_full_precision(make_config):
+    from train import merge, sft
+
+    if sft.bnb_4bit_works() is not None:
+        pytest.skip(f"bitsandbytes 4-bit is unavailable here: {sft.bnb_4bit_works()}")
+    config = make_config(method="qlora", learning_rate=5e-2)
+    run_dir = RunDir(config.output_dir)
+    facts = sft.run(config, run_dir)
+    assert facts["method"] == "qlora" and facts["warnings"] == [] and facts["loaded_in_4bit"] is True
+    assert json.loads((run_dir.adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    merged = merge.run(config, run_dir)
+    assert merged["merged"] is True and merged["dtype"] == "float32"
+
+
+def test_prompt_tuning_trains_and_merge_says_there_is_nothing_to_merge(make_config):
+    from train import merge, sft
+
+    config = make_config(method="prompt_tuning", learning_rate=1e-2)
+    run_dir = RunDir(config.output_dir)
+    facts = sft.run(config, run_dir)
+    assert facts["global_step"] == 2
+    assert json.loads((run_dir.adapter / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    result = merge.run(config, run_dir)
+    assert result["merged"] is False and "virtual tokens" in result["reason"]
+    assert not run_dir.merged.exists()
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_really_runs_two_ranks(make_config):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: gloo group of 2, each rank takes half the steps."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = make_config(validation_split=0.0, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
+                         save_strategy="no")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
+         "-m", "train", str(config.config_path)],
+        cwd=Path(__file__).parent.parent, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = json.loads(RunDir(config.output_dir).manifest.read_text())["stages"]["train"]
+    assert stage["status"] == "done" and stage["world_size"] == 2
+    # 12 rows, 2 per device, 2 ranks: 3 optimizer steps (one process would take 6).
+    assert stage["global_step"] == 3
+    assert (RunDir(config.output_dir).adapter / "adapter_model.safetensors").exists()
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving(make_config):
+    from train import sft
+
+    # A learning rate this high makes the eval loss climb after the first steps; patience 1 stops the run.
+    config = make_config(max_steps=12, learning_rate=3.0, warmup_steps=0, eval_strategy="steps", eval_steps=1,
+                         save_steps=1, early_stopping_patience=1, validation_split=0.25)
+    facts = sft.run(config, RunDir(config.output_dir))
+    assert facts["global_step"] < 12
+    evals = json.loads(RunDir(config.output_dir).loss_curve.read_text())["eval"]
+    assert len(evals) == facts["global_step"] and min(p["loss"] for p in evals) < evals[-1]["loss"]
+    assert facts["best_eval_loss"] == round(min(p["loss"] for p in evals), 5)

@@ -1,0 +1,404 @@
+"""Supervised fine-tuning of the student on `data/train.jsonl` with TRL's `SFTTrainer`.
+
+The recipe, top to bottom (alignment-handbook `sft.py` style):
+
+1. Rows. data_prep writes chat rows `{"messages": [system, user, assistant], "meta": ...}`. SmolLM2's
+   chat template has no `{% generation %}` markers, so TRL's `assistant_only_loss` refuses it; instead each
+   row becomes TRL's conversational prompt-completion form (`prompt`: every message before the final
+   assistant turn, `completion`: that turn). TRL then tokenizes `prompt` with the generation prompt and
+   `prompt + completion` in full, and trains every token after the prompt: the answer, its end-of-turn
+   token (`<|im_end|>`) and the template's trailing newline (trl/trainer/sft_trainer.py, `tokenize_fn`).
+2. Validation rows: `train.validation_file`, or a seeded `train.validation_split` fraction.
+3. Model: the student (4-bit NF4 for `qlora`, then `prepare_model_for_kbit_training`) and the PEFT
+   config of `train.method` (`train.peft` over `PEFT_DEFAULTS`).
+4. `SFTConfig(**config.train.sft_kwargs(), output_dir=checkpoints/, ...)`: the YAML's `train:` keys are
+   SFTConfig's names; ragtune's defaults (`SFT_DEFAULTS`) fill in the rest.
+5. Label check on TRL's own tokenized rows and collator: every row must train at least one answer token
+   and the end-of-turn token; one example is printed with trained tokens in `[[...]]`.
+6. Train (resuming from the latest checkpoint when `auto_resume`), then save `adapter/` (adapter +
+   tokenizer) and the loss curve (`logs/loss_curve.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from ragtune.artifacts import ArtifactError, iter_jsonl
+from ragtune.run_dir import RunDir
+from train.config import peft_config_class
+from train.models import load_causal_lm, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+CHECK_OPEN, CHECK_CLOSE = "[[", "]]"
+
+
+class TrainDataError(ValueError):
+    """A training row that cannot be trained on; names the file and line."""
+
+
+class LabelCheckError(ValueError):
+    """The tokenized rows would not train the answer or its end-of-turn token; names the rows."""
+
+
+# --------------------------------------------------------------------------------------------------- rows
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Read chat rows and turn them into TRL prompt-completion rows; `source` keeps `file:line` for errors."""
+    if not path.is_file():
+        raise TrainDataError(f"{path}: training data not found. Run `ragtune data CONFIG` first (it writes this file).")
+    rows = []
+    try:
+        for number, row in iter_jsonl(path):
+            rows.append(to_prompt_completion(row, f"{path}:{number}"))
+    except ArtifactError as err:
+        raise TrainDataError(str(err)) from None
+    if not rows:
+        raise TrainDataError(f"{path}: no rows. Run `ragtune data CONFIG` to produce training rows.")
+    return rows
+
+
+def to_prompt_completion(row: dict[str, Any], source: str) -> dict[str, Any]:
+    """`messages` -> `prompt` (all turns before the last) + `completion` ([last assistant turn]); `meta` dropped."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise TrainDataError(f"{source}: expected a `messages` list of chat turns (role/content), got {type(messages).__name__}.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in (
+            "system", "user", "assistant"
+        ):
+            raise TrainDataError(f"{source}: messages[{i}] must be {{'role': system|user|assistant, 'content': str}}, got {message!r:.120}.")
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise TrainDataError(f"{source}: the last message must be the assistant's answer after at least one prompt turn.")
+    strip = lambda m: {"role": m["role"], "content": m["content"]}  # noqa: E731
+    return {"prompt": [strip(m) for m in messages[:-1]], "completion": [strip(messages[-1])], "source": source}
+
+
+def split_rows(rows: list[dict[str, Any]], validation_split: float, validation_file: Path | None, seed: int
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Held-out rows for eval loss: the validation file when given, else a seeded fraction (at least one row)."""
+    if validation_file is not None:
+        return rows, load_rows(validation_file)
+    if validation_split <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * validation_split)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def bnb_4bit_works() -> str | None:
+    """None when bitsandbytes can quantize and run a 4-bit NF4 matmul on this machine, else the reason."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        weight = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
+        packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+        out = bnb.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16, device=device), packed.t(), quant_state=state)
+        if not torch.isfinite(out).all():
+            return "bitsandbytes 4-bit matmul returned non-finite values"
+    except Exception as err:  # any failure here means "no working 4-bit backend"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def resolve_method(method: str) -> tuple[str, str | None]:
+    """The method to run, and a warning when `qlora` has to fall back to `lora`."""
+    if method != "qlora":
+        return method, None
+    problem = bnb_4bit_works()
+    if problem is None:
+        return method, None
+    return "lora", f"method qlora needs a working bitsandbytes 4-bit backend ({problem}); training with lora instead."
+
+
+def dense_base(config: Any, run_dir: RunDir) -> str:
+    """A model reference `from_pretrained` can load in 4 bit: GGUF weights are first saved as safetensors.
+
+    transformers cannot quantize GGUF weights on load, so for a GGUF student (such as the embedded
+    `smollm2-135m-instruct`) the dequantized model is written once under the run directory and reused.
+    """
+    student = config.student
+    if not resolve_model(student.model).gguf_file:
+        return student.model
+    target = run_dir.dense_base
+    if not (target / "config.json").exists():
+        log.info("saving a safetensors copy of GGUF student %s to %s for 4-bit loading", student.model, target)
+        model = load_causal_lm(student.model, dtype="float32", trust_remote_code=student.trust_remote_code)
+        model.save_pretrained(target)
+        load_tokenizer(student.model, trust_remote_code=student.trust_remote_code).save_pretrained(target)
+        del model
+    return str(target)
+
+
+def load_student(config: Any, method: str, run_dir: RunDir, gradient_checkpointing: bool) -> Any:
+    """The student, 4-bit NF4 and prepared for k-bit training for `qlora`, else in `student.torch_dtype`."""
+    student = config.student
+    common = dict(trust_remote_code=student.trust_remote_code, attn_implementation=student.attn_implementation,
+                  device_map=student.device_map)
+    if method != "qlora":
+        return load_causal_lm(student.model, dtype=student.torch_dtype, **common)
+    from peft import prepare_model_for_kbit_training
+
+    quantization = dict(config.train.quantization)
+    # FSDP shards only float tensors of one dtype: store the packed 4-bit weights in the student's dtype
+    # and keep every other weight in it too (no fp32 upcast), as in the bitsandbytes FSDP-QLoRA guide.
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if sharded:
+        quantization.setdefault("bnb_4bit_quant_storage", student.torch_dtype)
+    model = load_causal_lm(dense_base(config, run_dir), dtype=student.torch_dtype, quantization=quantization, **common)
+    if sharded:
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def peft_config(method: str, kwargs: dict[str, Any]) -> Any:
+    """The PEFT config for `method` (None for full fine-tuning)."""
+    return None if method == "full" else peft_config_class(method)(task_type="CAUSAL_LM", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- SFTConfig
+
+
+def sft_config(config: Any, run_dir: RunDir, has_eval: bool) -> Any:
+    """`SFTConfig` from the `train:` keys, placed in the run directory, with the choices they imply."""
+    from trl import SFTConfig
+
+    train = config.train
+    given = set(train.model_extra or {})
+    kwargs = train.sft_kwargs()
+    kwargs.setdefault("seed", config.seed)
+    kwargs.setdefault("data_seed", kwargs["seed"])
+    # Loss on the completion (the answer + end-of-turn) only; the label check verifies it.
+    kwargs["completion_only_loss"] = True
+    if not has_accelerator():
+        # Without `use_cpu`, TrainingArguments rejects bf16 on CPU and multi-process CPU runs stay single-process.
+        kwargs.setdefault("use_cpu", True)
+        # bf16 autocast measured slower than fp32 on this kind of CPU (no AMX); see scripts/bench_train.py.
+        if "bf16" not in given:
+            kwargs["bf16"] = False
+    if not has_eval:
+        if kwargs.get("eval_strategy", "no") != "no" and "eval_strategy" in given:
+            log.warning("train.eval_strategy is set but there are no validation rows; evaluation is off.")
+        kwargs["eval_strategy"] = "no"
+        kwargs.pop("eval_steps", None)
+    if train.early_stopping_patience:
+        if not has_eval:
+            raise TrainDataError(f"{run_dir.train_jsonl}: too few rows to hold any out for the eval loss that "
+                                 "train.early_stopping_patience watches; add rows or set train.validation_file.")
+        kwargs.setdefault("load_best_model_at_end", True)
+        kwargs.setdefault("metric_for_best_model", "eval_loss")
+        kwargs.setdefault("greater_is_better", False)
+        if "save_strategy" not in given:
+            kwargs["save_strategy"] = kwargs["eval_strategy"]
+            if kwargs.get("eval_steps"):
+                kwargs["save_steps"] = kwargs["eval_steps"]
+    kwargs.pop("resume_from_checkpoint", None)
+    return SFTConfig(output_dir=str(run_dir.checkpoints), **kwargs)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` that was written completely (a killed save lacks trainer_state.json)."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+# ---------------------------------------------------------------------------------------------- label check
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end an assistant turn: EOS, and the added token the chat template puts right after the answer."""
+    ids = {tokenizer.eos_token_id} - {None}
+    marker = "ragtune-answer"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text[text.index(marker) + len(marker):].lstrip()
+    for token, token_id in tokenizer.get_added_vocab().items():
+        if token and tail.startswith(token):
+            ids.add(token_id)
+    return ids
+
+
+def mark_trained(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """The decoded row with each run of trained tokens wrapped in [[...]]."""
+    parts, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] != -100) != (labels[start] != -100):
+            text = tokenizer.decode(input_ids[start:i])
+            parts.append(f"{CHECK_OPEN}{text}{CHECK_CLOSE}" if labels[start] != -100 else text)
+            start = i
+    return "".join(parts)
+
+
+def check_labels(trainer: Any, rows: dict[str, list[dict[str, Any]]], *, show: bool = True) -> dict[str, Any]:
+    """Check the labels TRL built: every row trains an answer token and the end-of-turn token.
+
+    Runs on `trainer.train_dataset`/`eval_dataset` (tokenized by TRL) through `trainer.data_collator`,
+    so it checks exactly what training sees (with `packing`: TRL's preparation of the rows, unpacked).
+    Raises LabelCheckError naming the train.jsonl lines; returns counts and one decoded example with
+    trained tokens in [[...]].
+    """
+    from datasets import Dataset
+
+    tokenizer = trainer.processing_class
+    stop_ids = end_of_turn_ids(tokenizer)
+    prepared = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    if trainer.args.packing:
+        # Packed rows lose their identity; check the same TRL preparation, unpacked, row by row.
+        prepared = {split: trainer._prepare_dataset(Dataset.from_list(split_rows), tokenizer, trainer.args, False, None,
+                                                    f"{split} (label check)")
+                    for split, split_rows in rows.items() if split_rows}
+    problems: list[str] = []
+    example, trained_tokens, total_tokens, checked = None, 0, 0, 0
+    for split, dataset in prepared.items():
+        if dataset is None:
+            continue
+        seen = set()
+        for item in dataset:
+            seen.add(item["source"])
+            batch = trainer.data_collator([{"input_ids": item["input_ids"], "labels": item["labels"]}])
+            input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+            trained = [t for t, label in zip(input_ids, labels) if label != -100]
+            checked += 1
+            total_tokens += len(input_ids)
+            trained_tokens += len(trained)
+            answer = tokenizer.decode([t for t in trained if t not in stop_ids], skip_special_tokens=True).strip()
+            if not answer:
+                problems.append(f"{item['source']}: no answer token is trained (empty assistant answer?).")
+            elif not stop_ids & set(trained):
+                problems.append(f"{item['source']}: the end-of-turn token {tokenizer.convert_ids_to_tokens(sorted(stop_ids))} "
+                                f"is not trained (answer cut by max_length={trainer.args.max_length}?).")
+            if example is None and answer:
+                example = mark_trained(tokenizer, input_ids, labels)
+        # TRL drops rows whose labels are all masked after truncation (the prompt alone fills max_length).
+        for row in rows[split]:
+            if row["source"] not in seen:
+                problems.append(f"{row['source']}: the prompt fills max_length={trainer.args.max_length}; no token of it "
+                                "is trained (TRL dropped the row).")
+    if show and example and trainer.is_world_process_zero():
+        print(f"label check: one training row as the model sees it, trained tokens in {CHECK_OPEN}...{CHECK_CLOSE}:\n{example}\n")
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise LabelCheckError(
+            f"label check failed for {len(problems)} of {checked} rows:\n  {listed}\n"
+            "Fix or remove these rows (or raise train.max_length), then run again."
+        )
+    return {"rows_checked": checked, "tokens": total_tokens, "trained_tokens": trained_tokens,
+            "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(sorted(stop_ids)), "example": example}
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any]]:
+    """The SFTTrainer for this config, and facts about the choices made (method, rows, warnings)."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    train = config.train
+    validation_file = Path(train.validation_file) if train.validation_file else None
+    if validation_file is not None and not validation_file.is_absolute() and config.config_path is not None:
+        validation_file = config.config_path.parent / validation_file
+    train_rows, eval_rows = split_rows(load_rows(run_dir.train_jsonl), train.validation_split, validation_file, config.seed)
+
+    facts: dict[str, Any] = {"requested_method": train.method, "warnings": []}
+    method, fallback = resolve_method(train.method)
+    if fallback:
+        log.warning(fallback)
+        facts["warnings"].append(fallback)
+    facts["method"] = method
+
+    args = sft_config(config, run_dir, has_eval=bool(eval_rows))
+    # TensorBoard's writer reads its folder from this variable (transformers' TensorBoardCallback).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tensorboard")
+    model = load_student(config, method, run_dir, args.activation_checkpointing)
+    tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
+    callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(method, train.peft_kwargs()),
+        callbacks=callbacks,
+    )
+    facts.update(train_rows=len(train_rows), eval_rows=len(eval_rows), loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
+    facts["rows"] = {"train": train_rows, "eval": eval_rows}
+    return trainer, facts
+
+
+def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any]:
+    """Fine-tune the student on data/train.jsonl; returns facts for the manifest.
+
+    Writes checkpoints/ (resumable), adapter/ (PEFT adapter or full model, plus tokenizer),
+    logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
+    """
+    trainer, facts = build_trainer(config, run_dir)
+    rows = facts.pop("rows")
+    label_check = check_labels(trainer, rows)
+    facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
+    if check_only:
+        return facts
+
+    resume = config.train.model_extra.get("resume_from_checkpoint") if config.train.model_extra else None
+    if resume is None and config.train.auto_resume:
+        resume = latest_checkpoint(run_dir.checkpoints)
+    if resume:
+        log.info("resuming from %s", resume)
+    facts["resumed_from"] = resume
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    trainer.save_model(str(run_dir.adapter))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(run_dir.adapter))
+        write_loss_curve(trainer.state.log_history, run_dir.loss_curve)
+    eval_losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    facts.update(
+        global_step=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0, 3),
+        train_loss=round(result.training_loss, 5),
+        eval_loss=round(eval_losses[-1], 5) if eval_losses else None,
+        best_eval_loss=round(min(eval_losses), 5) if eval_losses else None,
+        train_seconds=round(result.metrics.get("train_runtime", 0.0), 2),
+        # TRL's running count of non-padding input tokens, summed over processes.
+        tokens_seen=int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)),
+        world_size=trainer.args.world_size,
+        adapter=str(run_dir.adapter),
+        loss_curve=str(run_dir.loss_curve),
+    )
+    return facts
+
+
+def write_loss_curve(log_history: list[dict[str, Any]], path: Path) -> None:
+    """The Trainer's log history (train loss per logging step, eval loss per evaluation) as plain JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curve = {
+        "train": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]} for e in log_history if "loss" in e],
+        "eval": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e],
+        "log_history": log_history,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(curve, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
