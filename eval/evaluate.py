@@ -260,6 +260,14 @@ def summarize(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], 
                 if entry.get("failures"):
                     top = ", ".join(f"{k} ×{v}" for k, v in list(entry["failure_reasons"].items())[:2])
                     warnings.append(f"{model}/{mode} {metric}: {entry['failures']} of {len(qids)} samples failed ({top})")
+    base_rag, teacher_rag = run_dir.answers(BASELINE, "rag"), run_dir.answers(REFERENCE_MODEL, "rag")
+    if base_rag.exists() and teacher_rag.exists() and set(answer_metrics) & REFERENCE_ANSWER_METRICS:
+        base_answers = {r["question_id"]: r["answer"] for r in read_jsonl(base_rag)}
+        same = sum(1 for r in read_jsonl(teacher_rag) if r["answer"] and r["answer"] == base_answers.get(r["question_id"]))
+        if same >= len(qids) / 2:
+            warnings.append(f"the teacher's reference answers equal the base model's for {same} of {len(qids)} "
+                            "questions (is the teacher the student model?): reference-based metrics then measure "
+                            "distance from the base's own answers and favour the base by construction")
     if not any(s.kind in ("adapter", "merged") for s in specs):
         warnings.append(f"no fine-tuned model found ({run_dir.adapter} and {run_dir.merged} are missing, no --adapters): "
                         "only the teacher is compared to the base")

@@ -167,7 +167,7 @@ class BatchedJudge(InstructorBaseRagasLLM):
                 self._worker = asyncio.get_running_loop().create_task(self._drain())
         else:
             self.usage.cached += 1
-        text = await asyncio.shield(future)  # a timed-out sample must not cancel its batch-mates' shared result
+        text = await asyncio.shield(future)  # a cancelled caller must not cancel a result others share
         return self._parse(text, None, response_model)
 
     def _bind_loop(self) -> None:

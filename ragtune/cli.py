@@ -168,6 +168,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     try:
         return _dispatch_command(args)
+    except ConfigError:
+        raise
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

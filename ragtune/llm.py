@@ -148,8 +148,10 @@ class HFChatBackend:
             if json_schema is not None:
                 try:
                     json.loads(text)
-                except json.JSONDecodeError:
-                    error = f"output is not complete JSON after {max_new_tokens} new tokens (raise max_new_tokens)"
+                except json.JSONDecodeError as err:
+                    truncated = n_new >= max_new_tokens
+                    error = (f"output is not complete JSON after {max_new_tokens} new tokens (raise max_new_tokens)"
+                             if truncated else f"output is not valid JSON ({err.msg} at char {err.pos})")
             completions.append(Completion(text if error is None else None, error, int(mask.sum()), n_new))
         return completions
 

@@ -154,6 +154,8 @@ def main() -> None:
     from ragtune.run_dir import RunDir
 
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    stdout = sys.stdout
+    sys.stdout = sys.stderr  # LlamaIndex prints to stdout; keep it for the JSON result
     try:
         student, teacher, run_path = prepare(root, args.model, args.questions)
         config_path = root / "config.yaml"
@@ -193,10 +195,11 @@ def main() -> None:
             "judge_ragtune_batched": ragtune,
             "ratio": round(baseline["seconds"] / ragtune["seconds"], 2),
         }
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2), file=stdout)
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
     finally:
+        sys.stdout = stdout
         shutil.rmtree(root, ignore_errors=True)
 
 

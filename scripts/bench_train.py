@@ -1,17 +1,20 @@
 """Train-stage speed: plain TRL `SFTTrainer` defaults vs ragtune's configuration, same data, same tokens.
 
-Both runs train LoRA (r=16, alpha 32, all-linear, PEFT's default dropout 0) for one epoch over the same prompt-completion rows, so they
-process exactly the same tokens; the JSON reports trained tokens/s of each, the ratio, and the achieved
-FLOP/s as a fraction of this machine's matmul peak measured in the same process (MFU).
+Both train LoRA (r=16, alpha 32, all-linear, PEFT's default dropout 0) for one epoch over the same
+prompt-completion rows, so they process exactly the same tokens. The two trainers are built once and
+their epochs alternate `--repeats` times, so both see the same machine load (other jobs on shared cores
+only ever slow a run down: the best epoch of each is the headline, the median is reported too). The JSON
+has trained tokens/s of each, the ratio, and achieved FLOP/s as a fraction of this machine's matmul peak
+measured in the same process (MFU).
 
 - baseline: `SFTConfig(use_cpu=True)` on CPU (the least TRL needs to run there) + `LoraConfig`, i.e.
   TRL's defaults: batch 8, gradient (activation) checkpointing on, bf16 autocast on.
 - ragtune: `train.sft.build_trainer` on a config whose `train:` section holds only what the bench
   fixes (one epoch, no validation, no saving), so ragtune's own defaults (SFT_DEFAULTS) decide the rest.
 
-    python scripts/bench_train.py                       # SmolLM2-135M, 32 synthetic RAG rows
+    python scripts/bench_train.py                       # SmolLM2-135M, 24 synthetic RAG rows, 2 alternating epochs
     python scripts/bench_train.py --rows 64 --data runs/demo/data/train.jsonl
-    python scripts/bench_train.py --skip-baseline --set train.per_device_train_batch_size=16  # try a lever
+    python scripts/bench_train.py --skip-baseline --also train.bf16=true --also train.per_device_train_batch_size=16
 """
 
 from __future__ import annotations
@@ -89,14 +92,14 @@ def train_flops_per_token(model: Any, avg_len: float) -> float:
     return 4 * linear + attention
 
 
-def timed_train(trainer: Any) -> tuple[float, int]:
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    start = time.perf_counter()
+def timed_epoch(trainer: Any) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (all threads of this process) of one epoch."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def run_baseline(model_dir: Path, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+def build_baseline(model_dir: Path, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -108,16 +111,15 @@ def run_baseline(model_dir: Path, rows: list[dict[str, Any]], out: Path) -> dict
     data = Dataset.from_list([to_prompt_completion(r, f"row {i}") for i, r in enumerate(rows)])
     args = SFTConfig(output_dir=str(out), use_cpu=not torch.cuda.is_available(), num_train_epochs=1,
                      save_strategy="no", report_to="none", disable_tqdm=True)
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args, train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
-    seconds, tokens = timed_train(trainer)
-    return {"seconds": seconds, "tokens": tokens, "trainer": trainer}
+    return trainer
 
 
-def run_ragtune(model_dir: Path, rows: list[dict[str, Any]], out: Path, overrides: list[str]) -> dict[str, Any]:
+def build_ragtune(model_dir: Path, rows: list[dict[str, Any]], out: Path, overrides: list[str]) -> dict[str, Any]:
     import yaml
 
     from ragtune.config import load_config
@@ -136,21 +138,29 @@ def run_ragtune(model_dir: Path, rows: list[dict[str, Any]], out: Path, override
     }), encoding="utf-8")
     config = load_config(config_path, overrides)
     trainer, _ = build_trainer(config, run_dir)
-    seconds, tokens = timed_train(trainer)
-    return {"seconds": seconds, "tokens": tokens, "trainer": trainer}
+    return trainer
 
 
-def summarize(result: dict[str, Any], flops_per_token: float, peak_gflops: float) -> dict[str, Any]:
-    args = result["trainer"].args
-    tokens_per_s = result["tokens"] / result["seconds"]
+def summarize(trainer: Any, seconds: list[tuple[float, float]], tokens: int, flops_per_token: float, peak_gflops: float) -> dict[str, Any]:
+    import statistics
+
+    import torch
+
+    args = trainer.args
+    wall, cpu = [w for w, _ in seconds], [c for _, c in seconds]
+    best, median = tokens / min(wall), tokens / statistics.median(wall)
     return {
-        "seconds": round(result["seconds"], 1),
-        "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(tokens_per_s * flops_per_token / (peak_gflops * 1e9), 4),
+        "epoch_seconds": [round(x, 1) for x in wall],
+        "tokens_per_s": round(best, 1),
+        "tokens_per_s_median": round(median, 1),
+        # Less sensitive to other jobs on the cores than wall time (but spin-waiting threads still count).
+        "tokens_per_cpu_s": round(tokens / min(cpu), 1),
+        "mfu": round(best * flops_per_token / (peak_gflops * 1e9), 4),
         "settings": {"per_device_train_batch_size": args.per_device_train_batch_size,
                      "activation_checkpointing": args.activation_checkpointing, "bf16": args.bf16,
                      "train_sampling_strategy": args.train_sampling_strategy, "torch_compile": args.torch_compile,
-                     "padding_free": args.padding_free, "torch_threads": __import__("torch").get_num_threads()},
+                     "padding_free": args.padding_free, "loss": type(trainer).__name__,
+                     "torch_threads": torch.get_num_threads()},
     }
 
 
@@ -158,12 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="student model reference (alias, folder, hub id)")
     parser.add_argument("--data", type=Path, help="a data_prep train.jsonl (default: synthetic rows from the 10-K excerpt)")
-    parser.add_argument("--rows", type=int, default=32, help="rows to train on (one epoch)")
+    parser.add_argument("--rows", type=int, default=24, help="rows to train on (one epoch)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="ragtune config override, e.g. train.bf16=true")
+    parser.add_argument("--repeats", type=int, default=2, help="epochs per configuration, alternating")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time ragtune with this one override (repeatable), e.g. --also train.bf16=true")
     parser.add_argument("--skip-baseline", action="store_true", help="only time ragtune's configuration")
     args = parser.parse_args()
-
-    import torch
 
     from ragtune.artifacts import read_jsonl
     from train.models import load_causal_lm, load_tokenizer
@@ -175,23 +186,36 @@ def main() -> None:
         model = load_causal_lm(args.model)  # saved once as safetensors so both runs load the same weights fast
         model.save_pretrained(model_dir)
         load_tokenizer(args.model).save_pretrained(model_dir)
-        peak = matmul_peak()
-        peak_gflops = max(peak.values())
-        results = {}
+        trainers = {}
         if not args.skip_baseline:
-            results["baseline_trl_defaults"] = run_baseline(model_dir, rows, Path(tmp) / "baseline")
-        results["ragtune"] = run_ragtune(model_dir, rows, Path(tmp) / "ragtune", args.overrides)
-        tokens = {r["tokens"] for r in results.values()}
-        assert len(tokens) == 1, f"runs trained different token counts: {tokens}"
+            trainers["baseline_trl_defaults"] = build_baseline(model_dir, rows, Path(tmp) / "baseline")
+        trainers["ragtune"] = build_ragtune(model_dir, rows, Path(tmp) / "ragtune", args.overrides)
+        for i, lever in enumerate(args.also):
+            trainers[f"ragtune+{lever}"] = build_ragtune(model_dir, rows, Path(tmp) / f"lever{i}", [*args.overrides, lever])
+        tokens = {sum(len(ids) for ids in t.train_dataset["input_ids"]) for t in trainers.values()}
+        assert len(tokens) == 1, f"the runs would train different token counts: {tokens}"
         n_tokens = tokens.pop()
+        peaks = [matmul_peak()]
+        seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in trainers}
+        for _ in range(args.repeats):
+            for name, trainer in trainers.items():
+                seconds[name].append(timed_epoch(trainer))
+        peaks.append(matmul_peak())
+        peak = {dtype: max(p[dtype] for p in peaks) for dtype in peaks[0]}
         flops_per_token = train_flops_per_token(model, n_tokens / len(rows))
         report: dict[str, Any] = {
             "model": args.model, "rows": len(rows), "tokens": n_tokens, "avg_row_tokens": round(n_tokens / len(rows), 1),
-            "matmul_peak_gflops": peak, "train_gflop_per_token": round(flops_per_token / 1e9, 3),
-            **{name: summarize(r, flops_per_token, peak_gflops) for name, r in results.items()},
+            "repeats": args.repeats, "matmul_peak_gflops": peak, "train_gflop_per_token": round(flops_per_token / 1e9, 3),
+            **{name: summarize(t, seconds[name], n_tokens, flops_per_token, max(peak.values())) for name, t in trainers.items()},
         }
     if "baseline_trl_defaults" in report:
-        report["speedup"] = round(report["ragtune"]["tokens_per_s"] / report["baseline_trl_defaults"]["tokens_per_s"], 2)
+        base, ours = report["baseline_trl_defaults"], report["ragtune"]
+        report["speedup"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 2)
+        report["speedup_median"] = round(ours["tokens_per_s_median"] / base["tokens_per_s_median"], 2)
+        report["speedup_cpu_time"] = round(ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 2)
+    for name in trainers:
+        if name.startswith("ragtune+"):
+            report[name]["vs_ragtune"] = round(report[name]["tokens_per_s"] / report["ragtune"]["tokens_per_s"], 2)
     report["overrides"] = args.overrides
     report["cpu_count"] = os.cpu_count()
     report["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]

@@ -41,7 +41,7 @@ def test_base_config_is_inherited_and_overridden(tmp_path, write_config):
         (lambda t: t + "data_prep:\n  chunk_size: many\n", ["data_prep.chunk_size", "integer"]),
         (lambda t: t.replace("name: test", "name: test\n  broken: [1"), ["malformed YAML", ":2"]),
         (lambda t: t.replace("uber_10k_excerpt.pdf", "missing.pdf"), ["documents[0]", "no document found", "missing.pdf"]),
-        (lambda t: t + "train:\n  peft:\n    rank: 8\n", ["train.peft.rank", "Did you mean `r`?"]),
+        (lambda t: t + "train:\n  peft:\n    lora_alfa: 8\n", ["train.peft.lora_alfa", "Did you mean `lora_alpha`?"]),
         (lambda t: t.replace("backend: hf\n  model: smollm2-135m-instruct\n  max_new_tokens: 64",
                              "backend: openai\n  model: m\n  api_key: sk-abc"), ["teacher.api_key", "api_key_env"]),
     ],

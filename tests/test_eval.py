@@ -71,6 +71,8 @@ def models(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("eval_models")
     student = _tiny_model(tiny_llama_dir, root / "student", seed=0)
     teacher = _tiny_model(tiny_llama_dir, root / "teacher", seed=1)
+    from transformers import AutoTokenizer
+
     adapters = {}
     for name, seed in (("adapter", 2), ("other", 3)):
         torch.manual_seed(seed)
@@ -78,7 +80,10 @@ def models(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
                                     LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         peft_model.save_pretrained(root / name)
         adapters[name] = root / name
-    return {"student": student, "teacher": teacher, **adapters}
+        if name == "adapter":  # what `ragtune merge` leaves: the adapter folded into the base weights
+            peft_model.merge_and_unload().save_pretrained(root / "merged")
+            AutoTokenizer.from_pretrained(student).save_pretrained(root / "merged")
+    return {"student": student, "teacher": teacher, "merged": root / "merged", **adapters}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,7 @@ def make_run(root: Path, prepared_data: Path, models: dict[str, Path], *, adapte
     shutil.copytree(prepared_data, run.data)
     if adapter:
         shutil.copytree(models["adapter"], run.adapter)
+        shutil.copytree(models["merged"], run.merged)
     config = {
         "name": root.name, "output_dir": str(run.root), "documents": [str(EXCERPT_PDF)],
         "teacher": {"backend": "hf", "model": str(models["teacher"]), "max_new_tokens": 16},
@@ -136,11 +142,11 @@ def evaluated(prepared_data: Path, models: dict[str, Path], tmp_path_factory: py
 
 def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, Any]) -> None:
     run, facts = evaluated["run"], evaluated["facts"]
-    assert facts["models"] == ["base", "adapter", "teacher"]
+    assert facts["models"] == ["base", "adapter", "merged", "teacher"]
     assert facts["questions"] == 3 and facts["questions_dropped"] == 1
     assert evaluated["summary"]["questions"]["dropped"] == {"degenerate": 1}
     retrieval = {r["question_id"]: r for r in read_jsonl(run.retrieval)}
-    for model in ("base", "adapter", "teacher"):
+    for model in ("base", "adapter", "merged", "teacher"):
         for mode in ("rag", "closed_book"):
             rows = read_jsonl(run.answers(model, mode))
             assert [r["question_id"] for r in rows] == ["q1", "q2", "q3"]
@@ -153,7 +159,9 @@ def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, A
     # the adapter really changes the model
     base = [r["answer"] for r in read_jsonl(run.answers("base", "rag"))]
     tuned = [r["answer"] for r in read_jsonl(run.answers("adapter", "rag"))]
+    merged = [r["answer"] for r in read_jsonl(run.answers("merged", "rag"))]
     assert base != tuned
+    assert merged == tuned  # greedy: folding the adapter into the weights answers the same
 
 
 def test_rag_prompt_is_the_training_prompt(evaluated: dict[str, Any]) -> None:
@@ -177,7 +185,7 @@ def test_every_sample_metric_is_a_score_or_a_recorded_failure(evaluated: dict[st
                          "non_llm_string_similarity"}
     answer_metrics = [m for m in ALL_METRICS if not m.startswith(("context_", "non_llm_context"))]
     llm_scored = 0
-    for model in ("base", "adapter", "teacher"):
+    for model in ("base", "adapter", "merged", "teacher"):
         for mode in ("rag", "closed_book"):
             rows = read_jsonl(run.scores(model, mode))
             expected = [m for m in answer_metrics if not (model == "teacher" and m in reference_metrics)]
@@ -240,7 +248,7 @@ def test_judge_sanity_check_is_reported_and_warns(evaluated: dict[str, Any]) -> 
 def test_timings_say_where_eval_time_goes(evaluated: dict[str, Any]) -> None:
     timings = evaluated["summary"]["timings"]
     assert set(timings["generation_seconds_per_question"]) == {
-        f"{m}/{mode}" for m in ("base", "adapter", "teacher") for mode in ("rag", "closed_book")}
+        f"{m}/{mode}" for m in ("base", "adapter", "merged", "teacher") for mode in ("rag", "closed_book")}
     assert timings["judge"]["calls"] < timings["judge"]["requests"]  # batched and cached
     assert timings["embeddings_seconds"] > 0 and timings["scoring_seconds"] > 0
 
@@ -256,9 +264,9 @@ def test_rerun_with_another_adapter_reuses_the_other_answers(
     config = evaluated["config"].model_copy(update={"output_dir": run.root})
     before = {p.name: p.read_bytes() for p in run.eval.glob("answers.*.jsonl")}
     facts = evaluate.run(config, run, [models["other"]])
-    assert facts["models"] == ["base", "adapter", "other", "teacher"]
+    assert facts["models"] == ["base", "adapter", "other", "merged", "teacher"]
     generation = facts["timings"]["generation"]
-    for model in ("base", "adapter", "teacher"):
+    for model in ("base", "adapter", "merged", "teacher"):
         assert "load_seconds" not in generation[model]  # not even loaded
         assert generation[model]["rag"]["generated"] == 0 and generation[model]["rag"]["reused"] == 3
     assert generation["other"]["rag"]["generated"] == 3
@@ -283,6 +291,16 @@ def test_changed_generation_settings_regenerate_and_keep_the_old_answers(
     assert all(r["completion_tokens"] <= 6 for r in read_jsonl(run.answers("base", "rag")))
     stale = list((run.eval / "stale").glob("answers.base.rag.*.jsonl"))
     assert len(stale) == 1 and len(read_jsonl(stale[0])) == 3
+
+
+def test_teacher_equal_to_the_student_is_flagged(prepared_data: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    """The embedded demo uses one model for every role: the reference is then the base's own answer."""
+    config, run = make_run(tmp_path, prepared_data, {**models, "teacher": models["student"]}, adapter=False,
+                           metrics=["bleu_score"], modes=["rag"], judge_sanity_pairs=0)
+    evaluate.run(config, run, [])
+    summary = json.loads(run.summary.read_text())
+    assert summary["results"]["rag"]["base"]["bleu_score"]["mean"] == pytest.approx(1.0)
+    assert any("favour the base by construction" in w for w in summary["warnings"])
 
 
 def test_missing_questions_file_says_what_to_run(evaluated: dict[str, Any], tmp_path: Path) -> None:
@@ -452,11 +470,11 @@ def test_report_files_and_verdict_rows(evaluated: dict[str, Any], tmp_path: Path
     assert len(rows) == 6  # 3 questions x 2 modes
     first = rows[0]
     assert first["question"] and first["reference_answer"]
-    assert first["base.answer"] and first["adapter.answer"] and first["teacher.answer"]
+    assert first["base.answer"] and first["adapter.answer"] and first["merged.answer"] and first["teacher.answer"]
     assert "base.bleu_score" in first and "retriever.non_llm_context_recall" in first
     comparisons = report.comparison_rows(evaluated["summary"])
     assert {(r["mode"], r["model"]) for r in comparisons} == {
-        (mode, model) for mode in ("rag", "closed_book") for model in ("adapter", "teacher")}
+        (mode, model) for mode in ("rag", "closed_book") for model in ("adapter", "merged", "teacher")}
     assert list(comparisons[0]) == list(report.VERDICT_COLUMNS)
     # the CLI's short table: (metric, base, tuned, delta with CI, verdict), fine-tuned models only
     verdicts = report.verdict_rows(evaluated["summary"])

@@ -164,6 +164,12 @@ def test_train_saves_adapter_and_loss_curve_and_resumes(make_config):
     base = AutoModelForCausalLM.from_pretrained(config.student.model)
     assert isinstance(PeftModel.from_pretrained(base, str(run_dir.adapter)), PeftModel)
 
+    # New rows: the old checkpoints belong to another training, so they are set aside, not resumed.
+    write_rows(config.output_dir, default_rows(10))
+    fresh = sft.run(longer, run_dir)
+    assert fresh["resumed_from"] is None and fresh["global_step"] == 4
+    assert (run_dir.root / "checkpoints.stale" / "checkpoint-4").is_dir()
+
 
 def test_same_seed_same_loss_curve(make_config):
     from train import sft
@@ -270,3 +276,28 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(make_config):
     evals = json.loads(RunDir(config.output_dir).loss_curve.read_text())["eval"]
     assert len(evals) == facts["global_step"] and min(p["loss"] for p in evals) < evals[-1]["loss"]
     assert facts["best_eval_loss"] == round(min(p["loss"] for p in evals), 5)
+
+
+def test_labelled_positions_loss_equals_trl_loss(make_config):
+    """ragtune's CPU loss path (LM head on trained positions only) gives TRL's loss and gradients."""
+    import torch
+
+    from train import sft
+
+    config = make_config()
+    trainer, _ = sft.build_trainer(config, RunDir(config.output_dir))
+    assert trainer.score_labelled_only
+    items = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator([{"input_ids": x["input_ids"], "labels": x["labels"]} for x in items])
+    trainer.model.train()
+    results = []
+    for labelled_only in (True, False):
+        trainer.score_labelled_only = labelled_only
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        results.append((loss.item(), grads))
+    (ours, our_grads), (trl, trl_grads) = results
+    assert ours == pytest.approx(trl, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(our_grads, trl_grads))
