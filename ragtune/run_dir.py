@@ -185,7 +185,8 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
+        # One tmp name per process: two launcher ranks saving at once must not rename each other's file.
+        tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
         os.replace(tmp, self.path)
 

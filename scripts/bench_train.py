@@ -83,7 +83,8 @@ def matmul_peak() -> dict[str, float]:
 def train_flops_per_token(model: Any, avg_len: float) -> float:
     """Model FLOPs per trained token for LoRA (frozen base): forward 2P + input-gradient backward 2P over
     every Linear (LM head included), plus causal attention (forward 2*L*d per layer, backward twice that).
-    Recomputation from activation checkpointing is not counted (MFU convention)."""
+    Counted for every position and without activation-checkpointing recomputation (the usual MFU convention),
+    so work a configuration skips (LM head on untrained positions) shows up as higher MFU."""
     import torch
 
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -137,7 +138,7 @@ def build_ragtune(model_dir: Path, rows: list[dict[str, Any]], out: Path, overri
                   "disable_tqdm": True},
     }), encoding="utf-8")
     config = load_config(config_path, overrides)
-    trainer, _ = build_trainer(config, run_dir)
+    trainer, _, _ = build_trainer(config, run_dir)
     return trainer
 
 

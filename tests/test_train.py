@@ -224,6 +224,19 @@ def test_qlora_runs_4bit_on_cpu_and_merges_onto_full_precision(make_config):
     assert merged["merged"] is True and merged["dtype"] == "float32"
 
 
+def test_full_fine_tuning_saves_a_complete_model(make_config):
+    from transformers import AutoModelForCausalLM
+
+    from train import merge, sft
+
+    config = make_config(method="full", learning_rate=1e-3)
+    run_dir = RunDir(config.output_dir)
+    assert sft.run(config, run_dir)["global_step"] == 2
+    assert AutoModelForCausalLM.from_pretrained(run_dir.adapter).config.num_hidden_layers == 2
+    result = merge.run(config, run_dir)
+    assert result["merged"] is False and "complete model" in result["reason"]
+
+
 def test_prompt_tuning_trains_and_merge_says_there_is_nothing_to_merge(make_config):
     from train import merge, sft
 
@@ -259,8 +272,9 @@ def test_two_process_cpu_ddp_really_runs_two_ranks(make_config):
     )
     errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
     assert done.returncode == 0, "\n".join(errors[-30:])
+    facts = json.loads(done.stdout[done.stdout.index("{\n"):])  # printed once, by rank 0
     stage = json.loads(RunDir(config.output_dir).manifest.read_text())["stages"]["train"]
-    assert stage["status"] == "done" and stage["world_size"] == 2
+    assert stage["status"] == "done" and stage["world_size"] == 2 and facts["world_size"] == 2
     # 12 rows, 2 per device, 2 ranks: 3 optimizer steps (one process would take 6).
     assert stage["global_step"] == 3
     assert (RunDir(config.output_dir).adapter / "adapter_model.safetensors").exists()
@@ -286,7 +300,7 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     from train import sft
 
     config = make_config()
-    trainer, _ = sft.build_trainer(config, RunDir(config.output_dir))
+    trainer, _, _ = sft.build_trainer(config, RunDir(config.output_dir))
     assert trainer.score_labelled_only
     items = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator([{"input_ids": x["input_ids"], "labels": x["labels"]} for x in items])

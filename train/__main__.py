@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-
-from accelerate import PartialState
 
 from ragtune.config import ConfigError, load_config
 from ragtune.run_dir import Manifest, RunDir
@@ -35,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     run_dir = RunDir(config.output_dir)
-    state = PartialState()
+    # The launcher's global rank (torchrun/accelerate set RANK). accelerate's PartialState cannot tell before the
+    # Trainer joins the gloo group on CPU: there every rank would call itself main and race on the manifest.
+    is_main = os.environ.get("RANK", "0") == "0"
     try:
-        if args.check or not state.is_main_process:
+        if args.check or not is_main:
             facts = sft.run(config, run_dir, check_only=args.check)
         else:
             manifest = Manifest(run_dir)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except (sft.TrainDataError, sft.LabelCheckError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if state.is_main_process:
+    if is_main:
         print(json.dumps(facts, indent=2, default=str))
     return 0
 

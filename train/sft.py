@@ -73,16 +73,16 @@ def to_prompt_completion(row: dict[str, Any], source: str) -> dict[str, Any]:
     """`messages` -> `prompt` (all turns before the last) + `completion` ([last assistant turn]); `meta` dropped."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise TrainDataError(f"{source}: expected a `messages` list of chat turns (role/content), got {type(messages).__name__}.")
+        raise TrainDataError(f"{source}: expected `messages`, a list of chat turns; got {type(messages).__name__}.")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in (
-            "system", "user", "assistant"
-        ):
-            raise TrainDataError(f"{source}: messages[{i}] must be {{'role': system|user|assistant, 'content': str}}, got {message!r:.120}.")
+        if not (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")
+                and isinstance(message.get("content"), str)):
+            raise TrainDataError(
+                f"{source}: messages[{i}] must be {{'role': system|user|assistant, 'content': str}}; got {message!r:.120}.")
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
-        raise TrainDataError(f"{source}: the last message must be the assistant's answer after at least one prompt turn.")
-    strip = lambda m: {"role": m["role"], "content": m["content"]}  # noqa: E731
-    return {"prompt": [strip(m) for m in messages[:-1]], "completion": [strip(messages[-1])], "source": source}
+        raise TrainDataError(f"{source}: the last message must be the assistant's answer, after at least one prompt turn.")
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return {"prompt": turns[:-1], "completion": turns[-1:], "source": source}
 
 
 def split_rows(rows: list[dict[str, Any]], validation_split: float, validation_file: Path | None, seed: int
@@ -103,8 +103,6 @@ def split_rows(rows: list[dict[str, Any]], validation_split: float, validation_f
 
 
 def has_accelerator() -> bool:
-    import torch
-
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
@@ -112,7 +110,6 @@ def bnb_4bit_works() -> str | None:
     """None when bitsandbytes can quantize and run a 4-bit NF4 matmul on this machine, else the reason."""
     try:
         import bitsandbytes as bnb
-        import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         weight = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
@@ -197,7 +194,7 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool) -> Any:
     if not has_accelerator():
         # Without `use_cpu`, TrainingArguments rejects bf16 on CPU and multi-process CPU runs stay single-process.
         kwargs.setdefault("use_cpu", True)
-        # bf16 autocast measured slower than fp32 on this kind of CPU (no AMX); see scripts/bench_train.py.
+        # bf16 autocast ran 0.61x the tokens/s of fp32 on a CPU without AMX (scripts/bench_train.py --also train.bf16=true).
         if "bf16" not in given:
             kwargs["bf16"] = False
     if not has_eval:
@@ -224,33 +221,32 @@ def latest_checkpoint(folder: Path) -> str | None:
     """The newest `checkpoint-N` that was written completely (a killed save lacks trainer_state.json)."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+    steps = {int(p.name.split("-")[-1]): p for p in folder.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()}
+    return str(steps[max(steps)]) if steps else None
 
 
-def resume_point(config: Any, run_dir: RunDir, method: str) -> str | None:
+def resume_point(config: Any, run_dir: RunDir, method: str, accelerator: Any) -> str | None:
     """The checkpoint to continue from: the latest complete one, if made from the same rows, student and adapter.
 
     Hyperparameters such as `num_train_epochs`/`max_steps` may change between runs (that is how a run is
     extended). Checkpoints of other data or another adapter would silently mix two trainings: they are
     moved to `checkpoints.stale/` and training starts over.
     """
-    from accelerate import PartialState
-
     key = {"train_jsonl": sha256_file(run_dir.train_jsonl), "student": config.student.model, "method": method,
            "peft": config.train.peft_kwargs(), "validation": [config.train.validation_split, config.train.validation_file]}
     marker = run_dir.checkpoints / "ragtune_resume_key.json"
-    with PartialState().main_process_first():
+    with accelerator.main_process_first():
         latest = latest_checkpoint(run_dir.checkpoints)
         if latest and marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == key:
             return latest
-        if latest and PartialState().is_main_process:
+        if latest and accelerator.is_main_process:
             stale = run_dir.checkpoints.with_name("checkpoints.stale")
             shutil.rmtree(stale, ignore_errors=True)
             run_dir.checkpoints.rename(stale)
             log.warning("checkpoints in %s were made from other rows/student/adapter settings; moved to %s, "
                         "training starts over", run_dir.checkpoints, stale)
-        if PartialState().is_main_process:
+        if accelerator.is_main_process:
             run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
     return None
@@ -309,8 +305,10 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
-            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["position_ids"].size(1))
-            self._total_train_tokens += gather(seen.to(logits.device)).sum().item()
+            # Non-padding tokens; padding-free batches carry position_ids instead of an attention mask.
+            mask = inputs.get("attention_mask")
+            seen = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1), device=logits.device)
+            self._total_train_tokens += gather(seen).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
 
@@ -378,17 +376,19 @@ def check_labels(trainer: Any, rows: dict[str, list[dict[str, Any]]], *, show: b
             if not answer:
                 problems.append(f"{item['source']}: no answer token is trained (empty assistant answer?).")
             elif not stop_ids & set(trained):
-                problems.append(f"{item['source']}: the end-of-turn token {tokenizer.convert_ids_to_tokens(sorted(stop_ids))} "
-                                f"is not trained (answer cut by max_length={trainer.args.max_length}?).")
+                stop_tokens = tokenizer.convert_ids_to_tokens(sorted(stop_ids))
+                problems.append(f"{item['source']}: the end-of-turn token {stop_tokens} is not trained "
+                                f"(answer cut by max_length={trainer.args.max_length}?).")
             if example is None and answer:
                 example = mark_trained(tokenizer, input_ids, labels)
         # TRL drops rows whose labels are all masked after truncation (the prompt alone fills max_length).
         for row in rows[split]:
             if row["source"] not in seen:
-                problems.append(f"{row['source']}: the prompt fills max_length={trainer.args.max_length}; no token of it "
-                                "is trained (TRL dropped the row).")
+                problems.append(f"{row['source']}: the prompt fills max_length={trainer.args.max_length}; "
+                                "no token of it is trained (TRL dropped the row).")
     if show and example and trainer.is_world_process_zero():
-        print(f"label check: one training row as the model sees it, trained tokens in {CHECK_OPEN}...{CHECK_CLOSE}:\n{example}\n")
+        print(f"label check: one training row as the model sees it, trained tokens in {CHECK_OPEN}...{CHECK_CLOSE}:")
+        print(f"{example}\n")
     if problems:
         listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise LabelCheckError(
@@ -402,8 +402,8 @@ def check_labels(trainer: Any, rows: dict[str, list[dict[str, Any]]], *, show: b
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any]]:
-    """The SFTTrainer for this config, and facts about the choices made (method, rows, warnings)."""
+def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The SFTTrainer for this config, facts about the choices made (method, warnings), and the train/eval rows."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
 
@@ -411,7 +411,8 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any]]:
     validation_file = Path(train.validation_file) if train.validation_file else None
     if validation_file is not None and not validation_file.is_absolute() and config.config_path is not None:
         validation_file = config.config_path.parent / validation_file
-    train_rows, eval_rows = split_rows(load_rows(run_dir.train_jsonl), train.validation_split, validation_file, config.seed)
+    rows = load_rows(run_dir.train_jsonl)
+    train_rows, eval_rows = split_rows(rows, train.validation_split, validation_file, config.seed)
 
     facts: dict[str, Any] = {"requested_method": train.method, "warnings": []}
     method, fallback = resolve_method(train.method)
@@ -435,9 +436,9 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any]]:
         peft_config=peft_config(method, train.peft_kwargs()),
         callbacks=callbacks,
     )
-    facts.update(train_rows=len(train_rows), eval_rows=len(eval_rows), loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
-    facts["rows"] = {"train": train_rows, "eval": eval_rows}
-    return trainer, facts
+    facts.update(train_rows=len(train_rows), eval_rows=len(eval_rows),
+                 loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
+    return trainer, facts, {"train": train_rows, "eval": eval_rows}
 
 
 def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any]:
@@ -446,8 +447,7 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     Writes checkpoints/ (resumable), adapter/ (PEFT adapter or full model, plus tokenizer),
     logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
     """
-    trainer, facts = build_trainer(config, run_dir)
-    rows = facts.pop("rows")
+    trainer, facts, rows = build_trainer(config, run_dir)
     label_check = check_labels(trainer, rows)
     facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
     if check_only:
@@ -455,7 +455,7 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
 
     resume = (config.train.model_extra or {}).get("resume_from_checkpoint")
     if resume is None and config.train.auto_resume:
-        resume = resume_point(config, run_dir, facts["method"])
+        resume = resume_point(config, run_dir, facts["method"], trainer.accelerator)
     if resume:
         log.info("resuming from %s", resume)
     facts["resumed_from"] = resume
@@ -485,11 +485,10 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
 def write_loss_curve(log_history: list[dict[str, Any]], path: Path) -> None:
     """The Trainer's log history (train loss per logging step, eval loss per evaluation) as plain JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    curve = {
-        "train": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]} for e in log_history if "loss" in e],
-        "eval": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e],
-        "log_history": log_history,
-    }
+    def points(key: str) -> list[dict[str, Any]]:
+        return [{"step": e["step"], "epoch": e.get("epoch"), "loss": e[key]} for e in log_history if key in e]
+
+    curve = {"train": points("loss"), "eval": points("eval_loss"), "log_history": log_history}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(curve, indent=1), encoding="utf-8")
     os.replace(tmp, path)
