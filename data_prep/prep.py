@@ -260,7 +260,10 @@ def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int,
             if not batch:
                 continue
             prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in batch]
-            completions = backend.chat(prompts)
+            # A row may stop once it holds num_questions_per_chunk kept questions: parsing keeps questions in
+            # order, so the rest of the text could only add rejects.
+            completions = backend.chat(prompts, stop_when=lambda text: len(
+                parse_questions(text, prep.num_questions_per_chunk)[0]) >= prep.num_questions_per_chunk)
             parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
             verdicts = _answerable(batch, parsed, completions, prep, backend)
             for chunk, completion, (kept, dropped), verdict in zip(batch, completions, parsed, verdicts):

@@ -1,9 +1,10 @@
 """Answers to the held-out questions, from every model, through the one retriever and prompt of training.
 
 The models: the base student, each LoRA adapter on the base, the merged model, and the teacher (whose
-RAG answers are the reference). Retrieval runs once (`eval/retrieval.jsonl`): every model sees exactly
-the same contexts, built into messages by data_prep's `build_rag_messages` / `build_closed_book_messages`.
-Generation is batched and greedy.
+RAG answers are the reference). Retrieval runs once (`eval/retrieval.jsonl`): every student sees exactly
+the same contexts, and so does the teacher, except that the question's source chunk replaces the last
+retrieved one when retrieval missed it. Messages are built by data_prep's `build_rag_messages` /
+`build_closed_book_messages`. Generation is batched and greedy.
 
 Each `eval/answers.<model>.<mode>.jsonl` row carries the fingerprint of what produced it (model weights,
 prompts, questions, index, generation settings); a re-run reuses rows whose fingerprint still matches,
@@ -82,11 +83,13 @@ def load_questions(run_dir: RunDir) -> tuple[list[dict[str, Any]], dict[str, int
 
 
 def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) -> list[ModelSpec]:
-    """base, run_dir/adapter (if trained), each extra adapter, run_dir/merged (if merged), teacher."""
+    """base, run_dir/adapter and/or run_dir/merged (`eval.tuned_models`), each extra adapter, teacher."""
     student = config.student
     specs = [ModelSpec("base", "base", student.model, None, _fingerprint(["base", _model_fingerprint(student.model)]))]
+    tuned = config.eval.tuned_models
+    has_merged = (run_dir.merged / "config.json").exists()
     adapter_dirs: list[Path] = []
-    if (run_dir.adapter / "adapter_config.json").exists():
+    if (run_dir.adapter / "adapter_config.json").exists() and ("adapter" in tuned or not has_merged):
         adapter_dirs.append(run_dir.adapter)
     for raw in [*config.eval.adapters, *adapters]:
         path = Path(raw).expanduser()
@@ -97,13 +100,17 @@ def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) 
             )
         if path.resolve() not in [p.resolve() for p in adapter_dirs]:
             adapter_dirs.append(path)
-    taken = {"base", "merged", REFERENCE_MODEL, "retriever"}
+    taken = {"base", "merged", "full", REFERENCE_MODEL, "retriever"}
     for path in adapter_dirs:
         name = _adapter_name(path, run_dir, taken)
         taken.add(name)
         specs.append(ModelSpec(name, "adapter", student.model, str(path),
                                _fingerprint(["adapter", _model_fingerprint(student.model), _dir_fingerprint(path)])))
-    if (run_dir.merged / "config.json").exists():
+    if (run_dir.adapter / "config.json").exists() and not (run_dir.adapter / "adapter_config.json").exists():
+        # method `full`: adapter/ is the complete fine-tuned model
+        specs.append(ModelSpec("full", "merged", str(run_dir.adapter), None,
+                               _fingerprint(["full", _dir_fingerprint(run_dir.adapter)])))
+    if has_merged and ("merged" in tuned or run_dir.adapter not in adapter_dirs):
         specs.append(ModelSpec("merged", "merged", str(run_dir.merged), None,
                                _fingerprint(["merged", _dir_fingerprint(run_dir.merged)])))
     teacher = config.teacher
@@ -204,8 +211,23 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     prep = config.data_prep
     prompt = [prep.system_prompt, prep.text_qa_template] if mode == "rag" else [prep.closed_book_system_prompt]
     retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
+    oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
     return _fingerprint([spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
-                         sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval})])
+                         sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle])
+
+
+def reference_contexts(question: dict[str, Any], retrieved: dict[str, Any], chunk_text: dict[str, str]
+                       ) -> tuple[list[str], list[str]]:
+    """The teacher's contexts for a reference answer: the retrieved ones, with the question's source chunk
+    (the oracle) in place of the lowest-ranked if retrieval missed it. A reference written from the right
+    passage is what a good answer looks like; from the student's very contexts it would only measure
+    agreement with the teacher (and, when the teacher is the student model, equal the base's answers)."""
+    ids, texts = list(retrieved["context_ids"]), list(retrieved["contexts"])
+    oracle = question["source_chunk_id"]
+    if oracle in ids or oracle not in chunk_text:
+        return ids, texts
+    keep = max(len(ids) - 1, 0)
+    return ids[:keep] + [oracle], texts[:keep] + [chunk_text[oracle]]
 
 
 def generate_answers(
@@ -224,6 +246,10 @@ def generate_answers(
 
     backend: ChatBackend | None = None
     facts: dict[str, Any] = {}
+    references: dict[str, tuple[list[str], list[str]]] = {}
+    if spec.kind == "teacher" and "rag" in modes:
+        chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
+        references = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
     for mode in modes:
         fingerprint = answer_fingerprint(config, run_dir, spec, mode)
         with open_rows(run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
@@ -237,7 +263,10 @@ def generate_answers(
                 batch_size = backend.batch_size if backend is not None else 1
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
-                    contexts = [retrieval[q["id"]]["contexts"] if mode == "rag" else [] for q in batch]
+                    context_ids = [[] if mode != "rag" else references[q["id"]][0] if references
+                                   else retrieval[q["id"]]["context_ids"] for q in batch]
+                    contexts = [[] if mode != "rag" else references[q["id"]][1] if references
+                                else retrieval[q["id"]]["contexts"] for q in batch]
                     conversations = [
                         build_rag_messages(q["question"], ctx, config.data_prep) if mode == "rag"
                         else build_closed_book_messages(q["question"], config.data_prep)
@@ -247,11 +276,11 @@ def generate_answers(
                     assert backend is not None
                     completions = backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
                     mode_facts["seconds"] += time.perf_counter() - started
-                    for question, ctx, completion in zip(batch, contexts, completions):
+                    for question, ids, ctx, completion in zip(batch, context_ids, contexts, completions):
                         text = None if completion.error else (completion.text or "").strip()
                         rows.append({
                             "question_id": question["id"], "question": question["question"], "contexts": ctx,
-                            "context_ids": retrieval[question["id"]]["context_ids"] if mode == "rag" else [],
+                            "context_ids": ids,
                             "answer": final_answer(text, config), "raw_answer": text,
                             "error": completion.error, "model": spec.name, "mode": mode,
                             "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,

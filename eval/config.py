@@ -36,8 +36,12 @@ class EvalConfig(BaseModel):
     # what is answered: `rag` (retrieved contexts, the deployed setting) and `closed_book` (no context)
     modes: list[Literal["rag", "closed_book"]] = Field(default_factory=lambda: ["rag", "closed_book"], min_length=1)
     metrics: list[MetricName] = Field(default_factory=lambda: [*ANSWER_METRICS, *RETRIEVAL_METRICS], min_length=1)
-    # extra adapter folders to score besides run_dir/adapter (the CLI's --adapters adds more)
+    # extra adapter folders to score besides this run's own (the CLI's --adapters adds more)
     adapters: list[str] = Field(default_factory=list)
+    # which forms of this run's fine-tuned student are scored: `adapter` (base + adapter/ through PEFT) and/or
+    # `merged` (merged/, verified by the merge stage to give the same logits). Under greedy decoding they
+    # answer alike, so one halves the tuned side's cost; `adapter` is used when there is no merged model.
+    tuned_models: list[Literal["adapter", "merged"]] = Field(default_factory=lambda: ["adapter", "merged"], min_length=1)
     # student/teacher answer generation (greedy)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -59,7 +63,7 @@ class EvalConfig(BaseModel):
     # |tuned - base| <= tie_tolerance counts as a tie in win/tie/loss
     tie_tolerance: float = Field(0.0, ge=0)
 
-    @field_validator("metrics", "modes")
+    @field_validator("metrics", "modes", "tuned_models")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))

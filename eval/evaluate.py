@@ -278,8 +278,8 @@ def summarize(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], 
     notes = [
         "Every comparison is paired over the questions scored for both models (their intersection); 'excluded' "
         "counts questions left out because a score failed for one or both.",
-        f"Reference answers are the teacher's rag answers (model '{REFERENCE_MODEL}'); reference-based metrics are "
-        "not computed for the teacher itself.",
+        f"Reference answers are the teacher's rag answers (model '{REFERENCE_MODEL}'), written with the question's "
+        "source chunk among the contexts; reference-based metrics are not computed for the teacher itself.",
     ]
     if "closed_book" in ev.modes and "faithfulness" in answer_metrics:
         notes.append("closed_book faithfulness is judged against the contexts retrieved for the question, which the "

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from ragtune.config import LLMRole
 from ragtune.errors import UserFacingError
@@ -49,7 +49,12 @@ class ChatBackend(Protocol):
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
-    ) -> list[Completion]: ...
+        stop_when: Callable[[str], bool] | None = None,
+    ) -> list[Completion]:
+        """One Completion per conversation. `stop_when(text_so_far)` lets a backend end a conversation early
+        once the caller has what it needs; a caller must parse the full text the same way (hf honours it,
+        an endpoint cannot and generates until its own stop)."""
+        ...
 
 
 def make_backend(role: LLMRole) -> ChatBackend:
@@ -111,21 +116,25 @@ class HFChatBackend:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
+        stop_when: Callable[[str], bool] | None = None,
     ) -> list[Completion]:
         results: list[Completion] = []
         for start in range(0, len(conversations), self.batch_size):
             batch = conversations[start : start + self.batch_size]
             try:
                 results.extend(self._generate(batch, max_new_tokens or self.max_new_tokens,
-                                              self.temperature if temperature is None else temperature, json_schema))
+                                              self.temperature if temperature is None else temperature, json_schema,
+                                              stop_when))
             except Exception as err:  # a failed batch is recorded per conversation, never dropped
                 log.warning("generation failed for %d conversations: %s", len(batch), err)
                 results.extend(Completion(None, f"{type(err).__name__}: {err}") for _ in batch)
         return results
 
     def _generate(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
-                  json_schema: dict[str, Any] | None) -> list[Completion]:
+                  json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None = None
+                  ) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -136,6 +145,9 @@ class HFChatBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if json_schema is not None:
             kwargs["logits_processor"] = [self._json_logits_processor(json_schema)]
+        if stop_when is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [StopWhen(self.tokenizer, inputs["input_ids"].shape[1], stop_when)])
         with self._lock, torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
@@ -168,6 +180,20 @@ class HFChatBackend:
             # Compile the schema as given: property order is generation order (a `reason` before its `verdict`).
             self._grammars[key] = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         return LogitsProcessor(self._grammars[key])
+
+
+class StopWhen:
+    """A transformers stopping criterion: a row is finished once its decoded new text satisfies `predicate`
+    (the batch goes on for the other rows; finished rows only get padding)."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, predicate: Callable[[str], bool]):
+        self.tokenizer, self.prompt_len, self.predicate = tokenizer, prompt_len, predicate
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([self.predicate(text) for text in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class OpenAIChatBackend:
@@ -215,6 +241,7 @@ class OpenAIChatBackend:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
+        stop_when: Callable[[str], bool] | None = None,
     ) -> list[Completion]:
         body: dict[str, Any] = {
             "model": self.model_name,

@@ -241,3 +241,21 @@ def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], t
     resumed = read_jsonl(resumed_dir.train_jsonl)
     assert len({r["id"] for r in resumed}) == len(resumed)
     assert sorted(resumed, key=lambda r: r["id"]) == sorted(reference, key=lambda r: r["id"])
+
+
+@pytest.mark.slow
+def test_question_rows_stop_early_with_the_same_kept_questions(prepared: dict[str, Any]) -> None:
+    """Stopping a row once it holds its kept questions saves decode steps and changes no kept question."""
+    from data_prep.prep import question_prompt
+    from ragtune.llm import HFChatBackend
+
+    config, run_dir = prepared["config"], prepared["run_dir"]
+    prep, limit = config.data_prep, config.data_prep.num_questions_per_chunk
+    chunks = read_jsonl(run_dir.chunks)[:8]
+    prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in chunks]
+    teacher = HFChatBackend(config.teacher.model, batch_size=8, max_new_tokens=64)
+    full = teacher.chat(prompts)
+    early = teacher.chat(prompts, stop_when=lambda text: len(parse_questions(text, limit)[0]) >= limit)
+    assert [parse_questions(c.text, limit)[0] for c in early] == [parse_questions(c.text, limit)[0] for c in full]
+    assert sum(c.completion_tokens for c in early) < sum(c.completion_tokens for c in full)
+    assert all(e.completion_tokens <= f.completion_tokens for e, f in zip(early, full))

@@ -153,8 +153,13 @@ def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, A
             for row in rows:
                 assert {"question_id", "question", "contexts", "answer", "error"} <= row.keys()
                 assert row["error"] is None and row["answer"].strip()
-                # the one persisted retriever: every model saw exactly the same contexts
-                assert row["contexts"] == (retrieval[row["question_id"]]["contexts"] if mode == "rag" else [])
+                if mode == "closed_book":
+                    assert row["contexts"] == []
+                elif model != "teacher":  # the one persisted retriever: every student saw the same contexts
+                    assert row["contexts"] == retrieval[row["question_id"]]["contexts"]
+                else:  # the reference is written with the question's source chunk among the contexts
+                    source = next(q["source_chunk_id"] for q in QUESTIONS if q["id"] == row["question_id"])
+                    assert source in row["context_ids"] and len(row["contexts"]) == 2
     assert len(retrieval["q1"]["contexts"]) == 2 and retrieval["q1"]["oracle_in_context"]
     # the adapter really changes the model
     base = [r["answer"] for r in read_jsonl(run.answers("base", "rag"))]
@@ -162,6 +167,30 @@ def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, A
     merged = [r["answer"] for r in read_jsonl(run.answers("merged", "rag"))]
     assert base != tuned
     assert merged == tuned  # greedy: folding the adapter into the weights answers the same
+
+
+def test_reference_contexts_swap_in_a_missed_source_chunk() -> None:
+    from eval.answer import reference_contexts
+
+    chunk_text = dict(CHUNKS)
+    retrieved = {"context_ids": ["c2", "c3"], "contexts": [chunk_text["c2"], chunk_text["c3"]]}
+    missed = {"id": "q", "question": "?", "source_chunk_id": "c4"}
+    assert reference_contexts(missed, retrieved, chunk_text) == (["c2", "c4"], [chunk_text["c2"], chunk_text["c4"]])
+    hit = {**missed, "source_chunk_id": "c3"}
+    assert reference_contexts(hit, retrieved, chunk_text) == (["c2", "c3"], retrieved["contexts"])
+
+
+def test_tuned_models_scores_only_the_merged_model(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    """`eval.tuned_models: [merged]` skips base + adapter/ (the merge stage verified they agree)."""
+    run = RunDir(tmp_path / "merged_only")
+    shutil.copytree(evaluated["run"].root, run.root)
+    config = evaluated["config"].model_copy(update={"output_dir": run.root})
+    config.eval = config.eval.model_copy(update={"tuned_models": ["merged"]})
+    facts = evaluate.run(config, run, [])
+    assert facts["models"] == ["base", "merged", "teacher"]
+    assert "adapter" not in json.loads(run.summary.read_text())["comparisons"]["rag"]
+    shutil.rmtree(run.merged)  # nothing merged (e.g. prompt tuning): the adapter is scored instead
+    assert evaluate.run(config, run, [])["models"] == ["base", "adapter", "teacher"]
 
 
 def test_rag_prompt_is_the_training_prompt(evaluated: dict[str, Any]) -> None:
