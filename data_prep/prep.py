@@ -68,9 +68,9 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     from data_prep.rag import embedding_model
 
     run_dir.data.mkdir(parents=True, exist_ok=True)
-    state = _State(run_dir.prep_state)
+    state = StepState(run_dir.prep_state)
     facts: dict[str, Any] = {"skipped_steps": []}
-    teacher_backend = _Lazy(lambda: teacher or _make_teacher(config))
+    teacher_backend = LazyBackend(lambda: teacher or _make_teacher(config))
     embed_model = embedding_model(config.embedding)
 
     chunks = make_chunks(config, run_dir, state, facts)
@@ -86,7 +86,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
 # --- 1. chunks ------------------------------------------------------------------------------------
 
 
-def make_chunks(config: "RagtuneConfig", run_dir: RunDir, state: "_State", facts: dict[str, Any]) -> list[dict[str, Any]]:
+def make_chunks(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", facts: dict[str, Any]) -> list[dict[str, Any]]:
     """Read, clean and split the documents into data/chunks.jsonl; return the chunk rows."""
     from llama_index.core.node_parser import SentenceSplitter
 
@@ -131,7 +131,7 @@ def _chunk_id(metadata: dict[str, Any], number: int) -> str:
 # --- 2. index -------------------------------------------------------------------------------------
 
 
-def make_index(config: "RagtuneConfig", run_dir: RunDir, state: "_State", chunks: list[dict[str, Any]],
+def make_index(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", chunks: list[dict[str, Any]],
                embed_model: Any, facts: dict[str, Any]) -> "VectorStoreIndex":
     """Embed the chunks into a persisted `VectorStoreIndex` (or reload it when it is up to date)."""
     from llama_index.core.schema import TextNode
@@ -178,8 +178,8 @@ def split_regions(chunks: list[dict[str, Any]], prep: DataPrepConfig, seed: int)
 # --- 4. questions ---------------------------------------------------------------------------------
 
 
-def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: "_State", chunks: list[dict[str, Any]],
-                   split: dict[str, set[str]], teacher: "_Lazy", embed_model: Any, facts: dict[str, Any]) -> None:
+def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", chunks: list[dict[str, Any]],
+                   split: dict[str, set[str]], teacher: "LazyBackend", embed_model: Any, facts: dict[str, Any]) -> None:
     """Generate, parse and filter questions per split; write questions.{train,eval}.jsonl and the rejects."""
     prep = config.data_prep
     fingerprint = _fingerprint(
@@ -245,7 +245,7 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: "_State", ch
 
 
 def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int, prep: DataPrepConfig,
-                        teacher: "_Lazy", raw: JsonlAppender, failures: JsonlAppender) -> None:
+                        teacher: "LazyBackend", raw: JsonlAppender, failures: JsonlAppender) -> None:
     """Ask the teacher for questions, chunk batch by chunk batch, until `need` usable ones exist."""
     def usable() -> int:
         rows = [r for r in raw.rows if r["split"] == split_name]
@@ -448,8 +448,8 @@ def drop_leakage(train: list[dict[str, Any]], eval_questions: list[dict[str, Any
 # --- 5. teacher answers through the RAG pipeline --------------------------------------------------
 
 
-def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: "_State", index: "VectorStoreIndex",
-                 teacher: "_Lazy", facts: dict[str, Any]) -> None:
+def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", index: "VectorStoreIndex",
+                 teacher: "LazyBackend", facts: dict[str, Any]) -> None:
     """Answer every training question through retrieval + the teacher; append rows to data/train.jsonl."""
     prep = config.data_prep
     fingerprint = _fingerprint(
@@ -591,7 +591,7 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _State:
+class StepState:
     """data/prep_state.json: per step, the fingerprint of its inputs, whether it finished, and its facts."""
 
     def __init__(self, path: Path):
@@ -631,7 +631,7 @@ class _State:
         os.replace(tmp, self.path)
 
 
-class _Lazy:
+class LazyBackend:
     """Builds the teacher on first use, so a rerun with nothing left to generate never loads it."""
 
     def __init__(self, factory: Callable[[], "ChatBackend"]):

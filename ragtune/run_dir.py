@@ -99,11 +99,6 @@ class RunDir:
     def loss_curve(self) -> Path:
         return self.logs / "loss_curve.json"
 
-    @property
-    def dense_base(self) -> Path:
-        """A safetensors copy of a GGUF student, for 4-bit (QLoRA) loading."""
-        return self.root / "base_model"
-
     # eval
     @property
     def eval(self) -> Path:

@@ -76,7 +76,7 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from data_prep.prep import _Lazy, _State, make_answers, make_chunks, make_index
+    from data_prep.prep import LazyBackend, StepState, make_answers, make_chunks, make_index
     from data_prep.rag import embedding_model
     from ragtune.artifacts import write_jsonl
     from ragtune.config import load_config
@@ -94,7 +94,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = load_config(config_path)
     run_dir = RunDir(config.output_dir)
     run_dir.data.mkdir(parents=True)
-    state, facts = _State(run_dir.prep_state), {"skipped_steps": []}
+    state, facts = StepState(run_dir.prep_state), {"skipped_steps": []}
     chunks = make_chunks(config, run_dir, state, facts)
     index = make_index(config, run_dir, state, chunks, embedding_model(config.embedding), facts)
     chunk_ids = [c["id"] for c in chunks]
@@ -117,7 +117,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     # ragtune: the stage's teacher step
     started = time.perf_counter()
-    make_answers(config, run_dir, state, index, _Lazy(lambda: teacher), facts)
+    make_answers(config, run_dir, state, index, LazyBackend(lambda: teacher), facts)
     ragtune_seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in run_dir.train_jsonl.read_text(encoding="utf-8").splitlines()]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ragtune's cache (the GGUF -> safetensors copy) per test session, shared with the CLI subprocesses it starts
+os.environ["RAGTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ragtune-cache-")
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -25,13 +28,10 @@ def excerpt_pdf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct from the embedded GGUF, saved once as a plain safetensors folder (fast reloads)."""
-    from train.models import SMOLLM2_ALIAS, load_causal_lm, load_tokenizer
+    """SmolLM2-135M-Instruct from the embedded GGUF, as the plain safetensors folder ragtune converts it to."""
+    from train.models import SMOLLM2_ALIAS, dense_copy, resolve_model
 
-    out = tmp_path_factory.mktemp("smollm2")
-    load_causal_lm(SMOLLM2_ALIAS).save_pretrained(out)
-    load_tokenizer(SMOLLM2_ALIAS).save_pretrained(out)
-    return out
+    return Path(dense_copy(resolve_model(SMOLLM2_ALIAS)).name_or_path)
 
 
 @pytest.fixture(scope="session")

@@ -316,3 +316,30 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     (ours, our_grads), (trl, trl_grads) = results
     assert ours == pytest.approx(trl, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(our_grads, trl_grads))
+
+
+@pytest.mark.slow
+def test_gguf_is_converted_once_and_loads_the_same_model(tmp_path, monkeypatch):
+    """The embedded GGUF loads from a safetensors copy made once: same logits, same tokens, no second conversion."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.models import SMOLLM2_ALIAS, dense_copy, load_causal_lm, load_tokenizer, resolve_model
+
+    monkeypatch.setenv("RAGTUNE_CACHE_DIR", str(tmp_path))
+    ref = resolve_model(SMOLLM2_ALIAS)
+    copy = dense_copy(ref)
+    weights = Path(copy.name_or_path) / "model.safetensors"
+    assert weights.parent.parent == tmp_path / "gguf" and weights.exists()
+    stamp = weights.stat().st_mtime_ns
+    assert dense_copy(ref) == copy and weights.stat().st_mtime_ns == stamp
+
+    text = "Uber's Mobility segment connects consumers with"
+    direct_tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, gguf_file=ref.gguf_file)
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    assert tokenizer(text).input_ids == direct_tokenizer(text).input_ids
+    assert tokenizer.chat_template == direct_tokenizer.chat_template
+    ids = tokenizer(text, return_tensors="pt")
+    direct = AutoModelForCausalLM.from_pretrained(ref.name_or_path, gguf_file=ref.gguf_file)
+    with torch.inference_mode():
+        assert torch.equal(direct(**ids).logits, load_causal_lm(SMOLLM2_ALIAS)(**ids).logits)

@@ -36,7 +36,7 @@ from trl import SFTTrainer
 from ragtune.artifacts import ArtifactError, iter_jsonl
 from ragtune.run_dir import RunDir, sha256_file
 from train.config import peft_config_class
-from train.models import load_causal_lm, load_tokenizer, resolve_model
+from train.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +132,6 @@ def resolve_method(method: str) -> tuple[str, str | None]:
     return "lora", f"method qlora needs a working bitsandbytes 4-bit backend ({problem}); training with lora instead."
 
 
-def dense_base(config: Any, run_dir: RunDir) -> str:
-    """A model reference `from_pretrained` can load in 4 bit: GGUF weights are first saved as safetensors.
-
-    transformers cannot quantize GGUF weights on load, so for a GGUF student (such as the embedded
-    `smollm2-135m-instruct`) the dequantized model is written once under the run directory and reused.
-    """
-    student = config.student
-    if not resolve_model(student.model).gguf_file:
-        return student.model
-    target = run_dir.dense_base
-    if not (target / "config.json").exists():
-        log.info("saving a safetensors copy of GGUF student %s to %s for 4-bit loading", student.model, target)
-        model = load_causal_lm(student.model, dtype="float32", trust_remote_code=student.trust_remote_code)
-        model.save_pretrained(target)
-        load_tokenizer(student.model, trust_remote_code=student.trust_remote_code).save_pretrained(target)
-        del model
-    return str(target)
-
-
 def load_student(config: Any, method: str, run_dir: RunDir, gradient_checkpointing: bool) -> Any:
     """The student, 4-bit NF4 and prepared for k-bit training for `qlora`, else in `student.torch_dtype`."""
     student = config.student
@@ -166,7 +147,7 @@ def load_student(config: Any, method: str, run_dir: RunDir, gradient_checkpointi
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if sharded:
         quantization.setdefault("bnb_4bit_quant_storage", student.torch_dtype)
-    model = load_causal_lm(dense_base(config, run_dir), dtype=student.torch_dtype, quantization=quantization, **common)
+    model = load_causal_lm(student.model, dtype=student.torch_dtype, quantization=quantization, **common)
     if sharded:
         return model
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
