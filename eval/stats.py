@@ -109,14 +109,19 @@ def paired_difference(
         raise ValueError(f"paired scores need the same questions: {len(base)} base vs {len(tuned)} tuned")
     low, high = bootstrap_ci([base, tuned], _delta_statistic, paired=True, n_resamples=n_resamples,
                              confidence_level=confidence_level, seed=seed)
-    wins, ties, losses = win_tie_loss(base, tuned, tie_tolerance)
     n = len(base)
-    base_mean = float(np.mean(base)) if n else None
-    tuned_mean = float(np.mean(tuned)) if len(tuned) else None
+    return _comparison(float(np.mean(base)) if n else None, float(np.mean(tuned)) if n else None, (low, high),
+                       win_tie_loss(base, tuned, tie_tolerance), n, min_n)
+
+
+def _comparison(base: float | None, tuned: float | None, ci: tuple[float | None, float | None],
+                wins_ties_losses: tuple[int, int, int], n: int, min_n: int) -> dict[str, Any]:
+    wins, ties, losses = wins_ties_losses
     return {
-        "n": n, "base": base_mean, "tuned": tuned_mean,
-        "delta": None if base_mean is None else tuned_mean - base_mean,  # type: ignore[operator]
-        "ci_low": low, "ci_high": high, "wins": wins, "ties": ties, "losses": losses, "verdict": verdict(low, high, n, min_n),
+        "n": n, "base": base, "tuned": tuned,
+        "delta": None if base is None or tuned is None else tuned - base,
+        "ci_low": ci[0], "ci_high": ci[1], "wins": wins, "ties": ties, "losses": losses,
+        "verdict": verdict(ci[0], ci[1], n, min_n),
     }
 
 
@@ -143,11 +148,7 @@ def paired_ragas_score(
     tuned = ragas_score(float(np.mean(tuned_faithfulness)), float(np.mean(tuned_relevancy))) if n else None
     per_q_base = [harmonic_mean(f, r) for f, r in zip(base_faithfulness, base_relevancy)]
     per_q_tuned = [harmonic_mean(f, r) for f, r in zip(tuned_faithfulness, tuned_relevancy)]
-    wins, ties, losses = win_tie_loss(per_q_base, per_q_tuned, tie_tolerance)
-    return {
-        "n": n, "base": base, "tuned": tuned, "delta": None if base is None else tuned - base,  # type: ignore[operator]
-        "ci_low": low, "ci_high": high, "wins": wins, "ties": ties, "losses": losses, "verdict": verdict(low, high, n, min_n),
-    }
+    return _comparison(base, tuned, (low, high), win_tie_loss(per_q_base, per_q_tuned, tie_tolerance), n, min_n)
 
 
 def wilson_interval(successes: float, n: int, confidence_level: float = 0.95) -> tuple[float | None, float | None]:
