@@ -51,7 +51,9 @@ def test_run_every_stage_then_skip_then_rerun_only_downstream_of_a_change(tiny_r
     manifest = json.loads(run_dir.manifest.read_text())
     assert {name: stage["status"] for name, stage in manifest["stages"].items()} == dict.fromkeys(
         ["prep", "train", "merge", "eval", "report"], "done")
-    assert all(stage["seconds"] > 0 for stage in manifest["stages"].values())
+    # every stage is timed; the report (no model loaded) can round to 0.0 s
+    assert all(manifest["stages"][name]["seconds"] > 0 for name in ("prep", "train", "merge", "eval"))
+    assert manifest["stages"]["report"]["seconds"] >= 0
     assert manifest["inputs"] and manifest["versions"]["transformers"]
     assert "report:" in first.stdout and "metric" in first.stdout  # the verdict table
 
