@@ -246,10 +246,11 @@ def generate_answers(
 
     backend: ChatBackend | None = None
     facts: dict[str, Any] = {}
-    references: dict[str, tuple[list[str], list[str]]] = {}
+    # rag-mode (context ids, context texts) per question: the retrieved ones; the teacher's include the oracle
+    rag_contexts = {q["id"]: (retrieval[q["id"]]["context_ids"], retrieval[q["id"]]["contexts"]) for q in questions}
     if spec.kind == "teacher" and "rag" in modes:
         chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
-        references = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
+        rag_contexts = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
     for mode in modes:
         fingerprint = answer_fingerprint(config, run_dir, spec, mode)
         with open_rows(run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
@@ -263,10 +264,8 @@ def generate_answers(
                 batch_size = backend.batch_size if backend is not None else 1
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
-                    context_ids = [[] if mode != "rag" else references[q["id"]][0] if references
-                                   else retrieval[q["id"]]["context_ids"] for q in batch]
-                    contexts = [[] if mode != "rag" else references[q["id"]][1] if references
-                                else retrieval[q["id"]]["contexts"] for q in batch]
+                    context_ids = [rag_contexts[q["id"]][0] if mode == "rag" else [] for q in batch]
+                    contexts = [rag_contexts[q["id"]][1] if mode == "rag" else [] for q in batch]
                     conversations = [
                         build_rag_messages(q["question"], ctx, config.data_prep) if mode == "rag"
                         else build_closed_book_messages(q["question"], config.data_prep)
