@@ -15,6 +15,7 @@ the other files still go through; `load_documents` raises only when nothing usab
 from __future__ import annotations
 
 import logging
+import os
 import re
 import unicodedata
 from collections import Counter
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")
 REGION_CHARS = 3000  # a "page" of a format without pages: about one PDF page of text
 EDGE_LINES = 2  # running headers/footers are looked for in this many lines at each end of a page
-CLEANING_VERSION = 1  # bump when cleaning changes, so cached chunks are rebuilt
+CLEANING_VERSION = 2  # bump when cleaning changes, so cached chunks are rebuilt
 
 _PAGE_NUMBER = re.compile(r"^(page\s*)?[-–—]?\s*\d{1,4}\s*[-–—]?(\s*(of|/)\s*\d{1,4})?$", re.IGNORECASE)
 _BULLET = re.compile(r"^[•◦▪●■\-*–]\s|^\(?\d{1,2}[.)]\s|^\(?[a-z][.)]\s")
@@ -54,6 +55,9 @@ def load_documents(paths: list[Path]) -> tuple[list[Document], list[str]]:
         )
     documents: list[Document] = []
     warnings: list[str] = []
+    # `document`: the path below the documents' common folder, so ids and the split do not depend on
+    # where the checkout lives (the same config gives the same chunks, questions and rows anywhere)
+    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths])) if paths else Path()
     for path in paths:
         path = Path(path)
         try:
@@ -63,7 +67,8 @@ def load_documents(paths: list[Path]) -> tuple[list[Document], list[str]]:
             warnings.append(str(err))
             continue
         for page, text in pages:
-            metadata = {"file": path.name, "file_path": str(path), "page": page}
+            metadata = {"file": path.name, "file_path": str(path),
+                        "document": path.resolve().relative_to(root).as_posix(), "page": page}
             documents.append(Document(
                 text=text, metadata=metadata, id_=f"{path}#page={page}",
                 # chunks are embedded and shown to the LLM as plain text, without the metadata header

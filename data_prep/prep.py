@@ -122,9 +122,10 @@ def make_chunks(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", fa
 
 
 def _chunk_id(metadata: dict[str, Any], number: int) -> str:
-    """Readable and stable: `<file stem>-<short path hash>-p<page>-c<n>` (the hash tells apart equal names)."""
+    """Readable and stable: `<file stem>-<short hash>-p<page>-c<n>`; the hash of the document's path below
+    the documents' common folder tells apart equal names and does not change when the folder moves."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(metadata["file"]).stem)
-    path_hash = hashlib.sha1(metadata["file_path"].encode()).hexdigest()[:6]
+    path_hash = hashlib.sha1(metadata["document"].encode()).hexdigest()[:6]
     return f"{stem}-{path_hash}-p{metadata['page']}-c{number}"
 
 
@@ -159,7 +160,7 @@ def make_index(config: "RagtuneConfig", run_dir: RunDir, state: "StepState", chu
 def region_of(chunk: dict[str, Any], split_unit: str) -> str:
     """The page (`file#page=N`) or document a chunk belongs to: the unit the split never cuts through."""
     metadata = chunk["metadata"]
-    return metadata["file_path"] if split_unit == "document" else f"{metadata['file_path']}#page={metadata['page']}"
+    return metadata["document"] if split_unit == "document" else f"{metadata['document']}#page={metadata['page']}"
 
 
 def split_regions(chunks: list[dict[str, Any]], prep: DataPrepConfig, seed: int) -> dict[str, set[str]]:

@@ -63,8 +63,9 @@ def test_lexical_overlap() -> None:
 
 
 def _chunks(pages: int, per_page: int = 2, file: str = "/docs/a.pdf") -> list[dict[str, Any]]:
-    return [{"id": f"{Path(file).stem}-p{p}-c{c}", "text": f"text {p} {c}", "metadata": {"file": Path(file).name,
-             "file_path": file, "page": p}} for p in range(1, pages + 1) for c in range(per_page)]
+    return [{"id": f"{Path(file).stem}-p{p}-c{c}", "text": f"text {p} {c}", "metadata": {
+        "file": Path(file).name, "file_path": file, "document": Path(file).name, "page": p}}
+        for p in range(1, pages + 1) for c in range(per_page)]
 
 
 def test_split_is_by_region_seeded_and_disjoint() -> None:
@@ -75,7 +76,7 @@ def test_split_is_by_region_seeded_and_disjoint() -> None:
     assert split == split_regions(chunks, prep, seed=1)
     assert split != split_regions(chunks, prep, seed=2)
     by_document = split_regions(_chunks(3) + _chunks(2, file="/docs/b.pdf"), DataPrepConfig(split_unit="document"), seed=0)
-    assert sorted(by_document["train"] | by_document["eval"]) == ["/docs/a.pdf", "/docs/b.pdf"]
+    assert sorted(by_document["train"] | by_document["eval"]) == ["a.pdf", "b.pdf"]
     with pytest.raises(PrepError, match="only 1 document"):
         split_regions(_chunks(3), DataPrepConfig(split_unit="document"), seed=0)
 

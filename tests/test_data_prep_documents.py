@@ -141,3 +141,19 @@ def test_markdown_text_and_html(tmp_path: Path) -> None:
     assert "https://" not in md_pages[0].text and "logo" not in md_pages[0].text
     (html_page,) = [d for d in documents if d.metadata["file"] == "page.html"]
     assert html_page.text == "Freight\n\nFreight connects shippers with carriers.\n\nUpfront pricing\n\nInstant booking"
+
+
+def test_document_names_do_not_depend_on_where_the_folder_lives(tmp_path: Path) -> None:
+    """`document` is the path below the documents' common folder: chunk ids and the split use it, so a
+    moved checkout gives the same ids; equal file names in two subfolders stay apart."""
+    from data_prep.prep import _chunk_id
+
+    ids = []
+    for place in ("checkout_a", "elsewhere/checkout_b"):
+        for sub in ("x", "y"):
+            (tmp_path / place / sub).mkdir(parents=True)
+            (tmp_path / place / sub / "notes.txt").write_text(f"Notes from {sub}: Uber Freight.", encoding="utf-8")
+        documents, _ = load_documents([tmp_path / place / "x" / "notes.txt", tmp_path / place / "y" / "notes.txt"])
+        assert [d.metadata["document"] for d in documents] == ["x/notes.txt", "y/notes.txt"]
+        ids.append([_chunk_id(d.metadata, 0) for d in documents])
+    assert ids[0] == ids[1] and ids[0][0] != ids[0][1]
