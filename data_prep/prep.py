@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from data_prep.config import DataPrepConfig
 from data_prep.rag import build_closed_book_messages, build_rag_messages, retrieve
-from ragtune.artifacts import JsonlAppender, read_jsonl, write_jsonl
+from ragtune.artifacts import JsonlAppender, read_jsonl, write_json, write_jsonl
 from ragtune.errors import UserFacingError
 from ragtune.run_dir import RunDir, sha256_file
 
@@ -627,9 +626,7 @@ class StepState:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.steps, indent=2), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.steps)
 
 
 class LazyBackend:

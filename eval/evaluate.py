@@ -35,7 +35,7 @@ from eval.score import (
 )
 from eval.report import load_scores
 from eval.stats import mean_with_ci, paired_difference, paired_ragas_score, ragas_score
-from ragtune.artifacts import read_jsonl
+from ragtune.artifacts import read_jsonl, write_json
 from ragtune.run_dir import RunDir
 
 if TYPE_CHECKING:
@@ -372,10 +372,4 @@ def _timing_breakdown(timings: dict[str, Any], n_questions: int) -> dict[str, An
 
 
 def write_summary(run_dir: RunDir, summary: dict[str, Any]) -> None:
-    import json
-    import os
-
-    run_dir.summary.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir.summary.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, run_dir.summary)
+    write_json(run_dir.summary, summary, default=str)

@@ -56,6 +56,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str | Path, data: Any, *, indent: int = 2, default: Any = None) -> None:
+    """Write one JSON document atomically. The tmp name is per process: two launcher ranks saving the same
+    file at once must not rename each other's tmp file away."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class JsonlAppender:
     """Append rows to a JSONL file as they are produced, for resumable stages.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+
+from ragtune.artifacts import write_json
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
@@ -179,11 +180,7 @@ class Manifest:
         self.data.setdefault("stages", {})
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One tmp name per process: two launcher ranks saving at once must not rename each other's file.
-        tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data, default=str)
 
     def record_run(self, resolved_config: dict[str, Any], input_hashes: dict[str, str]) -> None:
         self.data.update(

@@ -37,9 +37,6 @@ class ModelRef:
     name_or_path: str
     gguf_file: str | None = None
 
-    def from_pretrained_kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
 
 def resolve_model(ref: str) -> ModelRef:
     if ref == SMOLLM2_ALIAS:
@@ -124,9 +121,7 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     model_ref = dense_copy(resolve_model(ref), trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_ref.name_or_path, trust_remote_code=trust_remote_code, **model_ref.from_pretrained_kwargs()
-    )
+    tokenizer = AutoTokenizer.from_pretrained(model_ref.name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from ragtune.artifacts import ArtifactError, iter_jsonl
+from ragtune.artifacts import ArtifactError, iter_jsonl, write_json
 from ragtune.run_dir import RunDir, sha256_file
 from train.config import peft_config_class
 from train.models import load_causal_lm, load_tokenizer
@@ -132,7 +132,7 @@ def resolve_method(method: str) -> tuple[str, str | None]:
     return "lora", f"method qlora needs a working bitsandbytes 4-bit backend ({problem}); training with lora instead."
 
 
-def load_student(config: Any, method: str, run_dir: RunDir, gradient_checkpointing: bool) -> Any:
+def load_student(config: Any, method: str, gradient_checkpointing: bool) -> Any:
     """The student, 4-bit NF4 and prepared for k-bit training for `qlora`, else in `student.torch_dtype`."""
     student = config.student
     common = dict(trust_remote_code=student.trust_remote_code, attn_implementation=student.attn_implementation,
@@ -405,7 +405,7 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     args = sft_config(config, run_dir, has_eval=bool(eval_rows))
     # TensorBoard's writer reads its folder from this variable (transformers' TensorBoardCallback).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tensorboard")
-    model = load_student(config, method, run_dir, args.activation_checkpointing)
+    model = load_student(config, method, args.activation_checkpointing)
     tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
     callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
     trainer = LabelledPositionsSFTTrainer(
@@ -465,11 +465,7 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
 
 def write_loss_curve(log_history: list[dict[str, Any]], path: Path) -> None:
     """The Trainer's log history (train loss per logging step, eval loss per evaluation) as plain JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     def points(key: str) -> list[dict[str, Any]]:
         return [{"step": e["step"], "epoch": e.get("epoch"), "loss": e[key]} for e in log_history if key in e]
 
-    curve = {"train": points("loss"), "eval": points("eval_loss"), "log_history": log_history}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(curve, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, {"train": points("loss"), "eval": points("eval_loss"), "log_history": log_history}, indent=1)
