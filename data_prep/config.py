@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+DOCUMENT_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")  # what data_prep.documents reads
+
 QUESTION_PROMPT = (
     "Context information is below.\n"
     "---------------------\n"
@@ -54,14 +56,30 @@ def _require(template: str, *names: str) -> str:
 
 class RaftConfig(BaseModel):
     """RAFT (Zhang et al. 2024): with probability `oracle_probability` the question's source chunk is among the
-    contexts, otherwise only distractors; distractors are retrieved non-oracle chunks, topped up at random."""
+    `num_contexts` contexts, otherwise only distractors; distractors are retrieved non-oracle chunks, topped up at
+    random. `num_contexts` defaults to `similarity_top_k`, so a training row shows as many contexts as eval does."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     oracle_probability: float = Field(0.8, ge=0, le=1)
-    num_distractors: int = Field(2, ge=1)
+    num_contexts: int | None = Field(None, ge=1)
     chain_of_thought: bool = False
     chain_of_thought_instruction: str = CHAIN_OF_THOUGHT_INSTRUCTION
+
+
+class AnswerGates(BaseModel):
+    """What a teacher answer must pass to become a training row (`ragtune.data_prep.gates`): finished (not cut at
+    max_new_tokens), grounded in the contexts it was shown, no loop, RAFT quotes verbatim, no refusal when the
+    oracle chunk was shown. Every rejected answer goes to data/answers.rejected.jsonl with its reason and text."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    # share of the answer's content words found in its contexts (ragtune.core.grounding)
+    min_grounding: float = Field(0.5, ge=0, le=1)
+    # a truncated answer is asked again once with this budget (None: twice teacher.max_new_tokens)
+    retry_max_new_tokens: int | None = Field(None, ge=1)
+    # the judge role's faithfulness verdict per kept answer (an LLM call each; worth it with a strong judge)
+    llm_faithfulness: bool = False
 
 
 class DataPrepConfig(BaseModel):
@@ -85,11 +103,14 @@ class DataPrepConfig(BaseModel):
     min_lexical_overlap: float = Field(0.5, ge=0, le=1)
     # eval questions more similar than this (cosine of embeddings) to any train question are dropped
     leakage_threshold: float = Field(0.92, gt=0, le=1)
+    # questions of one split more similar than this to an earlier kept one are dropped as near-duplicates
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
     # teacher answers through the RAG pipeline (the same messages eval sends to the student)
     similarity_top_k: int = Field(2, ge=1)
     system_prompt: str = SYSTEM_PROMPT
     text_qa_template: str = TEXT_QA_TEMPLATE
     raft: RaftConfig = RaftConfig()
+    answer_gates: AnswerGates = AnswerGates()
     # also emit (question without context -> the teacher's RAG answer) rows, to bake knowledge in
     closed_book_rows: bool = False
     closed_book_system_prompt: str = CLOSED_BOOK_SYSTEM_PROMPT
@@ -103,6 +124,11 @@ class DataPrepConfig(BaseModel):
     @classmethod
     def _qa_template(cls, value: str) -> str:
         return _require(value, "context_str", "query_str")
+
+    @property
+    def raft_contexts(self) -> int:
+        """Contexts per RAFT training row (the oracle, when drawn, plus distractors)."""
+        return self.raft.num_contexts or self.similarity_top_k
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "DataPrepConfig":

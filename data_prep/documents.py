@@ -23,11 +23,11 @@ from pathlib import Path
 
 from llama_index.core import Document
 
-from ragtune.errors import UserFacingError
+from ragtune.core.errors import UserFacingError
+from ragtune.data_prep.config import DOCUMENT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")
 REGION_CHARS = 3000  # a "page" of a format without pages: about one PDF page of text
 EDGE_LINES = 2  # running headers/footers are looked for in this many lines at each end of a page
 CLEANING_VERSION = 2  # bump when cleaning changes, so cached chunks are rebuilt
@@ -46,11 +46,11 @@ def load_documents(paths: list[Path]) -> tuple[list[Document], list[str]]:
     Raises DocumentError for an unsupported extension (a config mistake: fix `documents:`), or when
     no file produced any text.
     """
-    unsupported = [p for p in paths if Path(p).suffix.lower() not in SUPPORTED_SUFFIXES]
+    unsupported = [p for p in paths if Path(p).suffix.lower() not in DOCUMENT_SUFFIXES]
     if unsupported:
         names = ", ".join(str(p) for p in unsupported)
         raise DocumentError(
-            f"{names}: unsupported file type. ragtune reads {', '.join(SUPPORTED_SUFFIXES)}; "
+            f"{names}: unsupported file type. ragtune reads {', '.join(DOCUMENT_SUFFIXES)}; "
             "convert the file or remove it from `documents:` in the config."
         )
     documents: list[Document] = []

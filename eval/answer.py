@@ -8,17 +8,14 @@ retrieved one when retrieval missed it. Messages are built by data_prep's `build
 
 Each `eval/answers.<model>.<mode>.jsonl` row carries the fingerprint of what produced it (model weights,
 prompts, questions, index, generation settings); a re-run reuses rows whose fingerprint still matches,
-so adding an adapter only generates that adapter's answers. Stale files are moved to `eval/stale/`.
+so adding an adapter only generates that adapter's answers. Stale files are retired to `stale/`.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ragtune.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
-from ragtune.errors import UserFacingError
-from ragtune.run_dir import RunDir, sha256_file
+from ragtune.core.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
+from ragtune.core.errors import UserFacingError
+from ragtune.core.grounding import final_answer
+from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
     from ragtune.config import RagtuneConfig
-    from ragtune.llm import ChatBackend
+    from ragtune.core.llm import ChatBackend
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def load_questions(run_dir: RunDir) -> tuple[list[dict[str, Any]], dict[str, int
 def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) -> list[ModelSpec]:
     """base, run_dir/adapter and/or run_dir/merged (`eval.tuned_models`), each extra adapter, teacher."""
     student = config.student
-    specs = [ModelSpec("base", "base", student.model, None, _fingerprint(["base", _model_fingerprint(student.model)]))]
+    specs = [ModelSpec("base", "base", student.model, None, short_hash("base", _model_fingerprint(student.model)))]
     tuned = config.eval.tuned_models
     has_merged = (run_dir.merged / "config.json").exists()
     adapter_dirs: list[Path] = []
@@ -105,18 +103,18 @@ def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) 
         name = _adapter_name(path, run_dir, taken)
         taken.add(name)
         specs.append(ModelSpec(name, "adapter", student.model, str(path),
-                               _fingerprint(["adapter", _model_fingerprint(student.model), _dir_fingerprint(path)])))
+                               short_hash("adapter", _model_fingerprint(student.model), _dir_fingerprint(path))))
     if (run_dir.adapter / "config.json").exists() and not (run_dir.adapter / "adapter_config.json").exists():
         # method `full`: adapter/ is the complete fine-tuned model
         specs.append(ModelSpec("full", "merged", str(run_dir.adapter), None,
-                               _fingerprint(["full", _dir_fingerprint(run_dir.adapter)])))
+                               short_hash("full", _dir_fingerprint(run_dir.adapter))))
     if has_merged and ("merged" in tuned or run_dir.adapter not in adapter_dirs):
         specs.append(ModelSpec("merged", "merged", str(run_dir.merged), None,
-                               _fingerprint(["merged", _dir_fingerprint(run_dir.merged)])))
+                               short_hash("merged", _dir_fingerprint(run_dir.merged))))
     teacher = config.teacher
     teacher_id = [teacher.backend, teacher.model, teacher.base_url] if teacher.backend == "openai" else \
         [teacher.backend, _model_fingerprint(teacher.model)]
-    specs.append(ModelSpec(REFERENCE_MODEL, "teacher", teacher.model, None, _fingerprint(["teacher", teacher_id])))
+    specs.append(ModelSpec(REFERENCE_MODEL, "teacher", teacher.model, None, short_hash("teacher", teacher_id)))
     return specs
 
 
@@ -132,7 +130,7 @@ def _adapter_name(path: Path, run_dir: RunDir, taken: set[str]) -> str:
 
 
 def _model_fingerprint(ref: str) -> Any:
-    from train.models import resolve_model
+    from ragtune.core.models import resolve_model
 
     resolved = resolve_model(ref)
     path = Path(resolved.name_or_path)
@@ -150,26 +148,19 @@ def _file_fingerprint(path: Path) -> str:
     return sha256_file(path) if stat.st_size <= SMALL_FILE else f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _fingerprint(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # --- resumable rows keyed by fingerprint --------------------------------------------------------
 
 
-def open_rows(path: Path, key: str, fingerprint: str, *, retry_errors: bool = False) -> JsonlAppender:
+def open_rows(run_dir: RunDir, path: Path, key: str, fingerprint: str, *, retry_errors: bool = False) -> JsonlAppender:
     """A `JsonlAppender` holding only rows made under `fingerprint`.
 
-    A file written under another fingerprint (other weights, prompts, judge) is moved to `eval/stale/`,
-    never deleted; with `retry_errors`, rows that recorded a backend error are dropped so they are retried.
+    A file written under another fingerprint (other weights, prompts, judge) is retired to `stale/` (never
+    deleted, never reused); with `retry_errors`, rows that recorded a backend error are dropped so they are retried.
     """
     if path.exists():
         rows = read_jsonl(path, tolerate_torn_tail=True)
         if any(row.get("fingerprint") != fingerprint for row in rows):
-            stale = path.parent / "stale" / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
-            stale.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), stale)
-            log.info("%s was made by another model/settings; moved to %s", path.name, stale)
+            run_dir.retire([path])
         elif retry_errors and any(row.get("error") for row in rows):
             write_jsonl(path, [row for row in rows if not row.get("error")])
     return JsonlAppender(path, key=key)
@@ -180,17 +171,16 @@ def open_rows(path: Path, key: str, fingerprint: str, *, retry_errors: bool = Fa
 
 def retrieve_contexts(config: "RagtuneConfig", run_dir: RunDir, questions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Top-`similarity_top_k` chunks per question from prep's persisted index, once for every model."""
-    from data_prep.rag import load_index, retrieve
+    from ragtune.core.rag import load_index, retrieve
 
     prep = config.data_prep
-    fingerprint = _fingerprint([
-        [p.name, _file_fingerprint(p)] for p in sorted(run_dir.index.glob("*.json"))
-    ] + [prep.similarity_top_k, config.embedding.model, sha256_file(run_dir.questions_eval)])
-    with open_rows(run_dir.retrieval, "question_id", fingerprint) as rows:
+    fingerprint = short_hash(*[[p.name, _file_fingerprint(p)] for p in sorted(run_dir.index.glob("*.json"))],
+                             prep.similarity_top_k, config.embedding.model, sha256_file(run_dir.questions_eval))
+    with open_rows(run_dir, run_dir.retrieval, "question_id", fingerprint) as rows:
         todo = [q for q in questions if q["id"] not in rows.done_keys]
         if todo:
             started = time.perf_counter()
-            index = load_index(config, run_dir)
+            index = load_index(config.embedding, run_dir.index)
             hits = retrieve(index, [q["question"] for q in todo], prep.similarity_top_k)
             for question, found in zip(todo, hits):
                 rows.append({
@@ -212,8 +202,8 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     prompt = [prep.system_prompt, prep.text_qa_template] if mode == "rag" else [prep.closed_book_system_prompt]
     retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
-    return _fingerprint([spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
-                         sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle])
+    return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
+                      sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle)
 
 
 def reference_contexts(question: dict[str, Any], retrieved: dict[str, Any], chunk_text: dict[str, str]
@@ -242,7 +232,7 @@ def generate_answers(
 
     Returns timing facts per mode: seconds generating, answers generated, tokens, and errors recorded.
     """
-    from data_prep.rag import build_closed_book_messages, build_rag_messages
+    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
 
     backend: ChatBackend | None = None
     facts: dict[str, Any] = {}
@@ -253,7 +243,7 @@ def generate_answers(
         rag_contexts = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
     for mode in modes:
         fingerprint = answer_fingerprint(config, run_dir, spec, mode)
-        with open_rows(run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
+        with open_rows(run_dir, run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
             todo = [q for q in questions if q["id"] not in rows.done_keys]
             mode_facts = {"generated": 0, "reused": len(questions) - len(todo), "seconds": 0.0, "completion_tokens": 0}
             if todo and backend is None:
@@ -280,7 +270,7 @@ def generate_answers(
                         rows.append({
                             "question_id": question["id"], "question": question["question"], "contexts": ctx,
                             "context_ids": ids,
-                            "answer": final_answer(text, config), "raw_answer": text,
+                            "answer": user_answer(text, config), "raw_answer": text,
                             "error": completion.error, "model": spec.name, "mode": mode,
                             "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
                             "fingerprint": fingerprint,
@@ -298,16 +288,16 @@ def generate_answers(
     return facts
 
 
-def final_answer(text: str | None, config: "RagtuneConfig") -> str | None:
+def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:
     """What the user is given: with RAFT chain-of-thought training, the text after the last `<ANSWER>:`."""
-    if text is None or not config.data_prep.raft.chain_of_thought or "<ANSWER>:" not in text:
+    if text is None or not config.data_prep.raft.chain_of_thought:
         return text
-    return text.rsplit("<ANSWER>:", 1)[-1].strip()
+    return final_answer(text)
 
 
 def load_backend(config: "RagtuneConfig", spec: ModelSpec) -> "ChatBackend":
     """The teacher's configured backend, or the student (base, adapter-on-base, merged) in-process."""
-    from ragtune.llm import HFChatBackend, make_backend
+    from ragtune.core.llm import HFChatBackend, make_backend
 
     if spec.kind == "teacher":
         return make_backend(config.teacher)

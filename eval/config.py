@@ -1,7 +1,8 @@
 """The `eval:` section of a ragtune config (keys owned by the eval stage).
 
-Metric names are Ragas's own (`Faithfulness().name == "faithfulness"`, ...); the statistics keys are
-`scipy.stats.bootstrap`'s argument names (`n_resamples`, `confidence_level`).
+Metric names are Ragas's own (`Faithfulness().name == "faithfulness"`, ...), except `grounding`, ragtune's
+non-LLM support score (`ragtune.core.grounding`, the same one prep's answer gate uses); the statistics keys
+are `scipy.stats.bootstrap`'s argument names (`n_resamples`, `confidence_level`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ANSWER_METRICS = (
     "answer_correctness",  # LLM judge + embeddings: vs the teacher's (reference) answer
     "semantic_similarity",  # embeddings: vs the teacher's answer
     "bleu_score", "chrf_score", "rouge_score", "non_llm_string_similarity",  # n-gram / edit distance vs the teacher
+    "grounding",  # ragtune's own, no LLM: share of the answer's content words found in the documents' contexts
 )
 # Scored once per question: the retriever is the same for every model.
 RETRIEVAL_METRICS = (
@@ -25,7 +27,7 @@ RETRIEVAL_METRICS = (
 )
 MetricName = Literal[
     "faithfulness", "answer_relevancy", "answer_correctness", "semantic_similarity", "bleu_score", "chrf_score",
-    "rouge_score", "non_llm_string_similarity", "context_precision", "context_recall",
+    "rouge_score", "non_llm_string_similarity", "grounding", "context_precision", "context_recall",
     "non_llm_context_precision_with_reference", "non_llm_context_recall",
 ]
 

@@ -29,7 +29,7 @@ os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")  # ragtune runs offline: no 
 
 from ragas.llms.base import InstructorBaseRagasLLM  # noqa: E402
 
-from ragtune.llm import BackendUnavailable, ChatBackend
+from ragtune.core.llm import BackendUnavailable, ChatBackend
 
 log = logging.getLogger(__name__)
 

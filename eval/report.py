@@ -1,9 +1,10 @@
 """`ragtune report RUN_DIR [RUN_DIR ...]`: the evaluation as report.html, report.md and a per-question CSV.
 
-Works offline from saved files only (eval/summary.json, answers and scores JSONL): no model is loaded,
-so several runs (seeds, adapters, configs) can be compared anywhere. The HTML is self-contained:
-plots are inline SVG (per-metric bars with confidence intervals, per-question paired dots), no
-external scripts, fonts or images.
+Works offline from saved files only (eval/summary.json, answers and scores JSONL; prep's data/stats.json,
+train's logs/data_stats.json and logs/loss_curve.json when they exist): no model is loaded, so several runs
+(seeds, adapters, configs) can be compared anywhere. The HTML is self-contained: plots are inline SVG
+(per-metric bars with confidence intervals, per-question paired dots, the loss curve), no external
+scripts, fonts or images.
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from eval.stats import spread
-from ragtune.artifacts import read_jsonl
-from ragtune.errors import UserFacingError
-from ragtune.run_dir import RunDir
+from ragtune.eval.score import load_scores
+from ragtune.eval.stats import spread
+from ragtune.core.artifacts import read_jsonl
+from ragtune.core.errors import UserFacingError
+from ragtune.core.run_dir import RunDir
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
-VERDICT_COLUMNS = ("mode", "model", "metric", "n", "base", "tuned", "delta (95% CI)", "verdict")
+VERDICT_COLUMNS = ("mode", "model", "metric", "n", "base", "tuned", "delta (95% CI)", "verdict", "teacher", "gap closed")
+GAP_NOTE = ("Gap closed = (tuned − base) / (teacher − base) on the questions scored for all three; '–' where the "
+            "teacher is not scored (reference-based metrics: the teacher wrote the references) or barely differs "
+            "from the base.")
+# Held-out questions shown with every model's rag answer side by side: enough to see what changed, few enough to read.
+SIDE_BY_SIDE = 6
 
 
 class ReportError(UserFacingError):
@@ -43,9 +51,10 @@ def run(run_dirs: list[Path], out: Path | None = None) -> dict[str, Any]:
         html_path, md_path, csv_path = out / "report.html", out / "report.md", out / "per_question.csv"
 
     per_question = {label: per_question_rows(run_dir, summary) for label, (run_dir, summary) in zip(labels, runs)}
+    files = {label: load_run_files(run_dir) for label, (run_dir, _) in zip(labels, runs)}
     write_csv(csv_path, per_question)
-    md_path.write_text(render_markdown(labels, [s for _, s in runs]), encoding="utf-8")
-    html_path.write_text(render_html(labels, [s for _, s in runs], per_question), encoding="utf-8")
+    md_path.write_text(render_markdown(labels, [s for _, s in runs], per_question, files), encoding="utf-8")
+    html_path.write_text(render_html(labels, [s for _, s in runs], per_question, files), encoding="utf-8")
     warnings = [f"{label}: {w}" if len(runs) > 1 else w for label, (_, s) in zip(labels, runs) for w in s["warnings"]]
     return {"report_html": str(html_path), "report_md": str(md_path), "per_question_csv": str(csv_path),
             "runs": len(runs), "warnings": warnings}
@@ -58,6 +67,26 @@ def load_summary(run_dir: RunDir) -> dict[str, Any]:
         return json.loads(run_dir.summary.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ReportError(f"{run_dir.summary}:{err.lineno}: not valid JSON ({err.msg}). Re-run `ragtune eval`.") from None
+
+
+def load_run_files(run_dir: RunDir) -> dict[str, dict[str, Any]]:
+    """prep's data/stats.json (`stats`), train's logs/data_stats.json (`tokens`) and logs/loss_curve.json
+    (`loss`): each {"path", "data"} with data None and a `problem` when the file is missing or unreadable."""
+    files = {"stats": (run_dir.stats, "`ragtune prep` writes it"),
+             "tokens": (run_dir.data_stats, "`ragtune train` writes the token statistics"),
+             "loss": (run_dir.loss_curve, "`ragtune train` writes it")}
+    out: dict[str, dict[str, Any]] = {}
+    for name, (path, writer) in files.items():
+        entry: dict[str, Any] = {"path": str(path.relative_to(run_dir.root)), "data": None, "problem": None}
+        if not path.exists():
+            entry["problem"] = f"{entry['path']} is missing ({writer})"
+        else:
+            try:
+                entry["data"] = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                entry["problem"] = f"{entry['path']}:{err.lineno}: not valid JSON ({err.msg})"
+        out[name] = entry
+    return out
 
 
 def _labels(runs: list[tuple[RunDir, dict[str, Any]]]) -> list[str]:
@@ -84,8 +113,13 @@ def comparison_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
             for metric, c in metrics.items():
                 n = str(c["n"]) + (f" ({c['excluded']} excl.)" if c.get("excluded") else "")
                 rows.append(dict(zip(VERDICT_COLUMNS, (mode, model, metric, n, _fmt(c["base"]), _fmt(c["tuned"]),
-                                                       _delta(c), c["verdict"]))))
+                                                       _delta(c), c["verdict"], _fmt(c.get("teacher")),
+                                                       _gap(c.get("gap_closed"))))))
     return rows
+
+
+def _gap(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
 
 
 def _delta(c: dict[str, Any]) -> str:
@@ -95,17 +129,17 @@ def _delta(c: dict[str, Any]) -> str:
     return text
 
 
-def verdict_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """The short verdict table for the terminal: (metric, base, tuned, delta with 95% CI, verdict) for each
-    fine-tuned model (adapters, merged) vs the base; the metric reads `faithfulness (adapter, rag)`."""
+def verdict_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """The short verdict table for the terminal: (metric, base, tuned, delta with 95% CI, verdict, gap closed)
+    for each fine-tuned model (adapters, merged) vs the base; the metric reads `faithfulness (adapter, rag)`."""
     tuned = {m["name"] for m in summary.get("models", []) if m["kind"] in ("adapter", "merged")}
-    return [(f"{r['metric']} ({r['model']}, {r['mode']})", r["base"], r["tuned"], r["delta (95% CI)"], r["verdict"])
-            for r in comparison_rows(summary) if r["model"] in tuned]
+    return [(f"{r['metric']} ({r['model']}, {r['mode']})", r["base"], r["tuned"], r["delta (95% CI)"], r["verdict"],
+             r["gap closed"]) for r in comparison_rows(summary) if r["model"] in tuned]
 
 
 def verdict_table(summary: dict[str, Any]) -> str:
     """`verdict_rows` as aligned plain text."""
-    return _text_table(("metric", "base", "tuned", "delta (95% CI)", "verdict"),
+    return _text_table(("metric", "base", "tuned", "delta (95% CI)", "verdict", "gap closed"),
                        [list(r) for r in verdict_rows(summary)])
 
 
@@ -154,15 +188,6 @@ def per_question_rows(run_dir: RunDir, summary: dict[str, Any]) -> list[dict[str
     return rows
 
 
-def load_scores(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{question_id: {metric: row}} from a scores file (empty when the file does not exist)."""
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    if path.exists():
-        for row in read_jsonl(path, tolerate_torn_tail=True):
-            table.setdefault(row["question_id"], {})[row["metric"]] = row
-    return table
-
-
 def write_csv(path: Path, per_run: dict[str, list[dict[str, Any]]]) -> None:
     columns: list[str] = ["run"]
     for rows in per_run.values():
@@ -177,6 +202,204 @@ def write_csv(path: Path, per_run: dict[str, list[dict[str, Any]]]) -> None:
             for row in rows:
                 writer.writerow({"run": label, **row})
     tmp.replace(path)
+
+
+# --- data, training, answers side by side -------------------------------------------------------
+
+DATASET_COUNTS = ("documents", "pages", "chunks", "train_regions", "eval_regions", "questions_train", "questions_eval",
+                  "train_rows", "answers_kept", "questions_without_answer")
+REJECTIONS = (("question", "questions_rejected"), ("answer", "answers_rejected"))
+
+
+def _prep_fact(stats: dict[str, Any], key: str) -> Any:
+    """A dataset fact of data/stats.json: under `dataset` (where prep puts its counts) or at the top."""
+    return stats.get("dataset", {}).get(key, stats.get(key))
+
+
+def data_count_rows(stats: dict[str, Any]) -> list[list[Any]]:
+    """(count, value): the training rows kept (and by mode), then prep's dataset counts that exist."""
+    rows: list[list[Any]] = [["training rows kept", stats.get("rows", "–")]]
+    rows += [[f"training rows, {mode}", n] for mode, n in stats.get("rows_by_mode", {}).items()]
+    rows += [[key.replace("_", " "), _prep_fact(stats, key)] for key in DATASET_COUNTS
+             if isinstance(_prep_fact(stats, key), (int, float))]
+    if stats.get("teacher_cost_usd") is not None:
+        rows.append(["teacher cost (USD)", stats["teacher_cost_usd"]])
+    return rows
+
+
+def rejection_rows(stats: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
+    """(what, reason, rejected) for each rejection reason prep counted, and the kinds it did not record."""
+    rows, unrecorded = [], []
+    for what, key in REJECTIONS:
+        counts = _prep_fact(stats, key)
+        if not isinstance(counts, dict):
+            unrecorded.append(f"{what} rejections are not recorded in data/stats.json ({key})")
+            continue
+        rows += [[what, reason, n] for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return rows, unrecorded
+
+
+def token_rows(tokens: dict[str, Any]) -> list[list[Any]]:
+    """(statistic, value) of the train stage's token counts (the student's tokenizer and chat template)."""
+    rows: list[list[Any]] = [["tokens, all rows", tokens.get("tokens_total", "–")]]
+    rows += [[f"tokens per row, {k}", v] for k, v in tokens.get("tokens_per_row", {}).items()]
+    for key, label in (("assistant_tokens_total", "answer tokens, all rows"), ("training_tokens", "training tokens × epochs")):
+        if key in tokens:
+            rows.append([label, tokens[key]])
+    if "rows_over_max_length" in tokens:
+        rows.append([f"rows over max_length ({tokens.get('max_length')}), truncated in training",
+                     tokens["rows_over_max_length"]])
+    return rows
+
+
+def loss_points(curve: dict[str, Any], series: str) -> list[tuple[float, float]]:
+    """(step, loss) of `train` or `eval` in logs/loss_curve.json; train/sft.py stores both under `loss`."""
+    points = [(p.get("step"), p.get("loss", p.get("eval_loss"))) for p in curve.get(series, [])]
+    return [(float(s), float(v)) for s, v in points
+            if isinstance(s, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def loss_lines(curve: dict[str, Any]) -> list[str]:
+    """One line per series: points, steps, first, last and lowest loss (the markdown's stand-in for the plot)."""
+    lines = []
+    for series, label in (("train", "train loss"), ("eval", "eval loss")):
+        points = loss_points(curve, series)
+        if not points:
+            lines.append(f"{label}: no points")
+            continue
+        lowest = min(points, key=lambda p: p[1])
+        lines.append(f"{label}: {len(points)} points, steps {points[0][0]:g}–{points[-1][0]:g}, first {points[0][1]:.4f}, "
+                     f"last {points[-1][1]:.4f}, lowest {lowest[1]:.4f} (step {lowest[0]:g})")
+    return lines
+
+
+def svg_loss(train: list[tuple[float, float]], evals: list[tuple[float, float]]) -> str:
+    """Train loss (line) and eval loss (line with dots) against the optimizer step."""
+    width, height, left, right, top, bottom = 560, 250, 52, 110, 24, 36
+    steps = [s for s, _ in train + evals] or [0.0, 1.0]
+    losses = [v for _, v in train + evals] or [0.0, 1.0]
+    pad = (max(losses) - min(losses)) * 0.05 or 0.05
+    x = _scale(min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1, left, width - right)
+    y = _scale(min(losses) - pad, max(losses) + pad, height - bottom, top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" class="loss-curve" '
+             'data-check="loss-plot">',
+             '<text x="10" y="15" font-size="11" font-weight="600">loss by step</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>']
+    for tick in (min(losses), (min(losses) + max(losses)) / 2, max(losses)):
+        parts.append(f'<text x="{left - 4}" y="{y(tick) + 3:.1f}" text-anchor="end" font-size="9">{tick:.3g}</text>')
+    for tick in sorted({min(steps), round((min(steps) + max(steps)) / 2), max(steps)}):
+        parts.append(f'<text x="{x(tick):.1f}" y="{height - bottom + 13}" text-anchor="middle" font-size="9">{tick:g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="10">step</text>'
+                 f'<text x="12" y="{(top + height - bottom) / 2}" font-size="10" transform="rotate(-90 12 '
+                 f'{(top + height - bottom) / 2})" text-anchor="middle">loss</text>')
+    for i, (name, points) in enumerate((("train loss", train), ("eval loss", evals))):
+        colour = PALETTE[i]
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+        if len(points) > 1:
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.8" '
+                         f'data-series="{name}"/>')
+        if name == "eval loss" or len(points) <= 60:
+            parts += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="{colour}"><title>{name}, step {s:g}: '
+                      f'{v:.4f}</title></circle>' for s, v in points]
+        parts.append(f'<rect x="{width - right + 12}" y="{top + 16 * i}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{width - right + 26}" y="{top + 9 + 16 * i}" font-size="10">{name} ({len(points)})</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def side_by_side_models(summary: dict[str, Any]) -> list[str]:
+    """The base, each fine-tuned model, then the reference (teacher): the columns of the side-by-side table."""
+    tuned = [m["name"] for m in summary.get("models", []) if m["kind"] in ("adapter", "merged")]
+    return [summary["baseline"], *tuned, summary["reference"]]
+
+
+def side_by_side_rows(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first `SIDE_BY_SIDE` held-out questions in rag mode (file order: no picking), each with every
+    model's answer and its grounding score."""
+    chosen = [r for r in rows if r["mode"] == "rag"][:SIDE_BY_SIDE]
+    return [{"question_id": r["question_id"], "question": r["question"],
+             "answers": {m: (r.get(f"{m}.answer"), r.get(f"{m}.grounding")) for m in side_by_side_models(summary)}}
+            for r in chosen]
+
+
+def _answer_md(answer: str | None, grounded: float | None) -> str:
+    text = "–" if answer is None else answer.strip() or "(empty)"
+    return text + ("" if grounded is None else f" (grounding {grounded:.2f})")
+
+
+def data_markdown(files: dict[str, dict[str, Any]]) -> list[str]:
+    """The data and training sections of report.md (what exists; what is missing, said)."""
+    parts = ["### Data", ""]
+    stats, tokens, loss = files["stats"], files["tokens"], files["loss"]
+    if stats["data"] is not None:
+        rejected, unrecorded = rejection_rows(stats["data"])
+        parts += [_md_table(["count", "value"], data_count_rows(stats["data"])), ""]
+        parts += [_md_table(["rejected", "reason", "count"], rejected) if rejected else "_no rejections recorded_", ""]
+        parts += [f"- {line}" for line in unrecorded] + ([""] if unrecorded else [])
+    else:
+        parts += [f"_{stats['problem']}_", ""]
+    parts += ([_md_table(["tokens", "value"], token_rows(tokens["data"])), ""] if tokens["data"] is not None
+              else [f"_{tokens['problem']}_", ""])
+    parts += ["### Training", ""]
+    parts += ([f"- {line}" for line in loss_lines(loss["data"])] + ["- the plot is in report.html", ""]
+              if loss["data"] is not None else [f"_{loss['problem']}_", ""])
+    return parts
+
+
+def side_by_side_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    chosen = side_by_side_rows(summary, rows)
+    models = side_by_side_models(summary)
+    parts = ["### Answers side by side (rag)", ""]
+    if not chosen:
+        return parts + ["_no rag-mode answers_", ""]
+    table = [[r["question"], *[_answer_md(*r["answers"][m]) for m in models]] for r in chosen]
+    return parts + [_md_table(["question", *[f"{m} (reference)" if m == summary["reference"] else m for m in models]],
+                              table), ""]
+
+
+def data_html(files: dict[str, dict[str, Any]]) -> str:
+    """The data and training sections of report.html."""
+    stats, tokens, loss = files["stats"], files["tokens"], files["loss"]
+    body = ["<h3>Data</h3>"]
+    if stats["data"] is not None:
+        rejected, unrecorded = rejection_rows(stats["data"])
+        body.append(f"<p class=muted>From {_e(stats['path'])}: the training rows prep kept, and what it rejected.</p>")
+        body.append(_html_table(["count", "value"], data_count_rows(stats["data"]), check="data-counts"))
+        body.append(_html_table(["rejected", "reason", "count"], rejected, check="data-rejected") if rejected
+                    else "<p>No rejections recorded.</p>")
+        body.append("".join(f"<p class=muted>{_e(line)}</p>" for line in unrecorded))
+    else:
+        body.append(f"<p class=missing>{_e(stats['problem'])}</p>")
+    body.append(_html_table(["tokens", "value"], token_rows(tokens["data"]), check="data-tokens")
+                if tokens["data"] is not None else f"<p class=missing>{_e(tokens['problem'])}</p>")
+    body.append("<h3>Training</h3>")
+    if loss["data"] is not None:
+        body.append(svg_loss(loss_points(loss["data"], "train"), loss_points(loss["data"], "eval")))
+        body.append("<ul class=muted>" + "".join(f"<li>{_e(line)}</li>" for line in loss_lines(loss["data"])) + "</ul>")
+    else:
+        body.append(f"<p class=missing>{_e(loss['problem'])}</p>")
+    return "".join(body)
+
+
+def side_by_side_html(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    chosen = side_by_side_rows(summary, rows)
+    models = side_by_side_models(summary)
+    head = ("<h3>Answers side by side (rag)</h3><p class=muted>The first held-out questions in file order, each "
+            "model's answer to the same contexts and its grounding; the reference is the teacher's answer.</p>")
+    if not chosen:
+        return head + "<p>No rag-mode answers.</p>"
+    header = "".join(f"<th>{_e(m)}{' (reference)' if m == summary['reference'] else ''}</th>" for m in models)
+    out = [f'<table class=answers data-check="side-by-side"><tr><th>question</th>{header}</tr>']
+    for r in chosen:
+        cells = []
+        for m in models:
+            answer, grounded = r["answers"][m]
+            text = "–" if answer is None else answer.strip() or "(empty)"
+            score = "" if grounded is None else f"<div class=muted>grounding {grounded:.2f}</div>"
+            cells.append(f'<td data-model="{_e(m)}">{_e(text)}{score}</td>')
+        out.append(f'<tr data-question="{_e(r["question_id"])}"><td>{_e(r["question"])}</td>{"".join(cells)}</tr>')
+    return head + "".join(out) + "</table>"
 
 
 # --- markdown -----------------------------------------------------------------------------------
@@ -235,7 +458,10 @@ def _timing_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(labels: list[str], summaries: list[dict[str, Any]]) -> str:
+def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
+                    per_question: dict[str, list[dict[str, Any]]] | None = None,
+                    run_files: dict[str, dict[str, dict[str, Any]]] | None = None) -> str:
+    """report.md; the side-by-side answers need `per_question`, the data and training sections `run_files`."""
     parts = ["# ragtune evaluation report", ""]
     for label, summary in zip(labels, summaries):
         parts += [f"## Run `{label}`", "", f"Folder: `{summary['run']['run_dir']}` · "
@@ -247,12 +473,16 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]]) -> str:
                                                for i, w in enumerate(summary["warnings"])] + [""]
         parts += [f"- {note}" for note in summary.get("notes", [])] + [""]
         parts += ["### Verdicts (vs base, paired over questions scored for both)", "",
-                  "A difference is declared only when its 95% CI excludes 0.", ""]
+                  f"A difference is declared only when its 95% CI excludes 0. {GAP_NOTE}", ""]
         rows = comparison_rows(summary)
         parts += [_md_table(VERDICT_COLUMNS, [list(r.values()) for r in rows]) if rows else "_no model to compare_", ""]
+        if per_question is not None:
+            parts += side_by_side_markdown(summary, per_question[label])
         for mode in summary["modes"]:
             header, rows = _results_rows(summary, mode)
             parts += [f"### Mean scores, {mode}", "", _md_table(header, rows), ""]
+        if run_files is not None:
+            parts += data_markdown(run_files[label])
         retrieval = summary["retrieval"]
         parts += ["### Retrieval (same for every model)", "",
                   f"Oracle chunk among the top {retrieval['similarity_top_k']}: {retrieval['oracle_hit_rate']:.0%}", ""]
@@ -296,15 +526,20 @@ table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.9em}th,td{border:1
 th{background:#f3f3f3}.warn{background:#fff0f0;border:2px solid #d62728;padding:.6em 1em;border-radius:6px}
 .warn li.loud{font-weight:700;color:#b00}.better{color:#1a7f37;font-weight:600}.worse{color:#c62828;font-weight:600}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.muted{color:#666;font-size:.9em}svg{background:#fff;border:1px solid #eee}
+.missing{color:#8a5a00;font-style:italic}table.answers td{vertical-align:top;white-space:pre-wrap;max-width:22em}
 """
 
 RENDER_CHECK = """
 window.addEventListener('load', function () {
-  var shapes = document.querySelectorAll('svg rect, svg circle, svg line');
+  var shapes = document.querySelectorAll('svg rect, svg circle, svg line, svg polyline');
   var drawn = 0;
   shapes.forEach(function (s) { var b = s.getBoundingClientRect(); if (b.width > 0 || b.height > 0) drawn++; });
   document.body.setAttribute('data-svg-shapes', String(shapes.length));
   document.body.setAttribute('data-rendered-shapes', String(drawn));
+  document.querySelectorAll('[data-check]').forEach(function (el) {
+    var b = el.getBoundingClientRect();
+    el.setAttribute('data-box', Math.round(b.width) + 'x' + Math.round(b.height));
+  });
 });
 """
 
@@ -313,8 +548,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _html_table(header: list[str] | tuple[str, ...], rows: list[list[Any]], verdict_col: int | None = None) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+def _html_table(header: list[str] | tuple[str, ...], rows: list[list[Any]], verdict_col: int | None = None,
+                check: str | None = None) -> str:
+    """`check` names the table for the render check (its laid-out size lands in `data-box`)."""
+    attrs = f' data-check="{_e(check)}"' if check else ""
+    out = [f"<table{attrs}><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
@@ -383,7 +621,9 @@ def svg_paired(title: str, pairs: list[tuple[str, float, float]], left_label: st
     return "".join(parts)
 
 
-def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question: dict[str, list[dict[str, Any]]]) -> str:
+def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question: dict[str, list[dict[str, Any]]],
+                run_files: dict[str, dict[str, dict[str, Any]]] | None = None) -> str:
+    """report.html; the data and training sections need `run_files` (`load_run_files` per label)."""
     body = ["<h1>ragtune evaluation report</h1>"]
     for label, summary in zip(labels, summaries):
         stats = summary["stats"]
@@ -399,10 +639,13 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
         if summary.get("notes"):
             body.append("<ul class=muted>" + "".join(f"<li>{_e(n)}</li>" for n in summary["notes"]) + "</ul>")
         body.append("<h3>Verdicts vs base</h3><p class=muted>Paired over the questions scored for both models "
-                    "(n; excluded = failed for one or both). A difference is declared only when the 95% CI excludes 0.</p>")
+                    "(n; excluded = failed for one or both). A difference is declared only when the 95% CI excludes 0. "
+                    f"{_e(GAP_NOTE)}</p>")
         rows = comparison_rows(summary)
-        body.append(_html_table(VERDICT_COLUMNS, [list(r.values()) for r in rows], verdict_col=7) if rows
+        body.append(_html_table(VERDICT_COLUMNS, [list(r.values()) for r in rows],
+                                verdict_col=VERDICT_COLUMNS.index("verdict"), check="verdicts") if rows
                     else "<p>No model to compare.</p>")
+        body.append(side_by_side_html(summary, per_question[label]))
         for mode in summary["modes"]:
             models = summary["results"].get(mode, {})
             header, rows = _results_rows(summary, mode)
@@ -415,6 +658,8 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
                     charts.append(svg_bars(metric, bars))
             body.append(f"<div class=charts>{''.join(charts)}</div>")
             body.append(_paired_section(summary, mode, per_question[label]))
+        if run_files is not None:
+            body.append(data_html(run_files[label]))
         retrieval = summary["retrieval"]
         rows = [[m, _fmt(e["mean"]), e["failures"]] for m, e in retrieval.items() if isinstance(e, dict)]
         body.append(f"<h3>Retrieval (same for every model)</h3><p>Oracle chunk among the top "

@@ -6,8 +6,11 @@ one event loop so the judge (`eval.judge.BatchedJudge`) can batch their calls.
 
 Inputs per metric:
 - answer metrics, per model and mode: the question, the model's answer, the contexts (in closed-book
-  mode the contexts retrieved for the question serve as evidence for faithfulness: does the knowledge
-  the model baked in agree with the documents?), and the teacher's RAG answer as reference;
+  mode the contexts retrieved for the question serve as evidence for faithfulness and grounding: does the
+  knowledge the model baked in agree with the documents?), and the teacher's RAG answer as reference;
+- `grounding` is ragtune's own non-LLM metric, `ragtune.core.grounding.grounding` of the final answer (the
+  text after RAFT's `<ANSWER>:`) against the contexts the model was shown (rag) or retrieved for the question
+  (closed_book): the same support score prep gates teacher answers with, so it is scored for the teacher too;
 - retrieval metrics, once per question (`scores.retriever.rag.jsonl`): the retrieved contexts, the
   teacher's RAG answer as reference, and the question's source (oracle) chunk as reference context.
 
@@ -19,25 +22,25 @@ the reason in `error`: nothing is silently dropped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tqdm.auto import tqdm
 
-from eval.config import ANSWER_METRICS, RETRIEVAL_METRICS
-from eval.judge import JudgeError
-from ragtune.artifacts import JsonlAppender
-from ragtune.llm import BackendUnavailable
+from ragtune.eval.config import ANSWER_METRICS, RETRIEVAL_METRICS
+from ragtune.eval.judge import JudgeError
+from ragtune.core.artifacts import JsonlAppender, read_jsonl
+from ragtune.core.grounding import final_answer, grounding
+from ragtune.core.llm import BackendUnavailable
 
 if TYPE_CHECKING:
-    from eval.judge import BatchedJudge
+    from ragtune.eval.judge import BatchedJudge
 
 os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
 
@@ -55,6 +58,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "chrf_score": ("answer", "reference"),
     "rouge_score": ("answer", "reference"),
     "non_llm_string_similarity": ("answer", "reference"),
+    "grounding": ("answer", "contexts"),
     "context_precision": ("contexts", "reference"),
     "context_recall": ("contexts", "reference"),
     "non_llm_context_precision_with_reference": ("contexts", "reference_contexts"),
@@ -135,6 +139,8 @@ def build_metrics(names: list[str], llm: "BatchedJudge | None", embeddings: Any,
             m = ContextRecall(llm=llm)
             calls[name] = lambda s, m=m: m.ascore(user_input=s.question, retrieved_contexts=s.contexts,
                                                   reference=s.reference)
+        elif name == "grounding":
+            calls[name] = score_grounding
         elif name in ("non_llm_context_precision_with_reference", "non_llm_context_recall"):
             m = NonLLMContextPrecisionWithReference() if name.startswith("non_llm_context_precision") else NonLLMContextRecall()
             calls[name] = lambda s, m=m: m.single_turn_ascore(
@@ -142,6 +148,12 @@ def build_metrics(names: list[str], llm: "BatchedJudge | None", embeddings: Any,
         else:
             raise ValueError(f"unknown metric {name}")
     return calls
+
+
+async def score_grounding(sample: Sample) -> float:
+    """The share of the final answer's content words found in the sample's contexts (no LLM, no Ragas)."""
+    assert sample.answer is not None and sample.contexts is not None  # `missing_input` checked both
+    return grounding(final_answer(sample.answer), sample.contexts)
 
 
 def missing_input(metric: str, sample: Sample) -> str | None:
@@ -200,10 +212,6 @@ async def run_jobs(jobs: list[Job], calls: dict[str, MetricCall], concurrency: i
         # LLM jobs first so the judge starts batching at once; the fast non-LLM ones fill the gaps
         ordered = sorted(jobs, key=lambda j: j.metric not in LLM_METRICS)
         await asyncio.gather(*(one(job) for job in ordered))
-
-
-def score_fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def answer_jobs(rows: JsonlAppender, answers: list[dict[str, Any]], metrics: list[str], *, is_reference_model: bool,
@@ -287,7 +295,7 @@ def sanity_jobs(rows: JsonlAppender, questions: list[dict[str, Any]], metrics: l
 
 def discrimination(rows: list[dict[str, Any]], confidence_level: float) -> dict[str, Any]:
     """Per metric: share of pairs where the judge scored the good input above the bad one (ties count ½)."""
-    from eval.stats import wilson_interval
+    from ragtune.eval.stats import wilson_interval
 
     by_metric: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
@@ -329,3 +337,12 @@ def discrimination(rows: list[dict[str, Any]], confidence_level: float) -> dict[
 def reason_key(error: str) -> str:
     """A failure reason without the judge output it quotes, for counting."""
     return error.split(" — output: ")[0].strip()[:160]
+
+
+def load_scores(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{question_id: {metric: row}} from a scores file (empty when the file does not exist)."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    if path.exists():
+        for row in read_jsonl(path, tolerate_torn_tail=True):
+            table.setdefault(row["question_id"], {})[row["metric"]] = row
+    return table

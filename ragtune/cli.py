@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 from ragtune.config import ConfigError, RagtuneConfig, load_config
 from ragtune.pipeline import STAGES, plan, run_pipeline
-from ragtune.run_dir import Manifest, RunDir
+from ragtune.core.lock import RunLock
+from ragtune.core.errors import UserFacingError
+from ragtune.core.run_dir import Manifest, RunDir
 
 log = logging.getLogger("ragtune")
 
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
     p.add_argument("--served-model-name", help="the `model` name clients send (default: the model reference)")
     p.add_argument("--torch-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    from ragtune.serve import MAX_QUEUE, REQUEST_TIMEOUT, STEP_TOKENS
+
+    p.add_argument("--step-tokens", type=int, default=STEP_TOKENS,
+                   help="new tokens per request per scheduling round: a short request waits at most one round")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests queued or running; one more gets 503")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help="seconds a request may take; past it, generation stops and the answer is 504")
     return parser
 
 
@@ -93,27 +102,27 @@ def stage_functions(config: RagtuneConfig, adapters: list[Path] | None = None) -
     run_dir = RunDir(config.output_dir)
 
     def prep() -> dict[str, Any]:
-        from data_prep.prep import run
+        from ragtune.data_prep.prep import run
 
         return run(config, run_dir)
 
     def train() -> dict[str, Any]:
-        from train.sft import run
+        from ragtune.train.sft import run
 
         return run(config, run_dir)
 
     def merge() -> dict[str, Any]:
-        from train.merge import run
+        from ragtune.train.merge import run
 
         return run(config, run_dir)
 
     def evaluate() -> dict[str, Any]:
-        from eval.evaluate import run
+        from ragtune.eval.evaluate import run
 
         return run(config, run_dir, adapters or [])
 
     def report() -> dict[str, Any]:
-        from eval.report import run
+        from ragtune.eval.report import run
 
         return run([run_dir.root], None)
 
@@ -136,95 +145,99 @@ def _run_single(config: RagtuneConfig, name: str, function: Callable[[], dict[st
 def print_verdict(run_dir: RunDir) -> None:
     if not run_dir.summary.exists():
         return
-    from eval.report import verdict_rows
+    from ragtune.eval.report import verdict_table
 
-    rows = verdict_rows(json.loads(run_dir.summary.read_text(encoding="utf-8")))
-    if rows:
-        header = ["metric", "base", "tuned", "Δ (95% CI)", "verdict"]
-        table = [header] + [[str(c) for c in row] for row in rows]
-        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-        for i, row in enumerate(table):
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
+    print(verdict_table(json.loads(run_dir.summary.read_text(encoding="utf-8"))))
     print(f"\nreport: {run_dir.report_html}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """argv → the command's function → the stage. Every error a user can fix is one line and exit code 2."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    command = {"run": _run, "prep": _stage, "train": _stage, "merge": _stage, "eval": _stage, "report": _report,
+               "validate": _validate, "serve": _serve}[args.command]
     try:
-        return _dispatch(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        return command(args)
+    except UserFacingError as err:
+        print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished rows are saved; run the same command again to resume.", file=sys.stderr)
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from ragtune.errors import UserFacingError
-
-    try:
-        return _dispatch_command(args)
-    except ConfigError:
-        raise
-    except UserFacingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-def _dispatch_command(args: argparse.Namespace) -> int:
-    if args.command == "report":
-        from eval.report import run
-
-        run(args.run_dirs, args.out)
-        print_verdict(RunDir(args.out or args.run_dirs[0]))
-        return 0
-    if args.command == "validate":
-        return _validate(args)
-    if args.command == "serve":
-        return _serve(args)
-
+def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = RunDir(config.output_dir)
-    if args.command == "run":
-        if args.dry_run:
-            from ragtune.dry_run import dry_run
+    if args.dry_run:
+        from ragtune.dry_run import dry_run
 
-            return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
+        return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
+    from ragtune.dry_run import preflight
+
+    preflight(config)
+    with RunLock(config.output_dir):  # one ragtune per run folder; a second one fails here, naming this one
         run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config))
-        print_verdict(run_dir)
-        return 0
-    if args.command == "train" and args.check:
-        from train.sft import run
+    print_verdict(run_dir)
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    """`ragtune prep|train|merge|eval CONFIG`: one stage, recorded in the manifest like `ragtune run` does."""
+    config = load_config(args.config, args.overrides)
+    run_dir = RunDir(config.output_dir)
+    name = args.command
+    functions = stage_functions(config, getattr(args, "adapters", None))
+    if name in ("prep", "train"):
+        from ragtune.dry_run import preflight
+
+        preflight(config)
+    if name == "train" and args.check:
+        from ragtune.train.sft import run
 
         run(config, run_dir, check_only=True)
         return 0
-    functions = stage_functions(config, getattr(args, "adapters", None))
-    name = {"prep": "prep", "train": "train", "merge": "merge", "eval": "eval"}[args.command]
-    _run_single(config, name, functions[name])
+    if name == "train" and os.environ.get("RANK", "0") != "0":
+        # Under torchrun/accelerate every rank trains and rank 0 alone records the stage. accelerate's PartialState
+        # cannot tell before the Trainer joins the gloo group on CPU: every rank would call itself main.
+        functions["train"]()
+        return 0
+    with RunLock(config.output_dir):
+        facts = _run_single(config, name, functions[name])
+        if name == "eval":
+            functions["report"]()
+    if name == "train":
+        print(json.dumps(facts, indent=2, default=str))
     if name == "eval":
-        functions["report"]()
         print_verdict(run_dir)
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ragtune.eval.report import run
+
+    run(args.run_dirs, args.out)
+    print_verdict(RunDir(args.out or args.run_dirs[0]))
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
-    from data_prep.validate import validate_chat_jsonl
+    from ragtune.core.chat_rows import validate_chat_jsonl
 
     tokenizer_ref, max_length, epochs, prices = args.tokenizer, args.max_length, 1.0, None
     if args.config:
         config = load_config(args.config)
         tokenizer_ref = tokenizer_ref or config.student.model
-        max_length = max_length or config.train.sft_kwargs().get("max_length", 1024)
-        epochs = float(config.train.sft_kwargs().get("num_train_epochs", 3.0))
+        from ragtune.train.data_stats import sft_setting
+
+        max_length = max_length or sft_setting(config, "max_length")
+        epochs = float(sft_setting(config, "num_train_epochs"))
         if config.teacher.price_per_million_input_tokens is not None:
             prices = (config.teacher.price_per_million_input_tokens, config.teacher.price_per_million_output_tokens or 0.0)
     tokenizer = None
     if tokenizer_ref:
-        from train.models import load_tokenizer
+        from ragtune.core.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_ref)
     stats = validate_chat_jsonl(args.file, tokenizer=tokenizer, max_length=max_length, epochs=epochs, prices=prices)
@@ -233,7 +246,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ragtune.llm import HFChatBackend
+    from ragtune.core.llm import HFChatBackend
     from ragtune.serve import serve
 
     model, adapter = args.model, args.adapter
@@ -251,7 +264,8 @@ def _serve(args: argparse.Namespace) -> int:
     backend = HFChatBackend(model, adapter=adapter, batch_size=args.batch_size, torch_dtype=args.torch_dtype,
                             max_new_tokens=args.max_tokens)
     serve(backend, host=args.host, port=args.port, served_model_name=args.served_model_name or model,
-          batch_size=args.batch_size, default_max_tokens=args.max_tokens)
+          batch_size=args.batch_size, default_max_tokens=args.max_tokens, step_tokens=args.step_tokens,
+          max_queue=args.max_queue, request_timeout=args.request_timeout)
     return 0
 
 

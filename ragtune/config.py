@@ -16,65 +16,16 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from data_prep.config import DataPrepConfig
-from ragtune.errors import UserFacingError
-from eval.config import EvalConfig
-from train.config import TrainConfig, library_key_errors
+from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig
+from ragtune.data_prep.config import DOCUMENT_SUFFIXES, DataPrepConfig
+from ragtune.eval.config import EvalConfig
+from ragtune.train.config import TrainConfig, library_key_errors
 
-DOCUMENT_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")
-
-
-class ConfigError(UserFacingError, ValueError):
-    """A config problem, phrased for the user: where it is and what to do."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class LLMRole(Strict):
-    """A teacher or judge: `hf` runs the model in-process, `openai` calls any OpenAI-compatible endpoint."""
-
-    backend: Literal["hf", "openai"] = "hf"
-    model: str
-    # hf backend
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    batch_size: int = Field(8, ge=1)
-    # openai backend
-    base_url: str | None = None
-    api_key_env: str | None = None
-    max_concurrency: int = Field(8, ge=1)
-    timeout: float = Field(120.0, gt=0)
-    max_retries: int = Field(4, ge=0)
-    structured_output: bool = True
-    # generation
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    # cost estimate (USD per million tokens), optional
-    price_per_million_input_tokens: float | None = None
-    price_per_million_output_tokens: float | None = None
-
-
-class StudentConfig(Strict):
-    """The model being tuned; loading options map to `from_pretrained` arguments."""
-
-    model: str
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-
-
-class EmbeddingConfig(Strict):
-    model: str = "all-minilm-l6-v2"
-    embed_batch_size: int = Field(64, ge=1)
 
 
 class RagtuneConfig(Strict):
@@ -273,6 +224,11 @@ def _resolve_documents(path: Path, documents: list[str], lines: dict[str, tuple[
         for match in matches:
             if match.is_dir():
                 files.extend(sorted(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES))
+            elif match.is_file() and match.suffix.lower() not in DOCUMENT_SUFFIXES:
+                raise ConfigError(
+                    f"{_where(path, f'documents[{i}]', lines)}: {match} is a {match.suffix or 'suffix-less'} file; "
+                    f"ragtune reads {', '.join(DOCUMENT_SUFFIXES)}. Convert it or remove it from `documents:`."
+                )
             elif match.is_file():
                 files.append(match)
         if not files:

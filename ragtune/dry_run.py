@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ragtune.config import LLMRole, RagtuneConfig
+from ragtune.config import ConfigError, LLMRole, RagtuneConfig
 from ragtune.pipeline import PIPELINE
 
 
 def _model_check(role: str, ref: str) -> tuple[str, str]:
     """('ok'|'warn'|'error', message) for a model reference, without loading weights."""
-    from train.models import ModelLoadError, resolve_model
+    from ragtune.core.models import ModelLoadError, resolve_model
 
     try:
         model_ref = resolve_model(ref)
@@ -43,7 +43,7 @@ def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
     import torch
     from trl import SFTConfig
 
-    from train.config import peft_config_class
+    from ragtune.train.config import peft_config_class
 
     checks: list[tuple[str, str]] = []
     kwargs = config.train.sft_kwargs()
@@ -66,6 +66,52 @@ def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
     return checks
 
 
+def writable_check(output_dir: Path) -> tuple[str, str]:
+    """Whether the run folder can be written (created if missing), tried with a real file."""
+    folder = output_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".ragtune-write-test-{os.getpid()}"
+    try:
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        return "error", (f"output_dir: {output_dir} is not writable ({err.strerror} at {folder}). "
+                         "Point `output_dir` at a folder you can write.")
+    return "ok", f"output_dir: {output_dir} is writable"
+
+
+def max_length_check(config: RagtuneConfig) -> tuple[str, str]:
+    """A training row is the system prompt + template + `similarity_top_k` chunks of `chunk_size` tokens + the
+    question + the teacher's answer; a `max_length` below that truncates every answer away."""
+    from ragtune.core.models import load_tokenizer
+    from ragtune.train.data_stats import sft_setting
+
+    prep = config.data_prep
+    level, where = _model_check("student", config.student.model)
+    if level != "ok" or "not in the local HF cache" in where:
+        return "warn", "train.max_length: not checked here: the student's tokenizer is not on this machine"
+    tokenizer = load_tokenizer(config.student.model, config.student.trust_remote_code)
+    frame = prep.system_prompt + prep.text_qa_template.replace("{context_str}", "").replace("{query_str}", "")
+    contexts = prep.raft_contexts if prep.raft.enabled else prep.similarity_top_k
+    question_tokens = 48  # the longest generated questions seen on the sample 10-K run about 40 tokens
+    expected = len(tokenizer(frame)["input_ids"]) + contexts * prep.chunk_size + question_tokens + config.teacher.max_new_tokens
+    max_length = sft_setting(config, "max_length")
+    if max_length is not None and expected > max_length:
+        return "error", (f"train.max_length: {max_length} tokens is below a training row's expected length (~{expected}: "
+                         f"{contexts} chunks of data_prep.chunk_size {prep.chunk_size}, the prompt, the question and "
+                         f"teacher.max_new_tokens {config.teacher.max_new_tokens}). Raise train.max_length or lower "
+                         "data_prep.chunk_size / similarity_top_k.")
+    return "ok", f"train.max_length: {max_length} ≥ ~{expected} tokens expected per training row"
+
+
+def preflight(config: RagtuneConfig) -> None:
+    """The checks a command runs before any work starts: each failure is one ConfigError line."""
+    for level, message in (writable_check(config.output_dir), max_length_check(config)):
+        if level == "error":
+            raise ConfigError(message)
+
+
 def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     """Print every check and the stage plan; exit status 1 when any check is an error."""
     checks: list[tuple[str, str]] = [("ok", f"config: {config.config_path} is valid")]
@@ -75,10 +121,11 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     for role in ("teacher", "judge"):
         llm: LLMRole = getattr(config, role)
         checks.append(_endpoint_check(role, llm) if llm.backend == "openai" else _model_check(role, llm.model))
-    from train.models import resolve_embedding
+    from ragtune.core.models import resolve_embedding
 
     checks.append(("ok", f"embedding: {resolve_embedding(config.embedding.model)}"))
     checks.extend(_training_check(config))
+    checks += [writable_check(config.output_dir), max_length_check(config)]
     for level, message in checks:
         print(f"[{level:5}] {message}")
     print(f"\nplan for {config.output_dir}:")

@@ -2,55 +2,57 @@
 
 Each stage's fingerprint hashes what it consumes: its config sections, the fingerprints of the stages
 it reads from, the input documents (prep) and the source code of the stage package. A stage whose
-recorded fingerprint matches is skipped; a stage whose fingerprint changed discards its own stale
+recorded fingerprint matches is skipped; a stage whose fingerprint changed retires its own stale
 outputs first; a stage that was interrupted with the same fingerprint resumes from its partial files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib.util
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ragtune.config import RagtuneConfig
-from ragtune.run_dir import Manifest, RunDir, sha256_file
+from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("prep", "train", "merge", "eval", "report")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    code: tuple[str, ...]  # packages whose source is part of the fingerprint
+    code: tuple[str, ...]  # packages whose source is part of the fingerprint (every stage runs on the core)
     config_keys: tuple[str, ...]  # config sections the stage consumes
     upstream: tuple[str, ...]
-    outputs: Callable[[RunDir], list[Path]]  # discarded when the fingerprint changes
+    outputs: Callable[[RunDir], list[Path]]  # retired to stale/ when the fingerprint changes
 
 
+# prep retires its own outputs step by step (data/prep_state.json): a changed eval-question count keeps every
+# chunk, the index and the training questions.
 PIPELINE = (
-    Stage("prep", ("data_prep",), ("documents", "embedding", "teacher", "student", "data_prep", "seed"), (),
-          lambda r: [r.data]),
-    Stage("train", ("train",), ("student", "train", "seed"), ("prep",),
-          lambda r: [r.checkpoints, r.adapter, r.logs]),
-    Stage("merge", ("train",), ("student", "train"), ("train",), lambda r: [r.merged]),
-    Stage("eval", ("eval",), ("student", "teacher", "judge", "embedding", "eval", "seed"), ("prep", "train", "merge"),
+    Stage("prep", ("ragtune.data_prep", "ragtune.core"), ("documents", "embedding", "teacher", "data_prep", "seed"), (),
           lambda r: []),
-    Stage("report", ("eval",), ("eval",), ("eval",), lambda r: [r.report_html, r.report_md]),
+    Stage("train", ("ragtune.train", "ragtune.core"), ("student", "train", "seed"), ("prep",),
+          lambda r: [r.checkpoints, r.adapter, r.logs]),
+    Stage("merge", ("ragtune.train", "ragtune.core"), ("student", "train"), ("train",), lambda r: [r.merged]),
+    Stage("eval", ("ragtune.eval", "ragtune.core"), ("student", "teacher", "judge", "embedding", "eval", "seed"), ("prep", "train", "merge"),
+          lambda r: []),
+    Stage("report", ("ragtune.eval", "ragtune.core"), ("eval",), ("eval",), lambda r: [r.report_html, r.report_md]),
 )
 
 
 def code_hash(package: str) -> str:
+    """The package's source, wherever it is installed (a checkout's folder or site-packages)."""
     digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / package).rglob("*.py")):
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+    folder = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -59,24 +61,37 @@ def input_hashes(config: RagtuneConfig) -> dict[str, str]:
     return {str(p): sha256_file(p) for p in config.document_paths}
 
 
+# How a model is reached or paced, never what it writes: changing one must not throw finished work away.
+OPERATIONAL_KEYS = frozenset({
+    "timeout", "max_concurrency", "max_retries", "batch_size", "device_map", "base_url", "api_key_env", "api_version",
+    "embed_batch_size", "price_per_million_input_tokens", "price_per_million_output_tokens", "max_consecutive_failures",
+    "max_model_len",
+})
+
+
+def output_settings(section: Any) -> Any:
+    """A resolved config section without its operational keys (top-level keys of a role or stage section)."""
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in OPERATIONAL_KEYS}
+    return section
+
+
 def fingerprints(config: RagtuneConfig) -> dict[str, dict[str, str]]:
-    """Per stage: the hash of each thing it consumes (so the manifest can say what changed)."""
-    resolved = config.resolved()
+    """Per stage: the hash of each thing it consumes (so the manifest can say what changed). Model ids, prompts,
+    generation settings, documents and chunking count; timeouts, concurrency, batch sizes and device placement
+    do not."""
+    resolved = {key: output_settings(value) for key, value in config.resolved().items()}
     docs = input_hashes(config)
     result: dict[str, dict[str, str]] = {}
     for stage in PIPELINE:
-        parts = {f"config.{key}": _hash(resolved.get(key)) for key in stage.config_keys}
+        parts = {f"config.{key}": short_hash(resolved.get(key)) for key in stage.config_keys}
         parts.update({f"code.{pkg}": code_hash(pkg) for pkg in stage.code})
         if stage.name == "prep":
-            parts["documents"] = _hash(docs)
+            parts["documents"] = short_hash(docs)
         parts.update({f"stage.{up}": result[up]["fingerprint"] for up in stage.upstream})
-        parts["fingerprint"] = _hash(parts)
+        parts["fingerprint"] = short_hash(parts)
         result[stage.name] = parts
     return result
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, only: str | None = None,
@@ -138,11 +153,5 @@ def run_pipeline(
 
 
 def _discard(stage: Stage, run_dir: RunDir, recorded: dict[str, Any], current: dict[str, str]) -> None:
-    """Remove outputs made under another fingerprint, so no stale artifact is reused by a resume."""
-    for path in stage.outputs(run_dir):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    if stage.name == "eval" and recorded.get("inputs", {}).get("stage.prep") != current.get("stage.prep"):
-        shutil.rmtree(run_dir.eval, ignore_errors=True)
+    """Retire outputs made under another fingerprint (to stale/), so no stale artifact is reused by a resume."""
+    run_dir.retire(stage.outputs(run_dir))

@@ -1,74 +1,261 @@
 """`ragtune serve`: an OpenAI-compatible `/v1/chat/completions` server over a base model or base+adapter.
 
 Deploys a tuned student behind the API every RAG stack already speaks, and gives the `openai` backend
-a real local endpoint to test against. Concurrent requests are micro-batched into one `generate` call.
+a real local endpoint to test against.
+
+How one request cannot stall the others:
+
+- **Rounds.** One scheduler thread owns the model. Each round it takes up to `batch_size` live requests from
+  the head of a FIFO, left-pads `prompt + tokens generated so far` and calls `generate` for at most
+  `step_tokens` new tokens. A request that is not finished goes to the back of the FIFO, behind anything that
+  arrived meanwhile, so a new short request waits at most one round, whatever `max_tokens` others asked for.
+  Each round re-reads the whole row (no KV cache kept between rounds): simple, and on the measured CPU the
+  re-read costs less than the tokens of one round.
+- **Cancellation.** A transformers `StoppingCriteria` checks each row's cancel flag after every token, so a
+  client that disconnects, a request past `request_timeout` and SIGTERM stop that row's generation within one
+  token. A cancelled request is dropped from the FIFO.
+- **Admission.** At most `max_queue` requests are queued or running; one more is answered 503 at once.
+  `max_tokens` is checked before queueing: ≥ 1 and, with the prompt, within the model's context (400
+  otherwise; when absent it is the server default, cut to what the context leaves).
+- **Structured output.** A `json_schema` row carries its own xgrammar matcher from round to round, so the
+  JSON constraint survives the splitting into rounds; rows with and without a schema share a batch.
+- **Shutdown.** SIGTERM cancels every request (503 to those still waiting), then uvicorn exits.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the handler's annotations (`Request`, imported
+# lazily inside create_app) at runtime.
+import asyncio
+import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ragtune.llm import ChatBackend, Completion
+if TYPE_CHECKING:
+    from ragtune.core.llm import HFChatBackend
 
 log = logging.getLogger(__name__)
 
+ROLES = ("system", "user", "assistant")
+# Measured on 2 CPU cores, SmolLM2-135M fp32, batch 8: one round of 32 tokens takes ~1.5 s, and re-reading a
+# 300-token row costs ~0.1 s of it. Smaller steps favour short requests, larger ones throughput.
+STEP_TOKENS = 32
+# ragtune's own openai backend sends at most max_concurrency (default 8) requests at a time; 64 is eight
+# full batches of 8, about a minute of waiting at the rate above before a client is told 503.
+MAX_QUEUE = 64
+# Above the openai backend's 120 s client timeout, so ragtune's own clients give up (and disconnect) first.
+REQUEST_TIMEOUT = 600.0
+# How often a waiting request checks whether its client is still connected.
+DISCONNECT_POLL_SECONDS = 0.25
 
-@dataclass
-class _Pending:
-    messages: list[dict[str, str]]
-    max_new_tokens: int
+
+class ServerBusy(Exception):
+    """The queue is full or the server is shutting down: answered 503."""
+
+
+@dataclass(eq=False)
+class _Job:
+    prompt_ids: list[int]
+    max_tokens: int
     temperature: float
-    json_schema: dict[str, Any] | None
+    grammar: Any = None  # an xgrammar GrammarMatcher when the request asked for JSON
+    generated: list[int] = field(default_factory=list)
+    accepted: int = 0  # tokens of `generated` (and of the running round) the grammar has consumed
+    finish_reason: str | None = None
+    cancelled: bool = False
     future: Future = field(default_factory=Future)
 
-    def group_key(self) -> tuple[Any, ...]:
-        return (self.max_new_tokens, self.temperature, repr(self.json_schema))
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.generated)
+
+    def feed_grammar(self, round_tokens: list[int]) -> None:
+        """Advance the matcher over this round's tokens it has not seen yet."""
+        if self.grammar is None:
+            return
+        for token in round_tokens[max(0, self.accepted - len(self.generated)):]:
+            if self.grammar.is_terminated() or not self.grammar.accept_token(token):
+                break
+            self.accepted += 1
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        try:
+            self.future.set_exception(error) if error is not None else self.future.set_result(result)
+        except InvalidStateError:  # already answered (cancelled by shutdown while its round ran)
+            pass
 
 
-class MicroBatcher:
-    """Collects requests for up to `wait_seconds` (or `batch_size` of them) and generates them together."""
+class _RowStop:
+    """StoppingCriteria: a row stops at its own token budget for this round, or as soon as it is cancelled."""
 
-    def __init__(self, backend: ChatBackend, batch_size: int, wait_seconds: float = 0.02):
-        self.backend = backend
-        self.batch_size = batch_size
-        self.wait_seconds = wait_seconds
-        self._queue: queue.Queue[_Pending] = queue.Queue()
-        threading.Thread(target=self._loop, daemon=True, name="ragtune-batcher").start()
+    def __init__(self, jobs: list[_Job], budgets: list[int], start: int):
+        self.jobs, self.budgets, self.start = jobs, budgets, start
 
-    def submit(self, pending: _Pending) -> Completion:
-        self._queue.put(pending)
-        return pending.future.result()
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        n_new = input_ids.shape[1] - self.start
+        done = [job.cancelled or n_new >= budget for job, budget in zip(self.jobs, self.budgets)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowGrammar:
+    """LogitsProcessor: xgrammar's token mask for the rows whose job holds a matcher."""
+
+    def __init__(self, jobs: list[_Job], budgets: list[int], start: int, vocab_size: int):
+        import xgrammar as xgr
+
+        self.jobs, self.budgets, self.start = jobs, budgets, start
+        self.bitmask = xgr.allocate_token_bitmask(len(jobs), vocab_size)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import xgrammar as xgr
+
+        rows = []
+        for i, job in enumerate(self.jobs):
+            if job.grammar is None:
+                continue
+            job.feed_grammar(input_ids[i, self.start : self.start + self.budgets[i]].tolist())
+            if not job.grammar.is_terminated():
+                job.grammar.fill_next_token_bitmask(self.bitmask, i)
+                rows.append(i)
+        if rows:
+            masked = scores.to("cpu") if scores.device.type != "cuda" else scores
+            xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), indices=rows)
+            scores = masked.to(scores.device)
+        return scores
+
+
+class Scheduler:
+    """The one thread that runs the model: rounds of `step_tokens` over a FIFO of live requests."""
+
+    def __init__(self, backend: "HFChatBackend", *, batch_size: int, step_tokens: int, max_queue: int):
+        self.model, self.tokenizer = backend.model, backend.tokenizer
+        self.device = backend.device
+        self.batch_size, self.step_tokens, self.max_queue = batch_size, step_tokens, max_queue
+        self.tokenizer_lock = threading.Lock()  # the request handlers encode while this thread decodes
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._fifo: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.rounds = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="ragtune-scheduler")
+        self.thread.start()
+
+    def submit(self, job: _Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise ServerBusy("the server is shutting down")
+            live = sum(not j.cancelled for j in [*self._fifo, *self._running])
+            if live >= self.max_queue:
+                raise ServerBusy(f"the server is busy: {live} requests queued or running (--max-queue "
+                                 f"{self.max_queue}); retry later")
+            self._fifo.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Cancel everything: waiting handlers get 503, the running round stops at its next token."""
+        with self._cond:
+            self._closed = True
+            for job in [*self._fifo, *self._running]:
+                job.cancelled = True
+                job.resolve(error=ServerBusy("the server is shutting down"))
+            self._fifo.clear()
+            self._cond.notify()
 
     def _loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.wait_seconds
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            groups: dict[tuple[Any, ...], list[_Pending]] = {}
-            for item in batch:
-                groups.setdefault(item.group_key(), []).append(item)
-            for items in groups.values():
-                first = items[0]
-                try:
-                    results = self.backend.chat([i.messages for i in items], max_new_tokens=first.max_new_tokens,
-                                                temperature=first.temperature, json_schema=first.json_schema)
-                except Exception as err:
-                    results = [Completion(None, f"{type(err).__name__}: {err}") for _ in items]
-                for item, result in zip(items, results):
-                    item.future.set_result(result)
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._round(batch)
+            except Exception as err:  # a failed round answers its requests with the error, the server goes on
+                log.warning("generation failed for %d requests: %s", len(batch), err)
+                for job in batch:
+                    job.resolve(error=RuntimeError(f"{type(err).__name__}: {err}"))
+            with self._cond:
+                self._running = []
+                self._fifo.extend(j for j in batch if not j.cancelled and not j.future.done())
+
+    def _next_batch(self) -> list[_Job] | None:
+        """The head of the FIFO and the requests behind it that sample the same way, up to batch_size."""
+        with self._cond:
+            was_idle = False
+            while not self._closed and not any(not j.cancelled for j in self._fifo):
+                self._fifo.clear()
+                self._cond.wait()
+                was_idle = True
+            if was_idle and len(self._fifo) < self.batch_size:
+                self._cond.wait(0.02)  # requests sent together arrive a few ms apart: batch them
+            if self._closed:
+                return None
+            live = [j for j in self._fifo if not j.cancelled]
+            batch = [j for j in live if j.temperature == live[0].temperature][: self.batch_size]
+            self._fifo = deque(j for j in live if j not in batch)
+            self._running = batch
+            return batch
+
+    def _round(self, batch: list[_Job]) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        rows = [job.prompt_ids + job.generated for job in batch]
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        budgets = [min(self.step_tokens, job.remaining) for job in batch]
+        kwargs: dict[str, Any] = {"max_new_tokens": max(budgets), "pad_token_id": self.pad_id,
+                                  "stopping_criteria": StoppingCriteriaList([_RowStop(batch, budgets, width)])}
+        if batch[0].temperature > 0:
+            kwargs.update(do_sample=True, temperature=batch[0].temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if any(job.grammar is not None for job in batch):
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_RowGrammar(batch, budgets, width, self.model.config.vocab_size)])
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        self.rounds += 1
+        for job, budget, row in zip(batch, budgets, output[:, width:].tolist()):
+            if not job.cancelled:
+                self._settle(job, row[:budget])
+
+    def _settle(self, job: _Job, new_tokens: list[int]) -> None:
+        """Add a round's tokens to the job; answer it when it met EOS or its max_tokens."""
+        job.feed_grammar(new_tokens)
+        stop_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
+        job.generated.extend(new_tokens if stop_at is None else new_tokens[:stop_at])
+        if stop_at is not None:
+            job.finish_reason = "stop"
+        elif job.remaining <= 0:
+            job.finish_reason = "length"
+        else:
+            return
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(job.generated, skip_special_tokens=True).strip()
+        job.resolve(text)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def context_length(model: Any, tokenizer: Any) -> int | None:
+    """The model's context in tokens (positions it was built for), or None when neither config nor tokenizer
+    says."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None and 0 < getattr(tokenizer, "model_max_length", 0) < 10**7:
+        limit = tokenizer.model_max_length
+    return limit
 
 
 class ChatRequest(BaseModel):
@@ -84,54 +271,192 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def create_app(backend: ChatBackend, served_model_name: str, batch_size: int = 8, default_max_tokens: int = 256) -> Any:
-    from fastapi import FastAPI, HTTPException
+class BadRequest(Exception):
+    """A request the server will not run: answered 400 with this message."""
 
-    batcher = MicroBatcher(backend, batch_size)
+
+def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI messages as the chat template takes them; unknown roles and non-text content are a 400."""
+    if not raw:
+        raise BadRequest("messages must be a non-empty list.")
+    messages = []
+    for i, message in enumerate(raw):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}.")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise BadRequest(f"messages[{i}].content: only parts of type 'text' are supported.")
+            content = "".join(str(p.get("text", "")) for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts.")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def token_budget(requested: int | None, prompt_tokens: int, context: int | None, default: int) -> int:
+    """max_tokens as the request asked (≥ 1, within the context with the prompt), else the default cut to fit."""
+    if requested is not None and requested < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {requested}.")
+    if context is None:
+        return requested or default
+    room = context - prompt_tokens
+    if requested is None:
+        if room < 1:
+            raise BadRequest(f"the prompt is {prompt_tokens} tokens and the model's context is {context}: "
+                             "shorten the messages.")
+        return min(default, room)
+    if requested > room:
+        raise BadRequest(f"This model's maximum context length is {context} tokens. However, you requested "
+                         f"{prompt_tokens + requested} tokens ({prompt_tokens} in the messages, {requested} in the "
+                         f"completion). Set max_tokens to at most {max(room, 0)} or shorten the messages.")
+    return requested
+
+
+class _Grammars:
+    """Compiled xgrammar grammars per JSON schema; each request gets its own matcher over one of them."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self._compiler: Any = None
+        self._compiled: dict[str, Any] = {}
+
+    def matcher(self, response_format: dict[str, Any] | None) -> Any:
+        kind = (response_format or {}).get("type")
+        if kind not in ("json_schema", "json_object"):
+            return None
+        import xgrammar as xgr
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._compiled:
+            try:  # property order is generation order (a `reason` before its `verdict`): compile as given
+                self._compiled[key] = (self._compiler.compile_builtin_json_grammar() if schema is None else
+                                       self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+            except Exception as err:
+                raise BadRequest(f"response_format.json_schema.schema cannot be compiled: {err}") from None
+        return xgr.GrammarMatcher(self._compiled[key])
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited or ran."""
+
+
+def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int = 8, default_max_tokens: int = 256,
+               *, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
+               request_timeout: float = REQUEST_TIMEOUT) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    scheduler = Scheduler(backend, batch_size=batch_size, step_tokens=step_tokens, max_queue=max_queue)
+    grammars = _Grammars(backend.model, backend.tokenizer)
+    context = context_length(backend.model, backend.tokenizer)
     app = FastAPI(title="ragtune serve")
+    app.state.scheduler = scheduler
+
+    def error(status: int, message: str, **headers: str) -> JSONResponse:
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                            status_code=status, headers=headers or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return error(400, f"{where}: {first.get('msg', 'invalid request body')}")
+
+    def new_job(body: ChatRequest) -> _Job:
+        if body.stream:
+            raise BadRequest("stream=true is not supported by ragtune serve; send stream=false.")
+        messages = chat_messages(body.messages)
+        with scheduler.tokenizer_lock:
+            try:
+                prompt = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # the template's own rules, e.g. "roles must alternate"
+                raise BadRequest(f"the model's chat template rejected the messages: {err}") from None
+            prompt_ids = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = token_budget(requested, len(prompt_ids), context, default_max_tokens)
+        return _Job(prompt_ids, max_tokens, body.temperature, grammars.matcher(body.response_format))
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "rounds": scheduler.rounds}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "owned_by": "ragtune"}]}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest) -> dict[str, Any]:
-        if request.stream:
-            raise HTTPException(400, "stream=true is not supported by ragtune serve; send stream=false.")
-        if not request.messages:
-            raise HTTPException(400, "messages must be a non-empty list.")
-        schema = None
-        if request.response_format and request.response_format.get("type") == "json_schema":
-            schema = (request.response_format.get("json_schema") or {}).get("schema")
-        messages = [{"role": m.get("role", "user"), "content": str(m.get("content", ""))} for m in request.messages]
-        result = batcher.submit(_Pending(
-            messages, request.max_completion_tokens or request.max_tokens or default_max_tokens,
-            request.temperature, schema,
-        ))
-        if result.error is not None:
-            raise HTTPException(500, result.error)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        try:
+            job = new_job(body)
+            scheduler.submit(job)
+            text = await _wait(job, request, request_timeout)
+        except BadRequest as err:
+            return error(400, str(err))
+        except ServerBusy as err:
+            return error(503, str(err), **{"Retry-After": "1"})
+        except TimeoutError:
+            return error(504, f"generation took longer than the server's request timeout ({request_timeout:g} s; "
+                              "ragtune serve --request-timeout); lower max_tokens or raise it.")
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except RuntimeError as err:
+            return error(500, str(err))
+        prompt_tokens, completion_tokens = len(job.prompt_ids), len(job.generated)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": served_model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": job.finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
 
     return app
 
 
-def serve(backend: ChatBackend, *, host: str, port: int, served_model_name: str, batch_size: int,
-          default_max_tokens: int = 256) -> None:
+async def _wait(job: _Job, request: Any, timeout: float) -> str:
+    """The job's text; cancels the job when the client disconnects or `timeout` seconds pass."""
+    future = asyncio.wrap_future(job.future)
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        await asyncio.wait([future], timeout=DISCONNECT_POLL_SECONDS)
+        if future.done():
+            break
+        if await request.is_disconnected():
+            job.cancelled = True
+            raise ClientGone()
+        if time.monotonic() > deadline:
+            job.cancelled = True
+            raise TimeoutError()
+    return future.result()
+
+
+def serve(backend: "HFChatBackend", *, host: str, port: int, served_model_name: str, batch_size: int,
+          default_max_tokens: int = 256, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
+          request_timeout: float = REQUEST_TIMEOUT) -> None:
     import uvicorn
 
-    app = create_app(backend, served_model_name, batch_size, default_max_tokens)
+    app = create_app(backend, served_model_name, batch_size, default_max_tokens, step_tokens=step_tokens,
+                     max_queue=max_queue, request_timeout=request_timeout)
+    scheduler: Scheduler = app.state.scheduler
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            scheduler.close()  # before uvicorn waits for open requests: they end now, with 503
+            super().handle_exit(sig, frame)
+
     log.warning("serving %s on http://%s:%d/v1", served_model_name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # uvicorn waits this long for open connections after SIGTERM (all requests end at once above)
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+    scheduler.thread.join(timeout=5)

@@ -60,7 +60,7 @@ def tiny_model(out: Path, seed: int) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.models import SMOLLM2_ALIAS, load_tokenizer
+    from ragtune.core.models import SMOLLM2_ALIAS, load_tokenizer
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -81,7 +81,7 @@ def prepare(root: Path, model: str | None, n_questions: int) -> tuple[str, str, 
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
     from peft import LoraConfig, get_peft_model
 
-    from train.models import load_causal_lm, resolve_embedding
+    from ragtune.core.models import load_causal_lm, resolve_embedding
 
     student = model or tiny_model(root / "student", 0)
     teacher = model or tiny_model(root / "teacher", 1)
@@ -104,11 +104,11 @@ def prepare(root: Path, model: str | None, n_questions: int) -> tuple[str, str, 
 
 
 def judge_throughput(config: Any, run_dir: Any, batched: bool, n_questions: int) -> dict[str, Any]:
-    from eval.evaluate import make_embeddings
-    from eval.judge import BatchedJudge
-    from eval.score import Sample, build_metrics, score_one
-    from ragtune.artifacts import read_jsonl
-    from ragtune.llm import make_backend
+    from ragtune.eval.evaluate import make_embeddings
+    from ragtune.eval.judge import BatchedJudge
+    from ragtune.eval.score import Sample, build_metrics, score_one
+    from ragtune.core.artifacts import read_jsonl
+    from ragtune.core.llm import make_backend
 
     role = config.judge
     backend = make_backend(role)
@@ -149,9 +149,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folder here")
     args = parser.parse_args()
 
-    from eval import evaluate
+    from ragtune.eval import evaluate
     from ragtune.config import load_config
-    from ragtune.run_dir import RunDir
+    from ragtune.core.run_dir import RunDir
 
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     stdout = sys.stdout

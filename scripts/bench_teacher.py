@@ -76,12 +76,13 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from data_prep.prep import LazyBackend, StepState, make_answers, make_chunks, make_index
-    from data_prep.rag import embedding_model
-    from ragtune.artifacts import write_jsonl
+    from ragtune.data_prep.prep import make_answers, make_chunks, make_index
+    from ragtune.data_prep.state import LazyBackend, StepState
+    from ragtune.core.rag import embedding_model
+    from ragtune.core.artifacts import write_jsonl
     from ragtune.config import load_config
-    from ragtune.llm import HFChatBackend
-    from ragtune.run_dir import RunDir
+    from ragtune.core.llm import HFChatBackend
+    from ragtune.core.run_dir import RunDir
 
     questions = QUESTIONS[: args.questions]
     config_path = work / "config.yaml"
@@ -94,9 +95,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = load_config(config_path)
     run_dir = RunDir(config.output_dir)
     run_dir.data.mkdir(parents=True)
-    state, facts = StepState(run_dir.prep_state), {"skipped_steps": []}
-    chunks = make_chunks(config, run_dir, state, facts)
-    index = make_index(config, run_dir, state, chunks, embedding_model(config.embedding), facts)
+    state = StepState(run_dir)
+    chunks, _ = make_chunks(config, run_dir, state)
+    index = make_index(config, run_dir, state, chunks, embedding_model(config.embedding))
     chunk_ids = [c["id"] for c in chunks]
     write_jsonl(run_dir.questions_train, [
         {"id": f"bench-q{i}", "question": q, "source_chunk_id": chunk_ids[i % len(chunk_ids)], "split": "train"}
@@ -117,7 +118,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     # ragtune: the stage's teacher step
     started = time.perf_counter()
-    make_answers(config, run_dir, state, index, LazyBackend(lambda: teacher), facts)
+    make_answers(config, run_dir, state, index, LazyBackend(lambda: teacher))
     ragtune_seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in run_dir.train_jsonl.read_text(encoding="utf-8").splitlines()]
 

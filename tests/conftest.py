@@ -29,7 +29,7 @@ def excerpt_pdf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct from the embedded GGUF, as the plain safetensors folder ragtune converts it to."""
-    from train.models import SMOLLM2_ALIAS, dense_copy, resolve_model
+    from ragtune.core.models import SMOLLM2_ALIAS, dense_copy, resolve_model
 
     return Path(dense_copy(resolve_model(SMOLLM2_ALIAS)).name_or_path)
 
@@ -40,7 +40,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.models import SMOLLM2_ALIAS, load_tokenizer
+    from ragtune.core.models import SMOLLM2_ALIAS, load_tokenizer
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     config = LlamaConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import shutil
 import signal
@@ -15,14 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from data_prep.config import DataPrepConfig
-from data_prep.prep import (
-    PrepError, choose_contexts, drop_leakage, lexical_overlap, parse_questions, region_of, run, split_regions,
-)
-from data_prep.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
-from ragtune.artifacts import read_jsonl
+from ragtune.data_prep.config import DataPrepConfig
+from ragtune.data_prep.prep import PrepError, choose_contexts, region_of, run, split_regions
+from ragtune.data_prep.questions import drop_leakage, lexical_overlap, parse_questions
+from ragtune.core.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
+from ragtune.core.artifacts import read_jsonl
 from ragtune.config import load_config
-from ragtune.run_dir import RunDir
+from ragtune.core.run_dir import RunDir
 
 REPO = Path(__file__).parent.parent
 
@@ -88,17 +88,17 @@ def test_raft_contexts() -> None:
     hits = [{"id": i} for i in ("a-p1-c0", "a-p2-c0", "a-p3-c1")]
     ids, oracle_in = choose_contexts(question, hits, DataPrepConfig(similarity_top_k=2), 0, chunk_text)
     assert ids == ["a-p1-c0", "a-p2-c0"] and oracle_in
-    always = DataPrepConfig(raft={"enabled": True, "oracle_probability": 1.0, "num_distractors": 3})
+    always = DataPrepConfig(raft={"enabled": True, "oracle_probability": 1.0, "num_contexts": 4})
     ids, oracle_in = choose_contexts(question, hits, always, 0, chunk_text)
     assert oracle_in and len(ids) == 4 and len(set(ids)) == 4 and {"a-p1-c0", "a-p2-c0", "a-p3-c1"} <= set(ids)
     assert choose_contexts(question, hits, always, 0, chunk_text) == (ids, True)  # seeded per question
-    never = DataPrepConfig(raft={"enabled": True, "oracle_probability": 0.0, "num_distractors": 3})
+    never = DataPrepConfig(raft={"enabled": True, "oracle_probability": 0.0, "num_contexts": 4})
     ids, oracle_in = choose_contexts(question, hits, never, 0, chunk_text)
     assert not oracle_in and len(ids) == 4 and "a-p1-c0" not in ids and {"a-p2-c0", "a-p3-c1"} <= set(ids)
 
 
 def test_leakage_check_drops_near_duplicates_with_reason() -> None:
-    from data_prep.rag import embedding_model
+    from ragtune.core.rag import embedding_model
     from ragtune.config import EmbeddingConfig
 
     train = [{"id": "t0", "question": "What was Uber's revenue in 2021?"}]
@@ -149,7 +149,7 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
     assert all(c["metadata"]["file"] == "uber_10k_excerpt.pdf" and 1 <= c["metadata"]["page"] <= 8 for c in chunks)
     by_id = {c["id"]: c for c in chunks}
 
-    index = load_index(config, run_dir)
+    index = load_index(config.embedding, run_dir.index)
     probe = chunks[len(chunks) // 2]
     assert retrieve(index, [probe["text"]], 1)[0][0]["id"] == probe["id"]
 
@@ -166,14 +166,23 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
     generated = sum(len(r["candidates"]) for r in read_jsonl(run_dir.questions_raw))
     assert generated == len(train_q) + len(eval_q) + len(rejected)
 
-    rows = read_jsonl(run_dir.train_jsonl)
-    assert len(rows) == len(train_q) == facts["train_rows"]
+    # every training question ends as a kept row or a rejected answer with its reason and text: none lost
+    rows, rejected_answers = read_jsonl(run_dir.train_jsonl), read_jsonl(run_dir.answers_rejected)
+    assert len(rows) == facts["answers_kept"] == facts["train_rows"] and rows
+    assert sorted([r["meta"]["question_id"] for r in rows] + [r["question_id"] for r in rejected_answers]) == sorted(
+        q["id"] for q in train_q)
+    assert all(r["reason"] and r["candidates"] and all("text" in c for c in r["candidates"]) for r in rejected_answers)
+    assert facts["answers_rejected"] == dict(Counter(r["reason"] for r in rejected_answers))
+    # no training context comes from an eval page: retrieval and RAFT distractors see train-region chunks only
+    split = split_regions(chunks, prep, config.seed)
     questions = {q["id"]: q for q in train_q}
     for row in rows:
         meta = row["meta"]
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert row["messages"][2]["content"].strip()
+        assert meta["finish_reason"] == "stop" and meta["grounding"] >= prep.answer_gates.min_grounding
         assert len(meta["retrieved_ids"]) == prep.similarity_top_k
+        assert all(region_of(by_id[i], prep.split_unit) in split["train"] for i in meta["retrieved_ids"])
         question = questions[meta["question_id"]]
         contexts = [by_id[i]["text"] for i in meta["retrieved_ids"]]
         assert row["messages"][:2] == build_rag_messages(question["question"], contexts, prep)  # what eval sends
@@ -182,7 +191,7 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
         assert meta["teacher_model"] == config.teacher.model and meta["usage"]["completion_tokens"] > 0
 
     stats = json.loads(run_dir.stats.read_text())
-    assert stats["rows"] == len(rows) and stats["tokens_total"] > 0 and stats["dataset"]["chunks"] == len(chunks)
+    assert stats["rows"] == len(rows) == sum(stats["rows_by_mode"].values()) and stats["dataset"]["chunks"] == len(chunks)
 
 
 class _NoTeacher:
@@ -210,14 +219,15 @@ def test_rerun_skips_finished_steps(prepared: dict[str, Any]) -> None:
 def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], tmp_path: Path) -> None:
     """kill -9 in the middle of the teacher answers, run again: the same rows, none twice, none lost."""
     reference = read_jsonl(prepared["run_dir"].train_jsonl)
-    assert len(reference) > 4  # more than one teacher batch (batch_size 4)
+    reference_rejected = read_jsonl(prepared["run_dir"].answers_rejected)
+    assert len(reference) + len(reference_rejected) > 4  # more than one teacher batch (batch_size 4)
     resumed_dir = RunDir(tmp_path / "run")
     shutil.copytree(prepared["run_dir"].root, resumed_dir.root)
-    resumed_dir.train_jsonl.unlink()
-    resumed_dir.stats.unlink()
+    for path in (resumed_dir.train_jsonl, resumed_dir.answers_rejected, resumed_dir.stats):
+        path.unlink(missing_ok=True)
 
     script = ("import sys; from pathlib import Path; from ragtune.config import load_config; "
-              "from ragtune.run_dir import RunDir; from data_prep.prep import run; "
+              "from ragtune.core.run_dir import RunDir; from ragtune.data_prep.prep import run; "
               "run(load_config(sys.argv[1]), RunDir(Path(sys.argv[2])))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-c", script, str(prepared["config_path"]), str(resumed_dir.root)],
@@ -225,7 +235,8 @@ def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], t
     try:
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
-            if resumed_dir.train_jsonl.exists() and resumed_dir.train_jsonl.read_text(encoding="utf-8").strip():
+            if any(p.exists() and p.read_text(encoding="utf-8").strip()
+                   for p in (resumed_dir.train_jsonl, resumed_dir.answers_rejected)):
                 break
             time.sleep(0.02)
         assert process.poll() is None, "the teacher run ended before it could be killed"
@@ -234,21 +245,24 @@ def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], t
     finally:
         if process.poll() is None:
             process.kill()
-    at_kill = read_jsonl(resumed_dir.train_jsonl, tolerate_torn_tail=True)
-    assert 0 < len(at_kill) < len(reference)
+    at_kill = [read_jsonl(p, tolerate_torn_tail=True) if p.exists() else []
+               for p in (resumed_dir.train_jsonl, resumed_dir.answers_rejected)]
+    assert 0 < sum(map(len, at_kill)) < len(reference) + len(reference_rejected)
 
     facts = run(prepared["config"], resumed_dir)
     assert facts["skipped_steps"] == ["chunks", "index", "questions"]
     resumed = read_jsonl(resumed_dir.train_jsonl)
     assert len({r["id"] for r in resumed}) == len(resumed)
     assert sorted(resumed, key=lambda r: r["id"]) == sorted(reference, key=lambda r: r["id"])
+    assert sorted(read_jsonl(resumed_dir.answers_rejected), key=lambda r: r["id"]) == sorted(
+        reference_rejected, key=lambda r: r["id"])
 
 
 @pytest.mark.slow
 def test_question_rows_stop_early_with_the_same_kept_questions(prepared: dict[str, Any]) -> None:
     """Stopping a row once it holds its kept questions saves decode steps and changes no kept question."""
-    from data_prep.prep import question_prompt
-    from ragtune.llm import HFChatBackend
+    from ragtune.data_prep.questions import question_prompt
+    from ragtune.core.llm import HFChatBackend
 
     config, run_dir = prepared["config"], prepared["run_dir"]
     prep, limit = config.data_prep, config.data_prep.num_questions_per_chunk

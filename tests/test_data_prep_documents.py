@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.documents import DocumentError, load_documents
+from ragtune.data_prep.documents import DocumentError, load_documents
 
 
 def _escape(text: str) -> str:
@@ -146,7 +146,7 @@ def test_markdown_text_and_html(tmp_path: Path) -> None:
 def test_document_names_do_not_depend_on_where_the_folder_lives(tmp_path: Path) -> None:
     """`document` is the path below the documents' common folder: chunk ids and the split use it, so a
     moved checkout gives the same ids; equal file names in two subfolders stay apart."""
-    from data_prep.prep import _chunk_id
+    from ragtune.data_prep.prep import _chunk_id
 
     ids = []
     for place in ("checkout_a", "elsewhere/checkout_b"):

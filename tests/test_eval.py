@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from eval import evaluate, report
-from ragtune.artifacts import read_jsonl
+from ragtune.eval import evaluate, report
+from ragtune.core.artifacts import read_jsonl
 from ragtune.config import load_config
-from ragtune.run_dir import RunDir
+from ragtune.core.run_dir import RunDir
 
 EXCERPT_PDF = Path(__file__).parent / "data" / "uber_10k_excerpt.pdf"
 ALL_METRICS = [
@@ -93,7 +93,7 @@ def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llama_index.core.schema import TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-    from train.models import resolve_embedding
+    from ragtune.core.models import resolve_embedding
 
     data = tmp_path_factory.mktemp("eval_data") / "data"
     data.mkdir()
@@ -170,7 +170,7 @@ def test_every_model_answers_every_question_in_both_modes(evaluated: dict[str, A
 
 
 def test_reference_contexts_swap_in_a_missed_source_chunk() -> None:
-    from eval.answer import reference_contexts
+    from ragtune.eval.answer import reference_contexts
 
     chunk_text = dict(CHUNKS)
     retrieved = {"context_ids": ["c2", "c3"], "contexts": [chunk_text["c2"], chunk_text["c3"]]}
@@ -195,7 +195,7 @@ def test_tuned_models_scores_only_the_merged_model(evaluated: dict[str, Any], tm
 
 def test_rag_prompt_is_the_training_prompt(evaluated: dict[str, Any]) -> None:
     """Eval sends data_prep's messages: the same system prompt and template as the training rows."""
-    from data_prep.rag import build_rag_messages
+    from ragtune.core.rag import build_rag_messages
 
     config, run = evaluated["config"], evaluated["run"]
     row = read_jsonl(run.answers("base", "rag"))[0]
@@ -318,7 +318,7 @@ def test_changed_generation_settings_regenerate_and_keep_the_old_answers(
     facts = evaluate.run(config, run, [])
     assert facts["timings"]["generation"]["base"]["rag"]["generated"] == 3
     assert all(r["completion_tokens"] <= 6 for r in read_jsonl(run.answers("base", "rag")))
-    stale = list((run.eval / "stale").glob("answers.base.rag.*.jsonl"))
+    stale = list(run.stale.glob("*/eval/answers.base.rag.jsonl"))
     assert len(stale) == 1 and len(read_jsonl(stale[0])) == 3
 
 
@@ -333,7 +333,7 @@ def test_teacher_equal_to_the_student_is_flagged(prepared_data: Path, models: di
 
 
 def test_missing_questions_file_says_what_to_run(evaluated: dict[str, Any], tmp_path: Path) -> None:
-    from eval.answer import EvalError
+    from ragtune.eval.answer import EvalError
 
     config = evaluated["config"].model_copy(update={"output_dir": tmp_path / "empty"})
     with pytest.raises(EvalError, match="ragtune prep"):
@@ -341,7 +341,7 @@ def test_missing_questions_file_says_what_to_run(evaluated: dict[str, Any], tmp_
 
 
 def test_bad_adapter_folder_is_named(evaluated: dict[str, Any], tmp_path: Path) -> None:
-    from eval.answer import EvalError
+    from ragtune.eval.answer import EvalError
 
     (tmp_path / "not_an_adapter").mkdir()
     with pytest.raises(EvalError, match="not_an_adapter.*adapter_config.json"):
@@ -357,8 +357,8 @@ def test_batched_judge_returns_schema_valid_objects_in_few_calls(models: dict[st
     from ragas.metrics.collections.answer_relevancy.util import AnswerRelevanceOutput
     from ragas.metrics.collections.faithfulness.util import NLIStatementOutput
 
-    from eval.judge import BatchedJudge
-    from ragtune.llm import HFChatBackend
+    from ragtune.eval.judge import BatchedJudge
+    from ragtune.core.llm import HFChatBackend
 
     judge = BatchedJudge(HFChatBackend(str(models["student"]), batch_size=4, max_new_tokens=96),
                          max_new_tokens=96, max_length=30, max_items=2)
@@ -387,7 +387,7 @@ def test_bounded_schema_rejects_what_ragas_cannot_parse() -> None:
     from ragas.metrics.collections.context_recall.util import ContextRecallOutput
     from xgrammar.testing import _is_grammar_accept_string
 
-    from eval.judge import bounded_schema
+    from ragtune.eval.judge import bounded_schema
 
     schema = bounded_schema(ContextRecallOutput.model_json_schema(), max_length=20, max_items=2)
     grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
@@ -409,7 +409,7 @@ def test_judge_output_parsing_and_its_errors() -> None:
     """An OpenAI-compatible server without structured output may wrap the JSON in prose or a fence."""
     from ragas.metrics.collections.answer_relevancy.util import AnswerRelevanceOutput
 
-    from eval.judge import BatchedJudge, JudgeError
+    from ragtune.eval.judge import BatchedJudge, JudgeError
 
     fenced = 'Here you go:\n```json\n{"question": "What does Uber do?", "noncommittal": 0}\n```'
     assert BatchedJudge._parse(fenced, None, AnswerRelevanceOutput).question == "What does Uber do?"
@@ -507,7 +507,7 @@ def test_report_files_and_verdict_rows(evaluated: dict[str, Any], tmp_path: Path
     assert list(comparisons[0]) == list(report.VERDICT_COLUMNS)
     # the CLI's short table: (metric, base, tuned, delta with CI, verdict), fine-tuned models only
     verdicts = report.verdict_rows(evaluated["summary"])
-    assert all(len(row) == 5 and "teacher" not in row[0] for row in verdicts)
+    assert all(len(row) == 6 and "teacher" not in row[0] for row in verdicts)
     relevancy = next(r for r in verdicts if r[0] == "answer_relevancy (adapter, rag)")
     entry = evaluated["summary"]["comparisons"]["rag"]["adapter"]["answer_relevancy"]
     assert relevancy[1] == f"{entry['base']:.3f}" and relevancy[4] == entry["verdict"]
@@ -563,10 +563,10 @@ def test_report_renders_in_headless_chromium(evaluated: dict[str, Any], tmp_path
 def test_smollm2_judge_gives_ragas_scores_not_nan() -> None:
     """The 135M judge that gave NaN on every sample through Ragas's legacy wrappers, now schema-constrained,
     scores a real sample through Ragas's AnswerRelevancy (~1 min on 2 CPU cores, mostly loading the GGUF)."""
-    from eval.judge import BatchedJudge, timed_embeddings
-    from eval.score import Sample, build_metrics, score_one
-    from ragtune.llm import HFChatBackend
-    from train.models import resolve_embedding
+    from ragtune.eval.judge import BatchedJudge, timed_embeddings
+    from ragtune.eval.score import Sample, build_metrics, score_one
+    from ragtune.core.llm import HFChatBackend
+    from ragtune.core.models import resolve_embedding
 
     judge = BatchedJudge(HFChatBackend("smollm2-135m-instruct", batch_size=4, max_new_tokens=64),
                          max_new_tokens=64, max_length=64, max_items=3)
@@ -577,3 +577,67 @@ def test_smollm2_judge_gives_ragas_scores_not_nan() -> None:
     assert result["error"] is None, result
     assert 0.0 <= result["value"] <= 1.0
     assert judge.usage.calls == 1 and judge.usage.cached == 1  # the repeated greedy question is generated once
+
+
+# --- the grounding metric and gap closed, on score rows written by eval.score ---------------------
+
+GROUNDING_CONTEXT = "Uber operates a ridesharing platform in over 70 countries."
+
+
+def _grounding_table(path: Path, answers: dict[str, str | None], *, teacher: bool = False,
+                     contexts: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Score answers on `grounding` through eval.score's own jobs, metric and row writer; the loaded rows."""
+    from ragtune.core.artifacts import JsonlAppender
+    from ragtune.eval.score import answer_jobs, build_metrics, load_scores, run_jobs
+
+    rows = [{"question_id": qid, "question": "In how many countries does Uber operate?", "answer": text,
+             "error": "backend down" if text is None else None,
+             "contexts": [GROUNDING_CONTEXT] if contexts is None else contexts} for qid, text in answers.items()]
+    retrieval = {qid: {"contexts": [GROUNDING_CONTEXT]} for qid in answers}  # closed_book's evidence
+    with JsonlAppender(path, key="key") as appender:
+        jobs = answer_jobs(appender, rows, ["grounding", "rouge_score"], is_reference_model=teacher, references={},
+                           retrieval=retrieval, fingerprint="test")
+        asyncio.run(run_jobs(jobs, build_metrics(sorted({j.metric for j in jobs}), None, None, 1), concurrency=4))
+    return load_scores(path)
+
+
+def test_grounding_metric_scores_the_final_answer_against_its_contexts(tmp_path: Path) -> None:
+    from ragtune.eval.config import EvalConfig
+
+    assert "grounding" in EvalConfig().metrics  # on by default, next to the Ragas metrics
+    table = _grounding_table(tmp_path / "scores.jsonl", {
+        "all": "Uber operates in over 70 countries.",  # uber, operate, 70, countrie: all in the context
+        "half": "Uber operates purple bananas.",  # uber, operate found; purple, banana not
+        "raft": "##begin_quote## Uber operates a ridesharing platform ##end_quote## <ANSWER>: Purple bananas.",
+        "empty": "", "failed": None,
+    })
+    assert {q: table[q]["grounding"]["value"] for q in ("all", "half", "raft")} == {"all": 1.0, "half": 0.5, "raft": 0.0}
+    assert table["empty"]["grounding"]["error"] == "empty answer: the model generated no text"
+    assert table["failed"]["grounding"]["error"].startswith("no answer: generation failed (backend down)")
+    assert table["all"]["rouge_score"]["value"] is None  # reference-based metrics need the teacher's answer
+    # closed_book rows carry no contexts: the ones retrieved for the question are the evidence
+    closed = _grounding_table(tmp_path / "closed.jsonl", {"q": "Over 70 countries."}, contexts=[])
+    assert closed["q"]["grounding"]["value"] == 1.0
+    # the teacher is scored on grounding (not on the reference-based metrics: it wrote the references)
+    teacher = _grounding_table(tmp_path / "teacher.jsonl", {"q": "Uber operates purple bananas."}, teacher=True)
+    assert teacher["q"]["grounding"]["value"] == 0.5 and "rouge_score" not in teacher["q"]
+
+
+def test_gap_closed_from_real_score_rows(tmp_path: Path) -> None:
+    from ragtune.eval.stats import MIN_GAP, gap_closed
+    from ragtune.eval.summary import gap_to_teacher
+
+    qids = [f"q{i}" for i in range(5)]
+    base = _grounding_table(tmp_path / "base.jsonl", {q: "Purple bananas grow quickly." for q in qids})  # 0.0
+    tuned = _grounding_table(tmp_path / "tuned.jsonl", {**{q: "Uber operates purple bananas." for q in qids},  # 0.5
+                                                        "q4": ""})  # a failed score: q4 leaves the comparison
+    teacher = _grounding_table(tmp_path / "teacher.jsonl", {q: "Uber operates in over 70 countries." for q in qids},
+                               teacher=True)  # 1.0
+    assert gap_to_teacher(base, tuned, teacher, qids, "grounding") == {"teacher": 1.0, "gap_closed": 0.5, "gap_n": 4}
+    assert gap_to_teacher(base, teacher, tuned, qids, "grounding")["gap_closed"] == 2.0  # beyond the teacher
+    assert gap_to_teacher(tuned, base, teacher, qids, "grounding")["gap_closed"] == -1.0  # worse than the base
+    # no teacher score (reference-based metric) or no teacher lead: no ratio
+    assert gap_to_teacher(base, tuned, teacher, qids, "rouge_score") == {"teacher": None, "gap_closed": None, "gap_n": 0}
+    assert gap_to_teacher(base, tuned, base, qids, "grounding")["gap_closed"] is None
+    assert gap_to_teacher(base, tuned, None, qids, "grounding")["gap_closed"] is None
+    assert gap_closed(0.5, 0.9, 0.5 + MIN_GAP / 2) is None and gap_closed(0.5, 0.6, 0.7) == pytest.approx(0.5)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eval.stats import (
+from ragtune.eval.stats import (
     MIN_QUESTIONS, harmonic_mean, mean_with_ci, paired_difference, paired_ragas_score, ragas_score, spread,
     wilson_interval,
 )

@@ -1,4 +1,5 @@
-"""The teacher/judge backends against real models: in-process batching, and an OpenAI-style server on 127.0.0.1."""
+"""The teacher/judge backends against real models and real servers on 127.0.0.1: in-process batching, the
+OpenAI SDK client (retries, Retry-After, Azure requests, malformed bodies) and its circuit breaker."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from ragtune.llm import BackendUnavailable, HFChatBackend, OpenAIChatBackend, make_backend
+from ragtune.core.llm import BackendUnavailable, HFChatBackend, OpenAIChatBackend, make_backend
 from ragtune.config import LLMRole
 
 QUESTIONS = [
@@ -114,9 +116,11 @@ def test_openai_backend_structured_output_through_serve(server):
 
 @pytest.mark.slow
 def test_openai_backend_retries_until_a_late_server_is_up(smollm2_dir):
+    """With the breaker set high, the SDK's retries (0.5 s doubling to 8 s, 12 retries: ~55-70 s) wait out a
+    server that starts late."""
     port = _free_port()
-    backend = OpenAIChatBackend(model="student", base_url=f"http://127.0.0.1:{port}/v1", max_retries=8,
-                                backoff_seconds=1.0, max_new_tokens=8)
+    backend = OpenAIChatBackend(model="student", base_url=f"http://127.0.0.1:{port}/v1", max_retries=12,
+                                max_consecutive_failures=20, max_new_tokens=8)
     results: list = []
     client = threading.Thread(target=lambda: results.extend(backend.chat([[{"role": "user", "content": "Hi"}]])))
     client.start()
@@ -132,11 +136,13 @@ def test_openai_backend_retries_until_a_late_server_is_up(smollm2_dir):
 
 def test_openai_backend_reports_one_clear_error_when_server_stays_down():
     port = _free_port()
-    backend = OpenAIChatBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_seconds=0.05)
+    backend = OpenAIChatBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=4)
+    started = time.monotonic()
     with pytest.raises(BackendUnavailable) as err:
         backend.chat([[{"role": "user", "content": "Hi"}]] * 3)
     message = str(err.value)
-    assert f"127.0.0.1:{port}" in message and "unreachable after 3 attempts" in message
+    assert f"127.0.0.1:{port}" in message and "not answering" in message and "3 attempts in a row" in message
+    assert time.monotonic() - started < 5  # three refused connections trip the breaker (backoff 0.5 s + 1 s)
 
 
 def test_openai_backend_records_http_errors_per_request():
@@ -166,3 +172,186 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
     monkeypatch.delenv("RAGTUNE_TEST_KEY", raising=False)
     with pytest.raises(BackendUnavailable, match="RAGTUNE_TEST_KEY"):
         OpenAIChatBackend(model="m", base_url="http://127.0.0.1:9/v1", api_key_env="RAGTUNE_TEST_KEY")
+
+
+def test_hf_backend_reports_finish_reason_and_usage(smollm2_backend):
+    """"stop" when the model ends its answer (EOS) or stop_when holds, "length" when max_new_tokens cuts it."""
+    short = [{"role": "user", "content": "What is the capital of France?"}]
+    poem = [{"role": "user", "content": "Write a long poem about the sea."}]
+    ended, cut = smollm2_backend.chat([short, poem], max_new_tokens=24)
+    assert ended.finish_reason == "stop" and ended.completion_tokens < 24
+    assert cut.finish_reason == "length" and cut.completion_tokens == 24
+    assert ended.prompt_tokens > 0 and cut.usage == {"prompt_tokens": cut.prompt_tokens, "completion_tokens": 24}
+    [stopped] = smollm2_backend.chat([poem], max_new_tokens=24, stop_when=lambda text: "," in text)
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens < 24
+
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 whose handler class decides every answer; it records the requests."""
+
+    def __init__(self, handler: type):
+        from http.server import ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        handler.record = self.requests
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(post: Any) -> type:
+    """An OpenAI-style handler: GET lists one model; POST calls `post(handler, n)` with the 1-based POST count."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        record: list
+        lock = threading.Lock()
+
+        def do_GET(self):  # noqa: N802 (http.server API)
+            self._send(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+            with self.lock:
+                self.record.append((self.path, body, dict(self.headers)))
+                n = len(self.record)
+            post(self, n)
+
+        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def _answer(text: str, finish_reason: str = "stop") -> dict[str, Any]:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+
+
+def test_openai_backend_records_finish_reason_usage_and_malformed_bodies_per_row():
+    bodies = {1: _answer("Paris.", "stop"), 2: _answer("A long", "length"), 3: b"<html>proxy error</html>",
+              4: {"choices": []}}
+    server = _Server(_handler(lambda h, n: h._send(200, bodies[n])))
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=server.url, max_concurrency=1)
+        results = backend.chat([[{"role": "user", "content": f"q{i}"}] for i in range(4)])
+    finally:
+        server.close()
+    assert [(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens) for r in results[:2]] == [
+        ("Paris.", "stop", 7, 3), ("A long", "length", 7, 3)]
+    assert [r.text for r in results[2:]] == [None, None]
+    assert all(r.error.startswith("malformed response") for r in results[2:])
+
+
+def test_openai_backend_honours_retry_after():
+    """429 with `Retry-After: 2`: the SDK waits the 2 s the server asked for (its own backoff starts at 0.5 s)."""
+    def post(handler, n):
+        if n == 1:
+            handler._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
+        else:
+            handler._send(200, _answer("ok"))
+
+    server = _Server(_handler(post))
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=server.url)
+        started = time.monotonic()
+        [result] = backend.chat([[{"role": "user", "content": "Hi"}]])
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert result.text == "ok" and len(server.requests) == 2
+    assert 2.0 <= elapsed < 6
+
+
+def test_azure_requests_use_the_deployment_path_api_version_and_api_key_header(monkeypatch):
+    """Only the request's shape is checked here (a local server); no real Azure endpoint is reachable."""
+    monkeypatch.setenv("RAGTUNE_TEST_AZURE_KEY", "secret-123")
+    server = _Server(_handler(lambda h, n: h._send(200, _answer("hi"))))
+    try:
+        backend = make_backend(LLMRole(backend="openai", model="my-deployment", base_url=server.url.removesuffix("/v1"),
+                                       api_key_env="RAGTUNE_TEST_AZURE_KEY", api_version="2024-10-21"))
+        [result] = backend.chat([[{"role": "user", "content": "Hi"}]])
+    finally:
+        server.close()
+    path, _, headers = server.requests[0]
+    assert result.text == "hi"
+    assert path == "/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21"
+    assert {k.lower(): v for k, v in headers.items()}["api-key"] == "secret-123"
+
+
+def _silent_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A real socket on 127.0.0.1 that accepts every connection and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, accepted
+
+
+def test_hung_endpoint_is_reported_as_not_answering_within_seconds():
+    listener, accepted = _silent_listener()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=url, timeout=1.0, max_retries=4)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as err:
+            backend.chat([[{"role": "user", "content": "Hi"}]] * 4)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    message = str(err.value)
+    assert url in message and "not answering" in message and "timeout 1 s" in message
+    assert elapsed < 8  # the /models probe: 3 timeouts of 1 s + 1.5 s backoff, not timeout x retries per row
+
+
+def test_endpoint_that_hangs_mid_stage_trips_the_breaker_and_keeps_finished_rows():
+    """The probe passes, two rows are answered, then the server goes silent: the third row's timeouts open the
+    breaker, the fourth fails at once, and the exception carries the two finished rows."""
+    release = threading.Event()
+
+    def post(handler, n):
+        if n <= 2:
+            handler._send(200, _answer(f"answer {n}"))
+        else:
+            release.wait(30)
+
+    server = _Server(_handler(post))
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=server.url, max_concurrency=1, timeout=1.0, max_retries=4)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as err:
+            backend.chat([[{"role": "user", "content": f"q{i}"}] for i in range(4)])
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+        server.close()
+    assert [c.text if c else None for c in err.value.done] == ["answer 1", "answer 2", None, None]
+    assert "not answering" in str(err.value) and "ReadTimeout" in str(err.value)
+    assert elapsed < 8 and len(server.requests) == 5  # 2 answered + 3 timed-out attempts, then the circuit is open

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.run_dir import RunDir
+from ragtune.core.run_dir import RunDir
 
 
 def _ragtune(*args: str) -> subprocess.CompletedProcess:

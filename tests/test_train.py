@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ragtune.config import ConfigError, load_config
-from ragtune.run_dir import RunDir
+from ragtune.core.run_dir import RunDir
 
 # The shape of data_prep's rows (system prompt, RAG user turn with context + question, teacher answer).
 SYSTEM_PROMPT = "You are an expert Q&A system. Answer the query using the provided context information."
@@ -66,7 +66,7 @@ def make_config(write_config, tiny_llama_dir: Path, tmp_path: Path):
 
 
 def test_label_check_trains_answer_and_end_of_turn_only(make_config, capsys):
-    from train import sft
+    from ragtune.train import sft
 
     config = make_config()
     facts = sft.run(config, RunDir(config.output_dir), check_only=True)
@@ -84,7 +84,7 @@ def test_label_check_trains_answer_and_end_of_turn_only(make_config, capsys):
 
 
 def test_label_check_sees_rows_through_packing(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     rows = default_rows(6)
     rows[4]["messages"][-1]["content"] = " "
@@ -94,7 +94,7 @@ def test_label_check_sees_rows_through_packing(make_config):
 
 
 def test_label_check_names_the_row_with_an_empty_answer(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     rows = default_rows(6)
     rows[2]["messages"][-1]["content"] = ""
@@ -107,7 +107,7 @@ def test_label_check_names_the_row_with_an_empty_answer(make_config):
 
 
 def test_label_check_fails_when_max_length_cuts_the_end_of_turn(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     rows = default_rows(4)
     rows[1]["messages"][-1]["content"] = "a long answer " * 200
@@ -117,7 +117,7 @@ def test_label_check_fails_when_max_length_cuts_the_end_of_turn(make_config):
 
 
 def test_bad_row_is_reported_with_file_and_line(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     rows = default_rows(3)
     rows[1] = {"messages": [{"role": "user", "content": "no answer turn"}]}
@@ -141,7 +141,7 @@ def test_train_saves_adapter_and_loss_curve_and_resumes(make_config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train import sft
+    from ragtune.train import sft
 
     config = make_config(report_to=["tensorboard"])
     run_dir = RunDir(config.output_dir)
@@ -172,7 +172,7 @@ def test_train_saves_adapter_and_loss_curve_and_resumes(make_config):
 
 
 def test_same_seed_same_loss_curve(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     curves = []
     for run in ("a", "b"):
@@ -188,7 +188,7 @@ def test_merged_and_adapter_load_in_plain_libraries_and_agree(make_config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train import merge, sft
+    from ragtune.train import merge, sft
 
     config = make_config(max_steps=3, learning_rate=5e-2)
     run_dir = RunDir(config.output_dir)
@@ -211,23 +211,46 @@ def test_merged_and_adapter_load_in_plain_libraries_and_agree(make_config):
 
 
 def test_qlora_runs_4bit_on_cpu_and_merges_onto_full_precision(make_config):
-    from train import merge, sft
+    from ragtune.train import merge, sft
 
-    if sft.bnb_4bit_works() is not None:
-        pytest.skip(f"bitsandbytes 4-bit is unavailable here: {sft.bnb_4bit_works()}")
+    # bitsandbytes (a dependency, >= 0.45) has a CPU backend: 4-bit NF4 quantize + matmul work without a GPU.
+    assert sft.bnb_4bit_works() is None, f"bitsandbytes 4-bit does not run on this CPU: {sft.bnb_4bit_works()}"
     config = make_config(method="qlora", learning_rate=5e-2)
     run_dir = RunDir(config.output_dir)
     facts = sft.run(config, run_dir)
     assert facts["method"] == "qlora" and facts["warnings"] == [] and facts["loaded_in_4bit"] is True
+    assert "qlora_fallback" not in facts
     assert json.loads((run_dir.adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     merged = merge.run(config, run_dir)
     assert merged["merged"] is True and merged["dtype"] == "float32"
 
 
+def test_qlora_without_a_4bit_backend_fails_unless_the_lora_fallback_is_asked_for(make_config, monkeypatch):
+    """QLoRA never silently becomes LoRA: no 4-bit backend is an error naming cause and fix; the opt-in key
+    `train.qlora_fallback: lora` trains LoRA and says so in the facts."""
+    import sys
+
+    from ragtune.train import sft
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # a machine without bitsandbytes: its import fails
+    config = make_config(method="qlora")
+    with pytest.raises(sft.QLoRAUnavailableError) as err:
+        sft.run(config, RunDir(config.output_dir), check_only=True)
+    message = str(err.value)
+    assert "train.method: qlora" in message and "ModuleNotFoundError" in message
+    assert "pip install -U bitsandbytes" in message and "train.qlora_fallback: lora" in message
+
+    fallback = make_config(method="qlora", qlora_fallback="lora", name="fallback.yaml", run="fallback")
+    facts = sft.run(fallback, RunDir(fallback.output_dir), check_only=True)
+    assert facts["requested_method"] == "qlora" and facts["method"] == "lora" and facts["loaded_in_4bit"] is False
+    assert facts["qlora_fallback"]["ran"] == "lora" and "ModuleNotFoundError" in facts["qlora_fallback"]["cause"]
+    assert "train.qlora_fallback: lora" in facts["warnings"][0]
+
+
 def test_full_fine_tuning_saves_a_complete_model(make_config):
     from transformers import AutoModelForCausalLM
 
-    from train import merge, sft
+    from ragtune.train import merge, sft
 
     config = make_config(method="full", learning_rate=1e-3)
     run_dir = RunDir(config.output_dir)
@@ -238,7 +261,7 @@ def test_full_fine_tuning_saves_a_complete_model(make_config):
 
 
 def test_prompt_tuning_trains_and_merge_says_there_is_nothing_to_merge(make_config):
-    from train import merge, sft
+    from ragtune.train import merge, sft
 
     config = make_config(method="prompt_tuning", learning_rate=1e-2)
     run_dir = RunDir(config.output_dir)
@@ -266,7 +289,7 @@ def test_two_process_cpu_ddp_really_runs_two_ranks(make_config):
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
-         "-m", "train", str(config.config_path)],
+         "-m", "ragtune.train", str(config.config_path)],
         cwd=Path(__file__).parent.parent, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=600,
     )
@@ -281,7 +304,7 @@ def test_two_process_cpu_ddp_really_runs_two_ranks(make_config):
 
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(make_config):
-    from train import sft
+    from ragtune.train import sft
 
     # A learning rate this high makes the eval loss climb after the first steps; patience 1 stops the run.
     config = make_config(max_steps=12, learning_rate=3.0, warmup_steps=0, eval_strategy="steps", eval_steps=1,
@@ -297,7 +320,7 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     """ragtune's CPU loss path (LM head on trained positions only) gives TRL's loss and gradients."""
     import torch
 
-    from train import sft
+    from ragtune.train import sft
 
     config = make_config()
     trainer, _, _ = sft.build_trainer(config, RunDir(config.output_dir))
@@ -324,7 +347,7 @@ def test_gguf_is_converted_once_and_loads_the_same_model(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.models import SMOLLM2_ALIAS, dense_copy, load_causal_lm, load_tokenizer, resolve_model
+    from ragtune.core.models import SMOLLM2_ALIAS, dense_copy, load_causal_lm, load_tokenizer, resolve_model
 
     monkeypatch.setenv("RAGTUNE_CACHE_DIR", str(tmp_path))
     ref = resolve_model(SMOLLM2_ALIAS)
@@ -343,3 +366,87 @@ def test_gguf_is_converted_once_and_loads_the_same_model(tmp_path, monkeypatch):
     direct = AutoModelForCausalLM.from_pretrained(ref.name_or_path, gguf_file=ref.gguf_file)
     with torch.inference_mode():
         assert torch.equal(direct(**ids).logits, load_causal_lm(SMOLLM2_ALIAS)(**ids).logits)
+
+
+def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_config, tmp_path, monkeypatch):
+    """`bf16: auto` (the CPU default) trains in the format the GEMM probe found fastest on this machine.
+
+    The probe runs for real once (and is cached); then probe results are injected through that same cache
+    entry, one case per format, and each build loads and configures the student the way the probe chose.
+    """
+    import torch
+
+    from ragtune.core import precision
+    from ragtune.train import sft
+
+    monkeypatch.setenv("RAGTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    config = make_config()
+    run_dir = RunDir(config.output_dir)
+    measured = sft.training_precision(config, "lora")
+    probe = measured["probe"]
+    assert measured["requested"] == "auto" and measured["device"] == "cpu" and probe["cached"] is False
+    assert set(probe["gflops"]) == set(precision.MODES) and probe["gflops"]["fp32"] > 0
+    assert measured["choice"] == precision.pick(probe["gflops"]) and probe["seconds"] < 30
+    assert sft.training_precision(config, "lora")["probe"]["cached"] is True
+
+    cache = Path(probe["cache_file"])
+    entry = json.loads(cache.read_text())
+    cases = [  # (GFLOP/s per format, expected choice, SFTConfig.bf16, dtype of the frozen base)
+        ({"fp32": 60.0, "bf16_autocast": 1.5, "bf16_weights": 1.7}, "fp32", False, torch.float32),  # AVX2-only EPYC
+        ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 310.0}, "bf16_weights", False, torch.bfloat16),
+        ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 200.0}, "bf16_autocast", True, torch.float32),
+        ({"fp32": 100.0, "bf16_autocast": 105.0, "bf16_weights": 90.0}, "fp32", False, torch.float32),  # within MARGIN
+    ]
+    for gflops, choice, bf16, dtype in cases:
+        cache.write_text(json.dumps({**entry, "gflops": gflops}))
+        trainer, facts, _ = sft.build_trainer(config, run_dir)
+        assert facts["precision"]["choice"] == choice and facts["precision"]["probe"]["gflops"] == gflops
+        assert trainer.args.bf16 is bf16
+        base = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        assert base.dtype == dtype
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+
+    # The bf16-weights choice trains (fp32 adapters on a bf16 base) and the run's facts record probe and choice.
+    cache.write_text(json.dumps({**entry, "gflops": cases[1][0]}))
+    facts = sft.run(make_config(max_steps=1, run="bf16", name="bf16.yaml"), RunDir(tmp_path / "bf16"))
+    assert facts["precision"]["choice"] == "bf16_weights" and facts["precision"]["torch_dtype"] == "bfloat16"
+    assert facts["global_step"] == 1 and math.isfinite(facts["train_loss"])
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_devices() < 2,
+                    reason="accelerate runs FSDP on GPUs only: on CPU, configs/accelerate/fsdp_qlora.yaml stops in "
+                           "FullyShardedDataParallelPlugin ('There are currently no available devices found, must be one "
+                           "of XPU, CUDA, ...'), and without sync_module_states it silently trains DDP (MULTI_CPU)")
+def test_fsdp_saves_a_full_adapter_that_merges(make_config):
+    """`accelerate launch` with configs/accelerate/fsdp_qlora.yaml on 2 GPUs: adapter/ holds the LoRA weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from ragtune.train import merge
+
+    config = make_config(validation_split=0.0, max_steps=2, save_strategy="no")
+    config.config_path.write_text(config.config_path.read_text().replace("student:\n", "student:\n  torch_dtype: bfloat16\n"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).parent.parent
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(repo / "configs/accelerate/fsdp_qlora.yaml"),
+         "--main_process_port", str(port), "-m", "ragtune.train", str(config.config_path)],
+        cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = RunDir(config.output_dir)
+    with safe_open(str(run_dir.adapter / "adapter_model.safetensors"), "pt") as weights:
+        assert any("lora_A" in key for key in weights.keys())
+    assert merge.run(load_config(config.config_path), run_dir)["merged"] is True

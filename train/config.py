@@ -35,6 +35,11 @@ PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
 # SFTConfig values ragtune sets where TRL's default is slow or unhelpful for this workload
 # (short RAG chat rows, LoRA on small students). Each was measured; see scripts/bench_train.py.
 SFT_DEFAULTS: dict[str, Any] = {
+    # `auto` (ragtune's value; true/false are TRL's): on CPU the fastest of fp32, bf16 autocast and bf16
+    # frozen weights in a GEMM probe of the student's layer shapes, cached per machine
+    # (ragtune.core.precision); on CUDA/XPU bf16 autocast where the device supports it. No constant is right
+    # everywhere: bf16 GEMM ran 4x fp32 on an AMD EPYC with avx512_bf16, 1/10-1/40 of it on an AVX2-only one.
+    "bf16": "auto",
     # TRL turns activation recomputation on by default (`gradient_checkpointing`, now named
     # `activation_checkpointing` in transformers): every layer's forward runs twice; 0.67x tokens/s on
     # CPU. Small students on CPU or one GPU have the memory to keep activations; turn it on for big ones.
@@ -74,6 +79,9 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     # Continue from the latest checkpoint under the run's checkpoints/ when one exists.
     auto_resume: bool = True
+    # `method: qlora` without a working bitsandbytes 4-bit backend is an error; `lora` trains LoRA instead,
+    # recorded in the manifest (facts `qlora_fallback`, `warnings`).
+    qlora_fallback: Literal["lora"] | None = None
 
     def sft_kwargs(self) -> dict[str, Any]:
         """The keys that go to `SFTConfig`: ragtune's defaults overlaid with the YAML's keys."""
@@ -161,6 +169,8 @@ def library_key_errors(train: TrainConfig) -> list[tuple[str, str]]:
 
     sft_fields = sft_config_fields()
     sft_given = coerce_floats(train.sft_kwargs(), sft_fields)
+    if sft_given.get("bf16") == "auto":  # ragtune resolves it (train.sft.training_precision)
+        del sft_given["bf16"]
     errors = list(_check_keys("train.", sft_given, sft_fields, "SFTConfig"))
     if "output_dir" in sft_given:
         errors.append(("train.output_dir", "set the run directory with the top-level `output_dir`; ragtune places checkpoints under it."))

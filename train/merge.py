@@ -17,9 +17,10 @@ import json
 import logging
 from typing import Any
 
-from ragtune.artifacts import iter_jsonl
-from ragtune.run_dir import RunDir
-from train.models import load_causal_lm
+from ragtune.core.artifacts import iter_jsonl
+from ragtune.core.errors import UserFacingError
+from ragtune.core.models import dense_copy, load_causal_lm, resolve_model
+from ragtune.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,34 @@ NUM_PROMPTS = 4
 NOT_MERGEABLE = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
 
 
-class MergeError(RuntimeError):
+class MergeError(UserFacingError, RuntimeError):
     """The merge cannot run, or merged/ disagrees with base + adapter/ beyond tolerance."""
 
 
 def merge_dtype(student_dtype: str) -> str:
     """Keep a 16-bit student in its dtype; `auto` and anything else merge in fp32."""
     return student_dtype if student_dtype in ("bfloat16", "float16") else "float32"
+
+
+def merge_device_map(student: Any, dtype: str) -> str | None:
+    """`student.device_map` when set; else the first GPU when the base in `dtype` fits in its free memory with
+    room for the merge (x1.3); else None (CPU). Counted on an empty (meta-device) copy, so nothing loads twice."""
+    import torch
+
+    if student.device_map:
+        return student.device_map
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref = dense_copy(resolve_model(student.model), student.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(ref.name_or_path, trust_remote_code=student.trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=student.trust_remote_code)
+    need = sum(p.numel() for p in empty.parameters()) * torch.finfo(getattr(torch, dtype)).bits // 8
+    free, _ = torch.cuda.mem_get_info()
+    return "cuda:0" if 1.3 * need < free else None
 
 
 def verification_prompts(run_dir: RunDir, tokenizer: Any) -> list[str]:
@@ -86,7 +108,8 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir.adapter), trust_remote_code=student.trust_remote_code)
     prompts = verification_prompts(run_dir, tokenizer)
 
-    base = load_causal_lm(student.model, dtype=dtype, trust_remote_code=student.trust_remote_code)
+    device_map = merge_device_map(student, dtype)
+    base = load_causal_lm(student.model, dtype=dtype, device_map=device_map, trust_remote_code=student.trust_remote_code)
     with_adapter = PeftModel.from_pretrained(base, str(run_dir.adapter))
     with_adapter.eval()
     reference = logits_for(with_adapter, tokenizer, prompts)
@@ -95,12 +118,13 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     tokenizer.save_pretrained(str(run_dir.merged))
     del merged, with_adapter, base
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(run_dir.merged), dtype=dtype,
+    reloaded = AutoModelForCausalLM.from_pretrained(str(run_dir.merged), dtype=dtype, device_map=device_map,
                                                     trust_remote_code=student.trust_remote_code)
     reloaded.eval()
     max_diff = max(float((a - b).abs().max()) for a, b in zip(reference, logits_for(reloaded, tokenizer, prompts)))
     tolerance = TOLERANCE[dtype]
-    facts = {"merged": True, "peft_type": peft_type, "dtype": dtype, "prompts_checked": len(prompts),
+    facts = {"merged": True, "peft_type": peft_type, "dtype": dtype, "device": str(reloaded.device),
+             "prompts_checked": len(prompts),
              "max_abs_logit_diff": max_diff, "tolerance": tolerance, "path": str(run_dir.merged)}
     if not max_diff <= tolerance:
         raise MergeError(

@@ -33,21 +33,23 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from ragtune.artifacts import ArtifactError, iter_jsonl, write_json
-from ragtune.run_dir import RunDir, sha256_file
-from train.config import peft_config_class
-from train.models import load_causal_lm, load_tokenizer
+from ragtune.core import precision
+from ragtune.core.artifacts import ArtifactError, iter_jsonl, write_json
+from ragtune.core.errors import UserFacingError
+from ragtune.core.models import dense_copy, load_causal_lm, load_tokenizer, resolve_model
+from ragtune.core.run_dir import RunDir, sha256_file
+from ragtune.train.config import peft_config_class
 
 log = logging.getLogger(__name__)
 
 CHECK_OPEN, CHECK_CLOSE = "[[", "]]"
 
 
-class TrainDataError(ValueError):
+class TrainDataError(UserFacingError, ValueError):
     """A training row that cannot be trained on; names the file and line."""
 
 
-class LabelCheckError(ValueError):
+class LabelCheckError(UserFacingError, ValueError):
     """The tokenized rows would not train the answer or its end-of-turn token; names the rows."""
 
 
@@ -57,7 +59,7 @@ class LabelCheckError(ValueError):
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """Read chat rows and turn them into TRL prompt-completion rows; `source` keeps `file:line` for errors."""
     if not path.is_file():
-        raise TrainDataError(f"{path}: training data not found. Run `ragtune data CONFIG` first (it writes this file).")
+        raise TrainDataError(f"{path}: training data not found. Run `ragtune prep CONFIG` first (it writes this file).")
     rows = []
     try:
         for number, row in iter_jsonl(path):
@@ -65,7 +67,7 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     except ArtifactError as err:
         raise TrainDataError(str(err)) from None
     if not rows:
-        raise TrainDataError(f"{path}: no rows. Run `ragtune data CONFIG` to produce training rows.")
+        raise TrainDataError(f"{path}: no rows. Run `ragtune prep CONFIG` to produce training rows.")
     return rows
 
 
@@ -122,23 +124,34 @@ def bnb_4bit_works() -> str | None:
     return None
 
 
-def resolve_method(method: str) -> tuple[str, str | None]:
-    """The method to run, and a warning when `qlora` has to fall back to `lora`."""
+class QLoRAUnavailableError(UserFacingError, RuntimeError):
+    """`method: qlora` on a machine whose bitsandbytes cannot run 4-bit, and no fallback was asked for."""
+
+
+def resolve_method(method: str, qlora_fallback: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The method to run, and facts about it. `qlora` without a working 4-bit backend is an error, unless the
+    config opts into `train.qlora_fallback: lora` (then the facts say what ran instead, and why)."""
     if method != "qlora":
-        return method, None
+        return method, {}
     problem = bnb_4bit_works()
     if problem is None:
-        return method, None
-    return "lora", f"method qlora needs a working bitsandbytes 4-bit backend ({problem}); training with lora instead."
+        return method, {}
+    if qlora_fallback == "lora":
+        return "lora", {"qlora_fallback": {"ran": "lora", "cause": problem}}
+    raise QLoRAUnavailableError(
+        f"train.method: qlora needs a working bitsandbytes 4-bit backend, and this machine has none ({problem}). "
+        "Install a bitsandbytes build for this machine (pip install -U bitsandbytes; on a GPU, one matching its "
+        "CUDA), or set train.method: lora, or set train.qlora_fallback: lora to train LoRA here (recorded in "
+        "the manifest).")
 
 
-def load_student(config: Any, method: str, gradient_checkpointing: bool) -> Any:
-    """The student, 4-bit NF4 and prepared for k-bit training for `qlora`, else in `student.torch_dtype`."""
+def load_student(config: Any, method: str, gradient_checkpointing: bool, dtype: str) -> Any:
+    """The student, 4-bit NF4 and prepared for k-bit training for `qlora`, else in `dtype`."""
     student = config.student
     common = dict(trust_remote_code=student.trust_remote_code, attn_implementation=student.attn_implementation,
                   device_map=student.device_map)
     if method != "qlora":
-        return load_causal_lm(student.model, dtype=student.torch_dtype, **common)
+        return load_causal_lm(student.model, dtype=dtype, **common)
     from peft import prepare_model_for_kbit_training
 
     quantization = dict(config.train.quantization)
@@ -146,8 +159,8 @@ def load_student(config: Any, method: str, gradient_checkpointing: bool) -> Any:
     # and keep every other weight in it too (no fp32 upcast), as in the bitsandbytes FSDP-QLoRA guide.
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if sharded:
-        quantization.setdefault("bnb_4bit_quant_storage", student.torch_dtype)
-    model = load_causal_lm(student.model, dtype=student.torch_dtype, quantization=quantization, **common)
+        quantization.setdefault("bnb_4bit_quant_storage", dtype)
+    model = load_causal_lm(student.model, dtype=dtype, quantization=quantization, **common)
     if sharded:
         return model
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -158,11 +171,60 @@ def peft_config(method: str, kwargs: dict[str, Any]) -> Any:
     return None if method == "full" else peft_config_class(method)(task_type="CAUSAL_LM", **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def training_device(sft_kwargs: dict[str, Any]) -> str:
+    """Where the Trainer will run: `cpu` when told (`use_cpu`) or when there is no accelerator."""
+    if sft_kwargs.get("use_cpu") or not has_accelerator():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "xpu"
+
+
+def precision_modes(method: str) -> tuple[str, ...]:
+    """The formats `bf16: auto` chooses from: bf16 weights only for a frozen, unquantized base (full
+    fine-tuning would update bf16 weights, and a 4-bit base has no dense weights to store in bf16)."""
+    frozen_dense = method in ("lora", "dora", "prompt_tuning", "prefix_tuning")
+    return precision.MODES if frozen_dense else (precision.FP32, precision.BF16_AUTOCAST)
+
+
+def training_precision(config: Any, method: str) -> dict[str, Any]:
+    """`train.bf16` resolved: `bf16` for SFTConfig, `torch_dtype` to load the student in, and why.
+
+    `true`/`false` are kept. `auto` (the default): on CUDA/XPU, bf16 autocast where the device supports it;
+    on CPU, the fastest of `precision.MODES` in a GEMM probe of this student's layer shapes (cached per
+    machine), unless `student.torch_dtype` is set to a 16-bit type, whose weights then train as they are.
+    """
+    sft_kwargs = config.train.sft_kwargs()
+    requested, device, student_dtype = sft_kwargs.get("bf16"), training_device(sft_kwargs), config.student.torch_dtype
+    facts: dict[str, Any] = {"requested": requested, "device": device}
+    if requested != "auto":
+        return {**facts, "choice": "as configured", "bf16": requested, "torch_dtype": student_dtype}
+    if device != "cpu":
+        bf16 = precision.device_bf16(device)
+        return {**facts, "choice": precision.BF16_AUTOCAST if bf16 else precision.FP32, "bf16": bf16,
+                "torch_dtype": student_dtype, "reason": f"{device} {'supports' if bf16 else 'lacks'} bf16"}
+    if "torch_dtype" in config.student.model_fields_set and student_dtype != "float32":
+        return {**facts, "choice": "student.torch_dtype", "bf16": False, "torch_dtype": student_dtype,
+                "reason": f"student.torch_dtype is {student_dtype}; the weights train in it"}
+    from transformers import AutoConfig
+
+    model_ref = dense_copy(resolve_model(config.student.model), config.student.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(model_ref.name_or_path, trust_remote_code=config.student.trust_remote_code)
+    probe = precision.probe(precision.linear_shapes(model_config), precision_modes(method))
+    choice = precision.pick(probe["gflops"])
+    probe_facts = {k: probe[k] for k in ("gflops", "stopped_early", "rows", "shapes", "seconds", "cached", "cpu",
+                                         "isa", "torch", "threads", "cache_file")}
+    return {**facts, "choice": choice, "bf16": choice == precision.BF16_AUTOCAST,
+            "torch_dtype": "bfloat16" if choice == precision.BF16_WEIGHTS else "float32", "probe": probe_facts}
+
+
 # ----------------------------------------------------------------------------------------------- SFTConfig
 
 
-def sft_config(config: Any, run_dir: RunDir, has_eval: bool) -> Any:
-    """`SFTConfig` from the `train:` keys, placed in the run directory, with the choices they imply."""
+def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) -> Any:
+    """`SFTConfig` from the `train:` keys, placed in the run directory, with the choices they imply
+    (`bf16`: the resolved `train.bf16`, see `training_precision`)."""
     from trl import SFTConfig
 
     train = config.train
@@ -172,12 +234,10 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool) -> Any:
     kwargs.setdefault("data_seed", kwargs["seed"])
     # Loss on the completion (the answer + end-of-turn) only; the label check verifies it.
     kwargs["completion_only_loss"] = True
+    kwargs["bf16"] = bf16
     if not has_accelerator():
         # Without `use_cpu`, TrainingArguments rejects bf16 on CPU and multi-process CPU runs stay single-process.
         kwargs.setdefault("use_cpu", True)
-        # bf16 autocast ran 0.61x the tokens/s of fp32 on a CPU without AMX (scripts/bench_train.py --also train.bf16=true).
-        if "bf16" not in given:
-            kwargs["bf16"] = False
     if not has_eval:
         if kwargs.get("eval_strategy", "no") != "no" and "eval_strategy" in given:
             log.warning("train.eval_strategy is set but there are no validation rows; evaluation is off.")
@@ -396,16 +456,20 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     train_rows, eval_rows = split_rows(rows, train.validation_split, validation_file, config.seed)
 
     facts: dict[str, Any] = {"requested_method": train.method, "warnings": []}
-    method, fallback = resolve_method(train.method)
-    if fallback:
-        log.warning(fallback)
-        facts["warnings"].append(fallback)
-    facts["method"] = method
+    method, method_facts = resolve_method(train.method, train.qlora_fallback)
+    if method_facts:
+        cause = method_facts["qlora_fallback"]["cause"]
+        facts["warnings"].append(f"method qlora has no working 4-bit backend here ({cause}); "
+                                 "train.qlora_fallback: lora, so this run trains lora")
+        log.warning(facts["warnings"][-1])
+    facts.update(method=method, **method_facts)
+    facts["precision"] = training_precision(config, method)
+    log.info("precision: %s", facts["precision"]["choice"])
 
-    args = sft_config(config, run_dir, has_eval=bool(eval_rows))
+    args = sft_config(config, run_dir, has_eval=bool(eval_rows), bf16=facts["precision"]["bf16"])
     # TensorBoard's writer reads its folder from this variable (transformers' TensorBoardCallback).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tensorboard")
-    model = load_student(config, method, args.activation_checkpointing)
+    model = load_student(config, method, args.activation_checkpointing, facts["precision"]["torch_dtype"])
     tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
     callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
     trainer = LabelledPositionsSFTTrainer(
@@ -442,6 +506,10 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     facts["resumed_from"] = resume
     result = trainer.train(resume_from_checkpoint=resume)
 
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (fast, resumable); adapter/ must be one loadable file for merge, as TRL's
+        # FSDP guide does before `save_model`.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(run_dir.adapter))
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(run_dir.adapter))

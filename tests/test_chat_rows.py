@@ -1,4 +1,4 @@
-"""`validate_chat_jsonl` on real files with the student's (SmolLM2) tokenizer."""
+"""`validate_chat_jsonl` (ragtune.core.chat_rows) on real files with the student's (SmolLM2) tokenizer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from data_prep.validate import DatasetError, validate_chat_jsonl
+from ragtune.core.chat_rows import DatasetError, validate_chat_jsonl
 
 
 def row(answer: str = "Uber operates in about 72 countries.", **meta: Any) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def write(path: Path, rows: list[Any]) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir: Path) -> Any:
-    from train.models import load_tokenizer
+    from ragtune.core.models import load_tokenizer
 
     return load_tokenizer(str(tiny_llama_dir))
 

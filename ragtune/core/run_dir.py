@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
@@ -18,7 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from ragtune.artifacts import write_json
+from ragtune.core.artifacts import write_json
+
+log = logging.getLogger(__name__)
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
@@ -67,6 +71,11 @@ class RunDir:
         return self.data / "teacher_failures.jsonl"
 
     @property
+    def answers_rejected(self) -> Path:
+        """Every teacher answer the gates rejected, with its reason and raw text (nothing is lost)."""
+        return self.data / "answers.rejected.jsonl"
+
+    @property
     def prep_state(self) -> Path:
         """Fingerprint and completion of each prep sub-step, so a rerun skips finished ones."""
         return self.data / "prep_state.json"
@@ -95,6 +104,11 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def data_stats(self) -> Path:
+        """Token statistics of the training rows with the student's tokenizer (the train stage writes them)."""
+        return self.logs / "data_stats.json"
 
     @property
     def loss_curve(self) -> Path:
@@ -138,6 +152,36 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def stale(self) -> Path:
+        """Outputs made under other inputs, moved aside by `retire` (never reused, never lost)."""
+        return self.root / "stale"
+
+    def retire(self, paths: list[Path]) -> Path | None:
+        """The one policy for stale outputs, in every stage: move them to `stale/<time>/<their path in the run>`.
+        Teacher answers and checkpoints cost hours; a changed setting must not delete them."""
+        existing = [p for p in paths if p.exists()]
+        if not existing:
+            return None
+        folder = self.stale / time.strftime("%Y%m%d-%H%M%S")
+        for path in existing:
+            try:
+                relative = path.resolve().relative_to(self.root.resolve())
+            except ValueError:
+                relative = Path(path.name)
+            target = folder / relative
+            while target.exists():
+                target = target.with_name(target.name + "~")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), target)
+        log.info("moved %d stale output(s) to %s", len(existing), folder)
+        return folder
+
+
+def short_hash(*parts: Any) -> str:
+    """The fingerprint of JSON-able values: 16 hex digits of their canonical JSON's SHA-256."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

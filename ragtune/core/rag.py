@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from data_prep.config import DataPrepConfig
-from ragtune.errors import UserFacingError
+from ragtune.core.errors import UserFacingError
 
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex
     from llama_index.core.schema import BaseNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-    from ragtune.config import EmbeddingConfig, RagtuneConfig
-    from ragtune.run_dir import RunDir
+    from ragtune.core.roles import EmbeddingConfig
 
 log = logging.getLogger(__name__)
 
 Chunk = dict[str, Any]  # {"id", "text", "metadata": {"file", "page", ...}, "score"}
+
+
+class RagPrompts(Protocol):
+    """The prompt keys of the `data_prep` section: one prompt for training and eval."""
+
+    system_prompt: str
+    closed_book_system_prompt: str
+    text_qa_template: str
 
 
 class IndexNotFound(UserFacingError, FileNotFoundError):
@@ -36,7 +42,7 @@ def embedding_model(embedding: "EmbeddingConfig") -> "HuggingFaceEmbedding":
     """The configured sentence-transformers model as a LlamaIndex embedding (CPU/GPU picked by torch)."""
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-    from train.models import resolve_embedding
+    from ragtune.core.models import resolve_embedding
 
     return HuggingFaceEmbedding(model_name=resolve_embedding(embedding.model), embed_batch_size=embedding.embed_batch_size)
 
@@ -58,20 +64,24 @@ def build_index(nodes: list["BaseNode"], embed_model: "HuggingFaceEmbedding", pe
     return index
 
 
-def load_index(config: "RagtuneConfig", run_dir: "RunDir", embed_model: "HuggingFaceEmbedding | None" = None) -> "VectorStoreIndex":
-    """Reload the index prep persisted under `run_dir.index`, with the configured embedding model."""
+def load_index(embedding: "EmbeddingConfig", index_dir: Path, embed_model: "HuggingFaceEmbedding | None" = None) -> "VectorStoreIndex":
+    """Reload the index prep persisted in `index_dir`, with the configured embedding model."""
     from llama_index.core import Settings, StorageContext, load_index_from_storage
     from llama_index.core.llms import MockLLM
 
-    if not (run_dir.index / "docstore.json").exists():
-        raise IndexNotFound(f"{run_dir.index}: no persisted index. Run `ragtune prep CONFIG` first.")
+    if not (index_dir / "docstore.json").exists():
+        raise IndexNotFound(f"{index_dir}: no persisted index. Run `ragtune prep CONFIG` first.")
     Settings.llm = MockLLM()
-    storage = StorageContext.from_defaults(persist_dir=str(run_dir.index))
-    return load_index_from_storage(storage, embed_model=embed_model or embedding_model(config.embedding))
+    storage = StorageContext.from_defaults(persist_dir=str(index_dir))
+    return load_index_from_storage(storage, embed_model=embed_model or embedding_model(embedding))
 
 
-def retrieve(index: "VectorStoreIndex", questions: list[str], top_k: int) -> list[list[Chunk]]:
-    """The `top_k` chunks for each question, best first; question embeddings are computed in batches."""
+def retrieve(index: "VectorStoreIndex", questions: list[str], top_k: int,
+             node_ids: list[str] | None = None) -> list[list[Chunk]]:
+    """The `top_k` chunks for each question, best first; question embeddings are computed in batches.
+    `node_ids` restricts the search to those chunks (LlamaIndex's `VectorIndexRetriever(node_ids=...)`): prep's
+    training rows see only train-region chunks."""
+    from llama_index.core.indices.vector_store.retrievers import VectorIndexRetriever
     from llama_index.core.schema import QueryBundle
 
     embed_model = index._embed_model
@@ -84,7 +94,8 @@ def retrieve(index: "VectorStoreIndex", questions: list[str], top_k: int) -> lis
             embeddings.extend(embed_model._embed(batch, prompt_name="query"))
         else:
             embeddings.extend(embed_model.get_query_embedding(q) for q in batch)
-    retriever = index.as_retriever(similarity_top_k=top_k)
+    retriever = (index.as_retriever(similarity_top_k=top_k) if node_ids is None
+                 else VectorIndexRetriever(index, similarity_top_k=top_k, node_ids=node_ids))
     results = []
     for question, embedding in zip(questions, embeddings):
         hits = retriever.retrieve(QueryBundle(query_str=question, embedding=embedding))
@@ -96,7 +107,7 @@ def retrieve(index: "VectorStoreIndex", questions: list[str], top_k: int) -> lis
     return results
 
 
-def build_rag_messages(question: str, contexts: list[str], prep_config: DataPrepConfig) -> list[dict[str, str]]:
+def build_rag_messages(question: str, contexts: list[str], prep_config: RagPrompts) -> list[dict[str, str]]:
     """System + user messages for a question answered from retrieved contexts (train and eval use this).
 
     Contexts are joined the way LlamaIndex's response synthesizer joins chunks (blank line between).
@@ -106,6 +117,6 @@ def build_rag_messages(question: str, contexts: list[str], prep_config: DataPrep
     return [{"role": "system", "content": prep_config.system_prompt}, {"role": "user", "content": user}]
 
 
-def build_closed_book_messages(question: str, prep_config: DataPrepConfig) -> list[dict[str, str]]:
+def build_closed_book_messages(question: str, prep_config: RagPrompts) -> list[dict[str, str]]:
     """System + user messages for a question asked without any context (closed-book mode)."""
     return [{"role": "system", "content": prep_config.closed_book_system_prompt}, {"role": "user", "content": question}]

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from ragtune.errors import UserFacingError
+from ragtune.core.errors import UserFacingError
 
 
 class ArtifactError(UserFacingError, ValueError):
     """A JSONL artifact cannot be read; the message names the file and line."""
 
 
-def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, row) for every non-empty line; line numbers are 1-based."""
+def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False,
+               on_error: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, row) for every non-empty line; line numbers are 1-based. A bad line raises
+    ArtifactError naming it, or, with `on_error(line_number, problem)`, is reported there and skipped (to list
+    every bad line at once)."""
     path = Path(path)
     with path.open("r", encoding="utf-8") as handle:
         lines = handle.readlines()
@@ -32,13 +35,15 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
             is_last = number == len(lines) and not line.endswith("\n")
             if tolerate_torn_tail and is_last:
                 return
-            raise ArtifactError(
-                f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
-                "Fix or delete that line and run again."
-            ) from None
-        if not isinstance(row, dict):
-            raise ArtifactError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
-        yield number, row
+            problem = f"not valid JSON ({err.msg} at column {err.colno})"
+        else:
+            if isinstance(row, dict):
+                yield number, row
+                continue
+            problem = f"expected a JSON object per line, got {type(row).__name__}"
+        if on_error is None:
+            raise ArtifactError(f"{path}:{number}: {problem}. Fix or delete that line and run again.")
+        on_error(number, problem)
 
 
 def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> list[dict[str, Any]]:
@@ -80,9 +85,22 @@ class JsonlAppender:
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             self.rows = read_jsonl(self.path, tolerate_torn_tail=True)
-            write_jsonl(self.path, self.rows)
+            self._drop_torn_tail()
         self.done_keys = {row[key] for row in self.rows if key in row}
         self._handle = self.path.open("a", encoding="utf-8")
+
+    def _drop_torn_tail(self) -> None:
+        """Rewrite the file as its complete rows when it does not end in a newline (a killed run's torn line),
+        through a per-process tmp name: two processes opening one file must not rename each other's tmp away."""
+        size = self.path.stat().st_size
+        with self.path.open("rb") as handle:
+            handle.seek(max(size - 1, 0))
+            if size == 0 or handle.read(1) == b"\n":
+                return
+        tmp = self.path.with_suffix(f"{self.path.suffix}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
+        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         if row.get(self.key) in self.done_keys:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtune.errors import UserFacingError
+from ragtune.core.errors import UserFacingError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`ragtune validate FILE.jsonl`: check a chat-format training file and describe it before paying for training.
+"""Chat-format training rows: the one set of rules every reader applies (prep, train, `ragtune validate`).
 
 The rules are OpenAI's fine-tuning format checks (every row a `messages` list of system/user/assistant
 messages with non-empty string content, the last one from the assistant) plus ragtune's own: every
@@ -10,12 +10,13 @@ teacher's cost when a price is configured.
 
 from __future__ import annotations
 
-import json
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ragtune.errors import UserFacingError
+from ragtune.core.artifacts import iter_jsonl
+from ragtune.core.errors import UserFacingError
 
 ROLES = {"system", "user", "assistant"}
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
@@ -57,6 +58,27 @@ def row_problems(row: Any) -> list[str]:
     return problems
 
 
+def read_chat_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every row; DatasetError lists every bad line (not only the first) and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found. Run `ragtune prep CONFIG` first (it writes the training data).")
+    bad: list[str] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, row in iter_jsonl(path, on_error=lambda number, problem: bad.append(f"{path}:{number}: {problem}")):
+        problems = row_problems(row)
+        if problems:
+            bad.append(f"{path}:{number}: " + "; ".join(problems))
+        else:
+            rows.append((number, row))
+    if bad:
+        listed = "\n".join(bad[:MAX_LISTED]) + (f"\n... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+        raise DatasetError(f"{path}: {len(bad)} bad row(s) — fix or delete them and run again:\n{listed}")
+    if not rows:
+        raise DatasetError(f"{path}: no training rows (the file is empty). Run `ragtune prep CONFIG` to produce them.")
+    return rows
+
+
 def validate_chat_jsonl(
     path: str | Path,
     tokenizer: Any = None,
@@ -72,33 +94,9 @@ def validate_chat_jsonl(
     prices: (USD per million input tokens, USD per million output tokens) of the teacher, for a cost estimate;
         uses the teacher's own token counts from `meta.usage` when rows carry them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found.")
-    bad: list[str] = []
-    rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.append(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            problems = row_problems(row)
-            if problems:
-                bad.append(f"{path}:{number}: " + "; ".join(problems))
-            else:
-                rows.append((number, row))
-    if bad:
-        listed = "\n".join(bad[:MAX_LISTED]) + (f"\n... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        raise DatasetError(f"{path}: {len(bad)} bad row(s) — fix or delete them and run again:\n{listed}")
-    if not rows:
-        raise DatasetError(f"{path}: no training rows (the file is empty).")
-
+    rows = read_chat_rows(path)
     stats: dict[str, Any] = {"file": str(path), "rows": len(rows), "epochs": epochs,
-                             "rows_by_mode": _count(row.get("meta", {}).get("mode", "unknown") for _, row in rows)}
+                             "rows_by_mode": dict(Counter(row.get("meta", {}).get("mode", "unknown") for _, row in rows))}
     if tokenizer is not None:
         counts = [_token_counts(tokenizer, row["messages"]) for _, row in rows]
         lengths = [total for total, _ in counts]
@@ -150,10 +148,3 @@ def _teacher_cost(rows: list[tuple[int, dict[str, Any]]], prices: tuple[float, f
     usd = prompt_tokens / 1e6 * input_price + completion_tokens / 1e6 * output_price
     return {"usd": round(usd, 4), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "rows_estimated_without_usage": estimated}
-
-
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts

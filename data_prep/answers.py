@@ -1,0 +1,167 @@
+"""Teacher answers for prep's training rows: best-of-N candidates, one longer retry of a truncated answer, the
+answer gates (`gates.py`), an optional LLM faithfulness verdict by the judge, and the row (or rejected row) each
+question ends as. Nothing is lost: a question is a kept row in data/train.jsonl or a rejected one, with every
+candidate's text and reason, in data/answers.rejected.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from ragtune.core.artifacts import JsonlAppender
+from ragtune.core.grounding import final_answer
+from ragtune.core.rag import build_closed_book_messages
+from ragtune.data_prep.config import DataPrepConfig
+from ragtune.data_prep.gates import Verdict, check_answer, pick_best
+from ragtune.data_prep.state import LazyBackend
+
+if TYPE_CHECKING:
+    from ragtune.config import RagtuneConfig
+
+FAITHFUL_SCHEMA = {"title": "faithful", "type": "object", "properties": {"faithful": {"type": "boolean"}},
+                   "required": ["faithful"], "additionalProperties": False}
+FAITHFUL_PROMPT = (
+    "Context information is below.\n---------------------\n{context_str}\n---------------------\n"
+    "Is every statement of the answer below supported by the context information? "
+    'Reply with JSON: {"faithful": true} or {"faithful": false}.\nAnswer: {answer}'
+)
+
+
+@dataclass
+class AnswerJob:
+    """One training question with the exact messages eval will send and the contexts they hold."""
+
+    question: dict[str, Any]
+    messages: list[dict[str, str]]
+    contexts: list[str]
+    context_ids: list[str]
+    oracle_in: bool
+
+
+def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBackend, judge: LazyBackend,
+               rows: JsonlAppender, rejected: JsonlAppender, failures: JsonlAppender) -> int:
+    """Answer the questions not done yet, batch by batch; returns how many were answered (kept or rejected) now."""
+    # Batches group prompts of similar length (less padding) in a fixed order, so a resumed run regenerates
+    # a partly saved batch with exactly the same neighbours (same padding) and gets exactly the same rows.
+    done = rows.done_keys | rejected.done_keys
+    order = sorted((j for j in jobs if j.question["id"] not in done),
+                   key=lambda j: (len(j.messages[-1]["content"]), j.question["id"]))
+    generated = 0
+    with tqdm(total=len(jobs), initial=len(jobs) - len(order), desc="teacher answers", unit="row") as bar:
+        batch_size = max(1, teacher.get().batch_size // config.teacher.num_candidates) if order else 1
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            per_job = _candidates(batch, config, teacher)
+            verdicts = [gate(job, candidates, config.data_prep) for job, candidates in zip(batch, per_job)]
+            if config.data_prep.answer_gates.llm_faithfulness:
+                _judge_faithfulness(batch, per_job, verdicts, judge)
+            for job, candidates, job_verdicts in zip(batch, per_job, verdicts):
+                if all(c.error is not None for c in candidates):
+                    failures.append({"id": f"answers:{job.question['id']}:{time.time_ns()}", "step": "answers",
+                                     "question_id": job.question["id"], "error": candidates[0].error})
+                    continue
+                _keep_or_reject(job, candidates, job_verdicts, config, teacher.get().model_name, rows, rejected)
+                generated += 1
+                bar.update(1)
+    return generated
+
+
+def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBackend) -> list[list[Any]]:
+    """Per question: the answer at teacher.temperature and num_candidates - 1 samples; when every one of them was
+    cut at max_new_tokens, the first is asked again once with a larger budget."""
+    role, prep = config.teacher, config.data_prep
+    backend = teacher.get()
+    views = [teacher_view(job.messages, prep) for job in batch]
+    answers = backend.chat(views, temperature=role.temperature)
+    per_job = [[answer] for answer in answers]
+    if role.num_candidates > 1:
+        samples = backend.chat([v for v in views for _ in range(role.num_candidates - 1)],
+                               temperature=role.candidate_temperature)
+        for k, job_candidates in enumerate(per_job):
+            job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
+    gates = prep.answer_gates
+    retry = [k for k, cands in enumerate(per_job) if gates.enabled and all(c.finish_reason == "length" for c in cands)]
+    if retry:
+        again = backend.chat([views[k] for k in retry], max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens,
+                             temperature=role.temperature)
+        for k, answer in zip(retry, again):
+            per_job[k][0] = answer
+    return per_job
+
+
+def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Verdict]:
+    """The answer gates' verdict on every candidate (with the gates off: every non-empty answer passes)."""
+    gates = prep.answer_gates
+    verdicts = [check_answer(c.text, c.finish_reason, job.contexts, oracle_in_context=job.oracle_in,
+                             chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
+                             min_grounding=gates.min_grounding)
+                if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
+    if not gates.enabled:
+        verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal)
+                    for c, v in zip(candidates, verdicts)]
+    return verdicts
+
+
+def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdicts: list[list[Verdict]],
+                        judge: LazyBackend) -> None:
+    """The judge's verdict on every candidate that passed the other gates (InstructLab-style filter): one that the
+    judge calls unfaithful, or whose verdict is not valid JSON, is rejected as "unfaithful"."""
+    pairs = [(k, i) for k, job_verdicts in enumerate(verdicts) for i, v in enumerate(job_verdicts) if v.ok]
+    if not pairs:
+        return
+    prompts = [[{"role": "user", "content": FAITHFUL_PROMPT.replace("{context_str}", "\n\n".join(batch[k].contexts))
+                 .replace("{answer}", final_answer(per_job[k][i].text))}] for k, i in pairs]
+    for (k, i), answer in zip(pairs, judge.get().chat(prompts, max_new_tokens=16, json_schema=FAITHFUL_SCHEMA)):
+        try:
+            faithful = answer.error is None and json.loads(answer.text).get("faithful") is True
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            faithful = False
+        if not faithful:
+            v = verdicts[k][i]
+            verdicts[k][i] = Verdict(False, "unfaithful", v.grounding, v.refusal,
+                                     f"the judge: {(answer.error or answer.text or '')[:80]!r}")
+
+
+def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdict], config: "RagtuneConfig",
+                    teacher_model: str, rows: JsonlAppender, rejected: JsonlAppender) -> None:
+    """The best grounded candidate that passed becomes the training row(s), else the question is one rejected row."""
+    prep = config.data_prep
+    best = pick_best(verdicts)
+    if best is None:
+        rejected.append({
+            "id": job.question["id"], "question_id": job.question["id"], "question": job.question["question"],
+            "reason": Counter(v.reason for v in verdicts).most_common(1)[0][0], "context_ids": job.context_ids,
+            "oracle_in_context": job.oracle_in,
+            "candidates": [{"text": c.text, "reason": v.reason, "detail": v.detail, "grounding": round(v.grounding, 3),
+                            "finish_reason": c.finish_reason} for c, v in zip(candidates, verdicts)],
+        })
+        return
+    chosen, verdict = candidates[best], verdicts[best]
+    meta = {"question_id": job.question["id"], "source_chunk_id": job.question["source_chunk_id"],
+            "retrieved_ids": job.context_ids, "oracle_in_context": job.oracle_in, "teacher_model": teacher_model,
+            "mode": "rag", "grounding": round(verdict.grounding, 3), "refusal": verdict.refusal,
+            "candidate": best, "candidates": len(candidates), "finish_reason": chosen.finish_reason,
+            "retried": chosen.completion_tokens > config.teacher.max_new_tokens,
+            "usage": {"prompt_tokens": sum(c.prompt_tokens for c in candidates),
+                      "completion_tokens": sum(c.completion_tokens for c in candidates)}}
+    answer = chosen.text.strip()
+    if prep.closed_book_rows:  # written first: the RAG row's id marks the pair as done
+        rows.append({"id": f"{job.question['id']}:closed_book",
+                     "messages": build_closed_book_messages(job.question["question"], prep)
+                     + [{"role": "assistant", "content": final_answer(answer)}],
+                     "meta": {**meta, "mode": "closed_book", "retrieved_ids": [], "usage": None}})
+    rows.append({"id": job.question["id"], "messages": job.messages + [{"role": "assistant", "content": answer}],
+                 "meta": meta})
+
+
+def teacher_view(messages: list[dict[str, str]], prep: DataPrepConfig) -> list[dict[str, str]]:
+    """What the teacher is sent: the training messages, plus the chain-of-thought instruction in RAFT CoT mode
+    (the saved row keeps the plain messages, which are the ones eval sends)."""
+    if not (prep.raft.enabled and prep.raft.chain_of_thought):
+        return messages
+    return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + prep.raft.chain_of_thought_instruction}]

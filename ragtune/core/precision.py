@@ -1,0 +1,210 @@
+"""Which number format trains (and generates) fastest on this machine: measured, not assumed.
+
+CPUs disagree. On an AMD EPYC with avx512_bf16 a bf16 GEMM of SmolLM2-135M's training shape ran 4x fp32;
+on an AVX2-only AMD EPYC (no avx512, no AMX) the same bf16 GEMM ran at 1/40 of fp32, because oneDNN has no
+bf16 kernel there and torch falls back to a reference loop. A constant is wrong on one of them, so a short
+probe times the GEMMs the training does (every linear layer's shape: forward and input-gradient, the work of
+LoRA over a frozen base) in each candidate format, and the fastest wins. The result is cached per machine in
+ragtune's cache folder (`<cache>/precision/`), keyed by CPU model, CPU flags, torch version, thread count and
+the shapes, so a machine probes once (~0.1-0.3 s); a lock keeps launcher ranks from probing at the same time
+and so from choosing differently.
+
+Formats (`MODES`):
+- `fp32`: fp32 weights and activations.
+- `bf16_autocast`: fp32 weights, matmuls in bf16 under `torch.autocast` (TrainingArguments `bf16=True`);
+  the frozen weights are cast again on every call.
+- `bf16_weights`: the frozen base stored in bf16 (LoRA adapters stay fp32, PEFT's `autocast_adapter_dtype`),
+  activations in bf16, no per-call weight casts. Only for a frozen, unquantized base.
+
+CUDA/XPU are not probed: bf16 where the device supports it (`choose_dtype`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ragtune.core.artifacts import write_json
+from ragtune.core.models import cache_dir
+
+FP32, BF16_AUTOCAST, BF16_WEIGHTS = "fp32", "bf16_autocast", "bf16_weights"
+MODES = (FP32, BF16_AUTOCAST, BF16_WEIGHTS)
+# Rows of each probe GEMM: a slice of a training batch (4 x 768 tokens), large enough to run the kernels a
+# batch runs, small enough that a pass stays near PASS_FLOPS (~40 ms at fp32's 60 GFLOP/s on a 2-core EPYC).
+# Wide models get fewer rows (down to 16), so an 8B model's probe stays under a second too.
+PROBE_ROWS = 256
+PASS_FLOPS = 2.5e9
+# A bf16 format must beat fp32 by this much to be chosen: fp32 rounds less, and probes on a busy machine
+# vary by ~5%.
+MARGIN = 1.1
+# A format whose screening pass takes this many times the best one's is out (and its probe stops early):
+# on the AVX2 EPYC bf16 ran 40x slower, and finishing its pass would take seconds.
+SCREEN_OUT = 3.0
+# SmolLM2-135M's layer shapes, for callers that have no model config at hand.
+DEFAULT_SHAPES = ((576, 576), (576, 1536), (1536, 576))
+
+
+def linear_shapes(model_config: Any) -> list[tuple[int, int]]:
+    """(in_features, out_features) of a decoder layer's distinct linear layers: attention, MLP up, MLP down."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text, "hidden_size", None)
+    inner = getattr(text, "intermediate_size", None) or (4 * hidden if hidden else None)
+    if not hidden:
+        return list(DEFAULT_SHAPES)
+    return sorted({(hidden, hidden), (hidden, inner), (inner, hidden)})
+
+
+def machine() -> dict[str, Any]:
+    """What decides the probe's answer: CPU model and flags, torch version, intra-op threads."""
+    import torch
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    # Without /proc/cpuinfo, the instruction-set level torch detected stands in for the flag list.
+    flags = info.get("flags") or info.get("Features") or torch.backends.cpu.get_cpu_capability()
+    return {"cpu": cpu, "flags": " ".join(sorted(flags.split())), "isa": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def probe_rows(shapes: list[tuple[int, int]], backward: bool) -> int:
+    """Rows per probe GEMM: PROBE_ROWS, fewer for wide layers (a pass near PASS_FLOPS), at least 16."""
+    return max(16, min(PROBE_ROWS, int(PASS_FLOPS / _flops(shapes, 1, backward))))
+
+
+def cache_file(shapes: list[tuple[int, int]], modes: Iterable[str], backward: bool) -> Path:
+    """The cache entry of one probe on this machine."""
+    identity = {**machine(), "shapes": [list(s) for s in shapes], "modes": list(modes), "backward": backward,
+                "rows": probe_rows(shapes, backward)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "precision" / f"{key}.json"
+
+
+def _operands(mode: str, rows: int, k: int, n: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    act = torch.float32 if mode in (FP32, BF16_AUTOCAST) else torch.bfloat16
+    out = torch.float32 if mode == FP32 else torch.bfloat16
+    weight = (torch.randn(n, k) * 0.02).to(act)
+    return torch.randn(rows, k, dtype=act), weight, torch.randn(rows, n, dtype=out)
+
+
+def _timed_pass(mode: str, operands: list[tuple[Any, Any, Any]], backward: bool, stop_after: float
+                ) -> tuple[float, float, bool]:
+    """One forward (+ input-gradient) pass over the shapes: (seconds, FLOPs done, complete). It stops at the
+    first GEMM that ends past `stop_after` seconds, so a format far slower than the best costs one GEMM."""
+    import torch
+    import torch.nn.functional as F
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == BF16_AUTOCAST)
+    flops, start = 0.0, time.perf_counter()
+    for x, weight, grad in operands:
+        gemm = 2 * x.shape[0] * x.shape[1] * weight.shape[0]
+        x = x.detach().requires_grad_(backward)
+        with torch.set_grad_enabled(backward), autocast:
+            y = F.linear(x, weight)
+        flops += gemm
+        if time.perf_counter() - start > stop_after:
+            return time.perf_counter() - start, flops, False
+        if backward:
+            y.backward(grad)
+            flops += gemm
+            if time.perf_counter() - start > stop_after:
+                return time.perf_counter() - start, flops, False
+    return time.perf_counter() - start, flops, True
+
+
+def _flops(shapes: list[tuple[int, int]], rows: int, backward: bool) -> float:
+    return sum(2 * rows * k * n for k, n in shapes) * (2 if backward else 1)
+
+
+def run_probe(shapes: list[tuple[int, int]], modes: Iterable[str], backward: bool = True) -> dict[str, Any]:
+    """GFLOP/s of each format on these shapes, now: three interleaved passes, best of three.
+
+    Every pass stops once it has run `SCREEN_OUT` x the best complete pass so far; such a format is out
+    (its GFLOP/s is the rate of the GEMMs it finished) on its second stop, or on its first when it ran at
+    under a tenth of the best rate, so a format 40x slower costs one GEMM, not seconds.
+    """
+    modes, rows = list(modes), probe_rows(shapes, backward)
+    start = time.perf_counter()
+    for mode in modes:  # the first call of each kind initialises oneDNN and the thread pool
+        _timed_pass(mode, [_operands(mode, 8, *shapes[0])], backward, float("inf"))
+    operands = {m: [_operands(m, rows, k, n) for k, n in shapes] for m in modes}
+    best, rate, stops, alive = float("inf"), {m: 0.0 for m in modes}, {m: 0 for m in modes}, list(modes)
+    for _ in range(3):
+        for mode in list(alive):
+            seconds, flops, complete = _timed_pass(mode, operands[mode], backward, SCREEN_OUT * best)
+            rate[mode] = max(rate[mode], flops / seconds / 1e9)
+            if complete:
+                best = min(best, seconds)
+                continue
+            stops[mode] += 1
+            if stops[mode] == 2 or rate[mode] < max(rate.values()) / 10:
+                alive.remove(mode)
+    return {"gflops": {m: round(r, 1) for m, r in rate.items()}, "stopped_early": [m for m in modes if m not in alive],
+            "rows": rows, "shapes": [list(s) for s in shapes], "backward": backward,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def probe(shapes: list[tuple[int, int]], modes: Iterable[str], backward: bool = True) -> dict[str, Any]:
+    """`run_probe`, once per machine: the cached result when there is one (`cached: true`)."""
+    from filelock import FileLock
+
+    modes = list(modes)
+    path = cache_file(shapes, modes, backward)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return {**json.loads(path.read_text(encoding="utf-8")), "cached": True, "cache_file": str(path)}
+            except (OSError, ValueError):
+                pass  # a damaged entry is measured again
+        result = {**run_probe(shapes, modes, backward), **machine()}
+        write_json(path, result)
+    return {**result, "cached": False, "cache_file": str(path)}
+
+
+def pick(gflops: dict[str, float]) -> str:
+    """The fastest format; a bf16 one only when it beats fp32 by `MARGIN`."""
+    if not gflops:
+        return FP32
+    fastest = max(gflops, key=gflops.__getitem__)
+    if FP32 in gflops and fastest != FP32 and gflops[fastest] < MARGIN * gflops[FP32]:
+        return FP32
+    return fastest
+
+
+def device_bf16(device_type: str) -> bool:
+    """Whether a CUDA/XPU device runs bf16 natively (Ampere and newer, every XPU)."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "xpu"
+
+
+def choose_dtype(device: str | None = None, model_config: Any = None) -> str:
+    """The torch dtype name (`float32`/`bfloat16`/`float16`) for in-process generation on `device`.
+
+    CUDA: bfloat16 where supported, else float16. XPU: bfloat16. CPU: the faster of fp32 and bf16 weights in a
+    forward-only probe of the model's shapes (`model_config`, else SmolLM2-135M's), cached per machine.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = device.split(":")[0]
+    if device_type in ("cuda", "xpu"):
+        return "bfloat16" if device_bf16(device_type) else "float16"
+    if device_type != "cpu":
+        return "float32"
+    shapes = linear_shapes(model_config) if model_config is not None else list(DEFAULT_SHAPES)
+    return "bfloat16" if pick(probe(shapes, (FP32, BF16_WEIGHTS), backward=False)["gflops"]) == BF16_WEIGHTS else "float32"

@@ -1,0 +1,250 @@
+"""The teacher-answer gates (data_prep/gates.py): hand-written cases from the 10-K's wording, then real answers
+of the embedded teacher (SmolLM2-135M-Instruct) on real chunks of the excerpt."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragtune.data_prep import gates
+from ragtune.data_prep.gates import Verdict, check_answer
+
+SEGMENTS = ("As of December 31, 2021, we had three operating segments: Mobility, Delivery and Freight. "
+            "Mobility connects consumers with a wide range of transportation modalities, such as ridesharing.")
+DRIVERS = "In 2021, 4.6 million Drivers and couriers earned $30.0 billion on our platform, in over 10,000 cities."
+CONTEXTS = [SEGMENTS, DRIVERS]
+
+
+# --- words and grounding --------------------------------------------------------------------------
+
+
+def test_content_words_drop_stopwords_plurals_and_keep_numbers_exact() -> None:
+    assert gates.content_words("What are the three operating segments of Uber in 2021?") == [
+        "three", "operating", "segment", "uber", "2021"]
+    assert gates.content_words("earned $30.0 billion, in 10,000 cities.") == ["earned", "30.0", "billion", "10,000", "citie"]
+    assert gates.content_words("Based on the context, it is.") == []
+
+
+def test_lexical_overlap() -> None:
+    assert gates.lexical_overlap("What are the three operating segments?", SEGMENTS) == 1.0
+    assert gates.lexical_overlap("What is the context of the question?", SEGMENTS) == 0.0
+    assert gates.lexical_overlap("How many segments did Uber report in 2021?", SEGMENTS) == pytest.approx(2 / 5)
+
+
+def test_grounding_scores_content_word_pairs_found_in_a_context() -> None:
+    # pairs: uber-three (not in the context), three-operating, operating-segment, segment-mobility, ... (found)
+    assert gates.grounding("Uber had three operating segments: Mobility, Delivery and Freight.", CONTEXTS) == pytest.approx(5 / 6)
+    assert gates.grounding("The segments are Mobility, Delivery, and Freight.", CONTEXTS) == 1.0
+    assert gates.grounding("Drivers and couriers earned $30.0 billion in 2021.", CONTEXTS) == pytest.approx(4 / 5)
+    # numbers match exactly: the wrong amount breaks both of its pairs
+    assert gates.grounding("Drivers earned $30.0 billion.", CONTEXTS) == pytest.approx(2 / 3)
+    assert gates.grounding("Drivers earned $31.0 billion.", CONTEXTS) == 0.0
+    # the words of a context in another order, or split across two contexts, are not support
+    assert gates.grounding("Freight connects Drivers with Delivery.", CONTEXTS) == 0.0
+    assert gates.grounding("Freight cities", CONTEXTS) == 0.0
+    invented = "The product is a comprehensive and innovative solution to the growing demand of healthcare professionals."
+    assert gates.grounding(invented, CONTEXTS) == 0.0
+    # one content word: found or not; none: 0
+    assert gates.grounding("Freight.", CONTEXTS) == 1.0
+    assert gates.grounding("Airplanes.", CONTEXTS) == 0.0
+    assert gates.grounding("It is.", CONTEXTS) == 0.0
+
+
+# --- degenerate answers and refusals --------------------------------------------------------------
+
+
+def test_repetition_finds_loops_and_spares_normal_answers() -> None:
+    loop = "Uber's platform connects riders. The platform is the platform is the platform is the platform is good."
+    assert gates.repetition(loop) == "the platform is the"
+    sentence = "Uber operates in many cities. It has three segments. Uber operates in many cities."
+    assert gates.repetition(sentence) == "Uber operates in many cities."
+    assert gates.repetition("Uber had three operating segments: Mobility, Delivery and Freight.") is None
+    assert gates.repetition("The number of trips grew; the number of drivers grew; the number of cities fell.") is None
+
+
+@pytest.mark.parametrize("answer", [
+    "The context does not say how many employees Uber has.",
+    "The provided text doesn't mention the purpose of OpenSesame.",
+    "This information is not provided in the context.",
+    "I cannot answer this question based on the given context.",
+    "There is no information about Careem in the passage.",
+    "I don't know.",
+])
+def test_is_refusal(answer: str) -> None:
+    assert gates.is_refusal(answer)
+
+
+@pytest.mark.parametrize("answer", [
+    "Uber does not provide insurance to drivers in every market.",
+    "Drivers are not employees; they are independent contractors.",
+    "Mobility connects consumers with transportation modalities.",
+])
+def test_is_not_refusal(answer: str) -> None:
+    assert not gates.is_refusal(answer)
+
+
+# --- RAFT chain of thought ------------------------------------------------------------------------
+
+
+def test_final_answer_is_the_text_after_the_last_tag() -> None:
+    assert gates.final_answer("Reasoning. <ANSWER>: first <ANSWER>: Mobility, Delivery and Freight. ") == \
+        "Mobility, Delivery and Freight."
+    assert gates.final_answer("  Mobility, Delivery and Freight.\n") == "Mobility, Delivery and Freight."
+    assert gates.final_answer("Reasoning only. <ANSWER>:  ") == ""
+
+
+def test_quotes_must_be_verbatim_up_to_case_whitespace_and_outer_punctuation() -> None:
+    good = ("The passage says ##begin_quote##we had three   operating\nsegments: Mobility, Delivery and "
+            "Freight.##end_quote## and ##begin_quote## “4.6 million Drivers and couriers” ##end_quote##")
+    assert gates.quotes(good)[0].startswith("we had three")
+    assert gates.bad_quote(good, CONTEXTS) is None
+    invented = "##begin_quote##we had four operating segments##end_quote##"
+    assert gates.bad_quote(invented, CONTEXTS) == "we had four operating segments"
+    straddling = "##begin_quote##Mobility connects consumers In 2021##end_quote##"
+    assert gates.bad_quote(straddling, CONTEXTS) is not None
+    assert gates.bad_quote("##begin_quote## ##end_quote##", CONTEXTS) == ""
+    assert gates.bad_quote("##begin_quote##three operating segments", CONTEXTS) is None  # unclosed: checked to the end
+
+
+# --- the verdict ----------------------------------------------------------------------------------
+
+
+def test_check_answer_keeps_a_grounded_finished_answer() -> None:
+    verdict = check_answer("Uber had three operating segments: Mobility, Delivery and Freight.", "stop", CONTEXTS)
+    assert verdict == Verdict(True, None, pytest.approx(5 / 6), False)
+
+
+@pytest.mark.parametrize(("text", "finish", "kwargs", "reason"), [
+    ("", "stop", {}, "empty"),
+    (None, "stop", {}, "empty"),
+    ("Uber had three operating segments: Mobility, Delivery and", "length", {}, "truncated"),
+    ("It is a comprehensive solution for healthcare professionals and hospitals.", "stop", {}, "ungrounded"),
+    ("the segments are the segments are the segments are the segments are", "length", {}, "repetition"),
+    ("The context does not say which segments Uber has.", "stop", {}, "refusal_with_oracle"),
+    ("Mobility, Delivery and Freight.", "stop", {"chain_of_thought": True}, "missing_answer_tag"),
+    ("##begin_quote##we had four segments##end_quote## <ANSWER>: Four.", "stop", {"chain_of_thought": True}, "bad_quote"),
+    ("##begin_quote##three operating segments##end_quote## <ANSWER>:", "stop", {"chain_of_thought": True}, "empty"),
+])
+def test_check_answer_rejects_with_a_reason(text: str | None, finish: str, kwargs: dict, reason: str) -> None:
+    verdict = check_answer(text, finish, CONTEXTS, **kwargs)
+    assert not verdict.ok and verdict.reason == reason
+
+
+def test_refusal_is_kept_only_without_the_oracle() -> None:
+    refusal = "The context does not say how many employees Uber has."
+    assert check_answer(refusal, "stop", CONTEXTS, oracle_in_context=False) == Verdict(True, None, 0.0, True)
+    assert check_answer(refusal, "stop", CONTEXTS, oracle_in_context=True).reason == "refusal_with_oracle"
+
+
+def test_chain_of_thought_answer_is_graded_on_its_final_answer() -> None:
+    text = ("The context says ##begin_quote##we had three operating segments: Mobility, Delivery and Freight"
+            "##end_quote##, so there are three.\n<ANSWER>: Mobility, Delivery and Freight.")
+    verdict = check_answer(text, "stop", CONTEXTS, chain_of_thought=True)
+    assert verdict.ok and verdict.grounding == 1.0
+    assert check_answer(text, "stop", CONTEXTS, chain_of_thought=True, min_grounding=1.01).reason == "ungrounded"
+
+
+def test_finish_reason_reported_or_inferred_from_the_budget() -> None:
+    from ragtune.core.llm import Completion
+
+    assert gates.finish_reason(Completion("a", completion_tokens=64), 64) == "length"
+    assert gates.finish_reason(Completion("a", completion_tokens=12), 64) == "stop"
+    reported = Completion("a", completion_tokens=64)
+    reported.finish_reason = "stop"  # type: ignore[attr-defined]  # a backend that knows it produced EOS
+    assert gates.finish_reason(reported, 64) == "stop"
+
+
+def test_pick_best_takes_the_best_grounded_ok_candidate() -> None:
+    candidates = [Verdict(False, "truncated", 0.9), Verdict(True, None, 0.7), Verdict(True, None, 0.8),
+                  Verdict(True, None, 0.8)]
+    assert gates.pick_best(candidates) == 2
+    assert gates.pick_best([Verdict(False, "empty")]) is None
+    assert gates.pick_best([]) is None
+
+
+# --- near-duplicate questions ---------------------------------------------------------------------
+
+
+def test_near_duplicate_questions_points_at_the_earlier_kept_one() -> None:
+    embeddings = [[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.98, 0.2], [0.1, 0.99]]
+    questions = [f"q{i}" for i in range(len(embeddings))]
+    assert gates.near_duplicate_questions(questions, embeddings, threshold=0.95) == [None, 0, None, 0, 2]
+    assert gates.near_duplicate_questions([], [], threshold=0.9) == []
+
+
+# --- real answers of the embedded teacher on real chunks of the excerpt ----------------------------
+
+# (a phrase that picks the oracle chunk, a question that chunk answers)
+REAL_CASES = [
+    ("over 6 million members", "How many members did Uber's membership programs have when it exited 2021?"),
+    ("Arizona State University", "How many Drivers and family members enrolled in the Arizona State University program?"),
+    ("We were founded in 2009", "When was Uber founded and under which name was it incorporated?"),
+    ("Seattle City Council", "What did the Seattle City Council pass in October 2020?"),
+]
+SHORT_ANSWER = "Answer in one or two sentences using only the context."
+
+
+@pytest.fixture(scope="module")
+def teacher_outputs(excerpt_chunks: list[str]) -> dict:
+    """The teacher's answers to REAL_CASES with [oracle, distractor] contexts (96 and 4 new tokens), and its
+    closed-book answers to the same questions: invented by construction."""
+    from ragtune.core.llm import HFChatBackend
+    from ragtune.core.models import SMOLLM2_ALIAS
+    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
+    from ragtune.data_prep.config import DataPrepConfig
+
+    chunks = excerpt_chunks
+    distractor = next(c for c in chunks if "forward-looking statements" in c)
+    contexts = [[next(c for c in chunks if phrase in c), distractor] for phrase, _ in REAL_CASES]
+    prompts = DataPrepConfig(system_prompt=SHORT_ANSWER)
+    rag = [build_rag_messages(q, ctx, prompts) for (_, q), ctx in zip(REAL_CASES, contexts)]
+    teacher = HFChatBackend(SMOLLM2_ALIAS, batch_size=8)
+    return {"contexts": contexts,
+            "rag": teacher.chat(rag, max_new_tokens=96),
+            "cut": teacher.chat(rag, max_new_tokens=4),
+            "closed_book": teacher.chat([build_closed_book_messages(q, prompts) for _, q in REAL_CASES], max_new_tokens=96)}
+
+
+@pytest.fixture(scope="module")
+def excerpt_chunks(excerpt_pdf) -> list[str]:
+    """The excerpt split as the demo splits its documents (SentenceSplitter, chunk_size 256)."""
+    from llama_index.core.node_parser import SentenceSplitter
+
+    from ragtune.data_prep.documents import load_documents
+
+    documents, _ = load_documents([excerpt_pdf])
+    return [n.get_content() for n in SentenceSplitter(chunk_size=256, chunk_overlap=32).get_nodes_from_documents(documents)]
+
+
+def test_quotes_of_real_pdf_text_pass_with_straight_quotes_and_other_line_breaks(excerpt_chunks: list[str]) -> None:
+    """The PDF's curly quotes and paragraph breaks against a model's straight quotes on one line."""
+    chunks = excerpt_chunks
+    overview = next(c for c in chunks if "ITEM 1. BUSINESS" in c)
+    assert "\u201cUber,\u201d" in overview and "\n\nOverview\n\n" in overview
+    answer = ('##begin_quote##Overview Uber Technologies, Inc. ("Uber," "we," "our," or "us") is a technology '
+              "platform##end_quote##\n<ANSWER>: Uber is a technology platform.")
+    assert check_answer(answer, "stop", chunks[:1] + [overview], chain_of_thought=True).ok
+    misquoted = answer.replace("technology platform##", "transportation company##")
+    assert check_answer(misquoted, "stop", [overview], chain_of_thought=True).reason == "bad_quote"
+    assert check_answer(answer, "stop", [chunks[0]], chain_of_thought=True).reason == "bad_quote"
+
+
+@pytest.mark.slow
+def test_real_answers_cut_by_the_budget_are_rejected_as_truncated(teacher_outputs: dict) -> None:
+    for completion, contexts in zip(teacher_outputs["cut"], teacher_outputs["contexts"]):
+        assert completion.completion_tokens == 4
+        verdict = check_answer(completion.text, gates.finish_reason(completion, 4), contexts)
+        assert verdict.reason == "truncated", completion.text
+
+
+@pytest.mark.slow
+def test_real_answers_grounded_in_the_context_pass_and_closed_book_ones_score_lower(teacher_outputs: dict) -> None:
+    rag_scores, closed_scores = [], []
+    for rag, closed, contexts in zip(teacher_outputs["rag"], teacher_outputs["closed_book"], teacher_outputs["contexts"]):
+        verdict = check_answer(rag.text, gates.finish_reason(rag, 96), contexts)
+        assert verdict.reason in (None, "truncated", "ungrounded", "repetition", "refusal_with_oracle"), rag.text
+        rag_scores.append(gates.grounding(rag.text, contexts))
+        closed_scores.append(gates.grounding(closed.text, contexts))
+    kept = [check_answer(c.text, gates.finish_reason(c, 96), ctx).ok
+            for c, ctx in zip(teacher_outputs["rag"], teacher_outputs["contexts"])]
+    assert sum(kept) >= 2, [c.text for c in teacher_outputs["rag"]]
+    assert sum(rag_scores) / len(rag_scores) > sum(closed_scores) / len(closed_scores) + 0.2, (rag_scores, closed_scores)

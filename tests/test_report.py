@@ -1,0 +1,233 @@
+"""The report's data, training and side-by-side sections, the grounding metric and gap closed, on a real small
+run: prep's index and files, a real tiny LoRA training (loss curve), the eval stage on tiny real models with the
+non-LLM metrics, then report.html rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ragtune.config import load_config
+from ragtune.core.artifacts import read_jsonl, write_json
+from ragtune.core.grounding import final_answer, grounding
+from ragtune.core.run_dir import RunDir
+from ragtune.eval import evaluate, report
+from ragtune.eval.score import load_scores
+from ragtune.eval.stats import MIN_GAP
+
+# The run folder is made by the stages themselves: ~40 s of CPU (training 11 s, eval 23 s on 2 cores).
+pytestmark = pytest.mark.slow
+
+EXCERPT_PDF = Path(__file__).parent / "data" / "uber_10k_excerpt.pdf"
+METRICS = ["grounding", "rouge_score", "chrf_score", "non_llm_context_recall"]
+FACTS = [  # (chunk id, chunk text, question, teacher-style answer)
+    ("c1", "Uber operates a ridesharing platform connecting riders with drivers in over 70 countries.",
+     "In how many countries does Uber operate its ridesharing platform?", "In over 70 countries."),
+    ("c2", "Uber Eats lets consumers order food from restaurants and have it delivered by couriers.",
+     "What does Uber Eats let consumers do?", "Order food from restaurants for delivery by couriers."),
+    ("c3", "Uber Freight connects shippers with carriers and provides logistics services for trucking.",
+     "Whom does Uber Freight connect?", "Shippers with carriers."),
+    ("c4", "In 2021 Uber's revenue was 17.5 billion dollars, up 57 percent year over year.",
+     "What was Uber's revenue in 2021?", "17.5 billion dollars."),
+    ("c5", "Gross Bookings grew 56 percent year over year to 90.4 billion dollars in 2021.",
+     "How much did Gross Bookings grow in 2021?", "56 percent, to 90.4 billion dollars."),
+    ("c6", "Mobility trips were lower in 2021 because of COVID-19 restrictions in many cities.",
+     "Why were Mobility trips lower in 2021?", "Because of COVID-19 restrictions."),
+]
+
+
+def _untied_model(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
+    """conftest's tiny Llama with untied output embeddings (a tied random one answers only newlines)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+def _write_prep_outputs(config: Any, run: RunDir) -> None:
+    """What prep leaves: chunks, a persisted LlamaIndex index, held-out questions, train.jsonl and stats.json."""
+    from llama_index.core import Settings, VectorStoreIndex
+    from llama_index.core.schema import TextNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from ragtune.core.models import resolve_embedding
+    from ragtune.core.rag import build_rag_messages
+    from ragtune.data_prep.prep import describe
+
+    run.data.mkdir(parents=True)
+    chunks = [{"id": cid, "text": text, "metadata": {"file": "uber.pdf", "page": i + 1}}
+              for i, (cid, text, _, _) in enumerate(FACTS)]
+    (run.chunks).write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    run.questions_eval.write_text("".join(
+        json.dumps({"id": f"q{i + 1}", "question": q, "source_chunk_id": cid, "split": "eval"}) + "\n"
+        for i, (cid, _, q, _) in enumerate(FACTS)))
+    Settings.llm = None
+    index = VectorStoreIndex([TextNode(id_=c["id"], text=c["text"], metadata=c["metadata"]) for c in chunks],
+                             embed_model=HuggingFaceEmbedding(model_name=resolve_embedding("all-minilm-l6-v2")))
+    index.storage_context.persist(persist_dir=str(run.index))
+    rows = [{"messages": [*build_rag_messages(q, [text], config.data_prep), {"role": "assistant", "content": a}],
+             "meta": {"question_id": f"t{i}", "mode": "rag"}} for i, (_, text, q, a) in enumerate(FACTS * 2)]
+    run.train_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    describe(config, run, {"documents": 1, "pages": 8, "chunks": 6, "questions_train": 12, "questions_eval": 6,
+                           "questions_rejected": {"near-duplicate": 3, "degenerate": 1}, "train_rows": 12})
+    stats = json.loads(run.stats.read_text())
+    # prep's answer gates record these beside the question counts (issue 9); until prep writes them, add them here
+    stats["dataset"].setdefault("answers_rejected", {"truncated": 2, "ungrounded": 5})
+    stats["dataset"].setdefault("answers_kept", 12)
+    write_json(run.stats, stats)
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run folder made by the stages themselves (prep's files, LoRA training, eval), and its report."""
+    from ragtune.train import sft
+    from ragtune.train.data_stats import describe_rows
+
+    root = tmp_path_factory.mktemp("reported")
+    student = _untied_model(tiny_llama_dir, root / "student", seed=0)
+    teacher = _untied_model(tiny_llama_dir, root / "teacher", seed=1)
+    run = RunDir(root / "run")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "report-test", "output_dir": str(run.root), "documents": [str(EXCERPT_PDF)],
+        "teacher": {"backend": "hf", "model": str(teacher), "max_new_tokens": 16},
+        "student": {"model": str(student)},
+        "judge": {"backend": "hf", "model": str(student)},
+        "train": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_strategy": "steps",
+                  "eval_steps": 2, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+                  "validation_split": 0.2, "learning_rate": 1e-3},
+        "eval": {"metrics": METRICS, "tuned_models": ["adapter"], "max_new_tokens": 16, "n_resamples": 500},
+    }, sort_keys=False))
+    config = load_config(path)
+    _write_prep_outputs(config, run)
+    sft.run(config, run)
+    tokens = run.logs / report.DATA_STATS
+    if not tokens.exists():  # the train stage's token statistics, computed by its own function
+        write_json(tokens, describe_rows(config, run.train_jsonl))
+    evaluate.run(config, run, [])
+    out = report.run([run.root])
+    return {"config": config, "run": run, "summary": json.loads(run.summary.read_text()), "out": out}
+
+
+def _chromium() -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (scripts/setup_test_tools.sh installs Debian's `chromium` as root)")
+    return binary
+
+
+def _headless(binary: str, profile: Path) -> list[str]:
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+            "--virtual-time-budget=3000"]
+
+
+# --- the grounding metric and gap closed on the run's score rows ---------------------------------
+
+
+def test_grounding_rows_score_every_models_final_answer_against_its_contexts(reported: dict[str, Any]) -> None:
+    run = reported["run"]
+    retrieval = {r["question_id"]: r for r in read_jsonl(run.retrieval)}
+    checked = 0
+    for model in ("base", "adapter", "teacher"):
+        for mode in ("rag", "closed_book"):
+            scores = load_scores(run.scores(model, mode))
+            for answer in read_jsonl(run.answers(model, mode)):
+                row = scores[answer["question_id"]]["grounding"]
+                # rag: the contexts the model was shown; closed_book: the ones retrieved for the question
+                contexts = answer["contexts"] if mode == "rag" else retrieval[answer["question_id"]]["contexts"]
+                if not (answer["answer"] or "").strip():
+                    assert row["value"] is None and row["error"].startswith("empty answer")
+                    continue
+                assert row["error"] is None
+                assert row["value"] == pytest.approx(grounding(final_answer(answer["answer"]), contexts))
+                checked += 1
+    assert checked >= 20
+    teacher = reported["summary"]["results"]["rag"]["teacher"]
+    assert teacher["grounding"]["n"] >= 5 and "rouge_score" not in teacher  # the teacher wrote the references
+
+
+def test_gap_closed_is_computed_from_the_three_models_score_rows(reported: dict[str, Any]) -> None:
+    run, summary = reported["run"], reported["summary"]
+    for mode in ("rag", "closed_book"):
+        tables = {m: load_scores(run.scores(m, mode)) for m in ("base", "adapter", "teacher")}
+        common = [q for q in tables["base"] if all(tables[m].get(q, {}).get("grounding", {}).get("value") is not None
+                                                    for m in tables)]
+        base, tuned, teacher = (sum(tables[m][q]["grounding"]["value"] for q in common) / len(common)
+                                for m in ("base", "adapter", "teacher"))
+        entry = summary["comparisons"][mode]["adapter"]["grounding"]
+        assert entry["gap_n"] == len(common) and entry["teacher"] == pytest.approx(teacher)
+        expected = None if abs(teacher - base) < MIN_GAP else (tuned - base) / (teacher - base)
+        assert entry["gap_closed"] == (None if expected is None else pytest.approx(expected))
+        rouge = summary["comparisons"][mode]["adapter"]["rouge_score"]
+        assert rouge["teacher"] is None and rouge["gap_closed"] is None and rouge["gap_n"] == 0
+        assert "gap_closed" not in summary["comparisons"][mode]["teacher"]["grounding"]
+    assert any("Gap closed" in note and "wrote the references" in note for note in summary["notes"])
+    verdicts = report.verdict_rows(summary)
+    grounding_row = next(r for r in verdicts if r[0] == "grounding (adapter, rag)")
+    gap = summary["comparisons"]["rag"]["adapter"]["grounding"]["gap_closed"]
+    assert grounding_row[5] == ("–" if gap is None else f"{gap:.0%}")
+    assert report.verdict_table(summary).splitlines()[0].rstrip().endswith("gap closed")
+
+
+# --- the report's sections ----------------------------------------------------------------------
+
+
+def test_markdown_has_data_training_and_side_by_side_sections(reported: dict[str, Any]) -> None:
+    md = reported["run"].report_md.read_text()
+    stats = json.loads(reported["run"].stats.read_text())
+    assert "### Data" in md and f"| training rows kept | {stats['rows']} |" in md
+    assert "| question | near-duplicate | 3 |" in md and "| answer | ungrounded | 5 |" in md
+    assert "| tokens per row, p95 |" in md and "rows over max_length" in md
+    assert re.search(r"train loss: 4 points, steps 1–4", md) and re.search(r"eval loss: 2 points", md)
+    table = md.split("### Answers side by side (rag)")[1].split("###")[0]
+    assert "| question | base | adapter | teacher (reference) |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "?" in line]) == report.SIDE_BY_SIDE
+
+
+def test_missing_stage_files_are_named_not_fatal(reported: dict[str, Any], tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "bare")
+    shutil.copytree(reported["run"].root, run.root)
+    run.stats.unlink()
+    shutil.rmtree(run.logs)
+    report.run([run.root])
+    for text in (run.report_md.read_text(), run.report_html.read_text()):
+        assert "data/stats.json is missing (`ragtune prep` writes it)" in text
+        assert "logs/data_stats.json is missing" in text and "logs/loss_curve.json is missing" in text
+    assert "Answers side by side" in run.report_md.read_text()
+
+
+def test_new_sections_render_in_headless_chromium(reported: dict[str, Any], tmp_path: Path) -> None:
+    binary = _chromium()
+    run = reported["run"]
+    command = _headless(binary, tmp_path / "profile")
+    dom = subprocess.run([*command, "--dump-dom", run.report_html.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    boxes = dict(re.findall(r'data-check="([a-z-]+)"[^>]*?data-box="(\d+x\d+)"', dom))
+    for section in ("verdicts", "side-by-side", "data-counts", "data-rejected", "data-tokens", "loss-plot"):
+        width, height = map(int, boxes[section].split("x"))  # laid out by the browser with a real size
+        assert width > 100 and height > 40, (section, boxes[section])
+    side = dom.split('data-check="side-by-side"')[1].split("</table>")[0]
+    assert len(re.findall(r"<tr data-question=", side)) == report.SIDE_BY_SIDE >= 5
+    assert len(re.findall(r'data-model="(base|adapter|teacher)"', side)) == 3 * report.SIDE_BY_SIDE
+    plot = dom.split('class="loss-curve"')[1].split("</svg>")[0]
+    assert 'data-series="train loss"' in plot and 'data-series="eval loss"' in plot
+    assert int(dom.split('data-rendered-shapes="')[1].split('"')[0]) == int(dom.split('data-svg-shapes="')[1].split('"')[0])
+    png = tmp_path / "report.png"
+    subprocess.run([*command, f"--screenshot={png}", "--window-size=1200,3000", run.report_html.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 20  # not a blank page

