@@ -17,14 +17,14 @@ from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.grounding import final_answer
 from ragtune.core.rag import build_closed_book_messages
 from ragtune.data_prep.config import DataPrepConfig
-from ragtune.data_prep.gates import Verdict, check_answer, pick_best
+from ragtune.data_prep.gates import Verdict, check_answer, pick_best, repetition
+from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
 if TYPE_CHECKING:
     from ragtune.config import RagtuneConfig
 
-FAITHFUL_SCHEMA = {"title": "faithful", "type": "object", "properties": {"faithful": {"type": "boolean"}},
-                   "required": ["faithful"], "additionalProperties": False}
+FAITHFUL_SCHEMA = yes_no_schema("faithful")
 FAITHFUL_PROMPT = (
     "Context information is below.\n---------------------\n{context_str}\n---------------------\n"
     "Is every statement of the answer below supported by the context information? "
@@ -77,18 +77,20 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
     role, prep = config.teacher, config.data_prep
     backend = teacher.get()
     views = [teacher_view(job.messages, prep) for job in batch]
-    answers = backend.chat(views, temperature=role.temperature)
+    # a loop ends where it is detected (the gates reject it anyway), not at max_new_tokens as "truncated"
+    stop = (lambda text: repetition(text) is not None) if prep.answer_gates.enabled else None
+    answers = backend.chat(views, temperature=role.temperature, stop_when=stop)
     per_job = [[answer] for answer in answers]
     if role.num_candidates > 1:
         samples = backend.chat([v for v in views for _ in range(role.num_candidates - 1)],
-                               temperature=role.candidate_temperature)
+                               temperature=role.candidate_temperature, stop_when=stop)
         for k, job_candidates in enumerate(per_job):
             job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
     gates = prep.answer_gates
     retry = [k for k, cands in enumerate(per_job) if gates.enabled and all(c.finish_reason == "length" for c in cands)]
     if retry:
         again = backend.chat([views[k] for k in retry], max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens,
-                             temperature=role.temperature)
+                             temperature=role.temperature, stop_when=stop)
         for k, answer in zip(retry, again):
             per_job[k][0] = answer
     return per_job
@@ -160,8 +162,11 @@ def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdic
 
 
 def teacher_view(messages: list[dict[str, str]], prep: DataPrepConfig) -> list[dict[str, str]]:
-    """What the teacher is sent: the training messages, plus the chain-of-thought instruction in RAFT CoT mode
-    (the saved row keeps the plain messages, which are the ones eval sends)."""
-    if not (prep.raft.enabled and prep.raft.chain_of_thought):
+    """What the teacher is sent: the training messages plus `teacher_instruction` and, in RAFT CoT mode, the
+    chain-of-thought instruction. The saved row keeps the plain messages, the ones eval sends: the student learns
+    the instructed behaviour without the instruction (context distillation)."""
+    extra = (prep.teacher_instruction or "") + (prep.raft.chain_of_thought_instruction
+                                                if prep.raft.enabled and prep.raft.chain_of_thought else "")
+    if not extra:
         return messages
-    return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + prep.raft.chain_of_thought_instruction}]
+    return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + extra}]

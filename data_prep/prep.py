@@ -327,6 +327,7 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
         config.teacher.max_new_tokens, config.teacher.temperature, config.teacher.num_candidates,
         config.teacher.candidate_temperature, config.seed,
         prep.model_dump(include={"similarity_top_k", "system_prompt", "text_qa_template", "raft", "answer_gates",
+                                 "teacher_instruction",
                                  "closed_book_rows", "closed_book_system_prompt"}),
     )
     if state.is_done("answers", fingerprint, run_dir.train_jsonl):

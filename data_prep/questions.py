@@ -7,6 +7,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from ragtune.core.grounding import lexical_overlap
 from ragtune.data_prep.config import DataPrepConfig
 
 if TYPE_CHECKING:
@@ -71,29 +72,13 @@ def normalize_question(question: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", question.lower()))
 
 
-# Function words and the words every question has; what is left must occur in the source chunk.
-STOPWORDS = set("""
-a an the and or but if then of to in on at by for with from as into about over under between after before during
-is are was were be been being am do does did done has have had having can could will would shall should may might
-must what which who whom whose when where why how that this these those there here it its they them their we our
-you your he she his her i me my not no yes than so such also any all each both some more most other only own same
-very just according context text passage document question quiz examination based mentioned described provided
-""".split())
+def yes_no_schema(key: str) -> dict[str, Any]:
+    """The JSON schema of a one-boolean verdict (`{"<key>": true|false}`), for schema-constrained decoding."""
+    return {"title": key, "type": "object", "properties": {key: {"type": "boolean"}}, "required": [key],
+            "additionalProperties": False}
 
 
-def _content_words(text: str) -> set[str]:
-    words = re.findall(r"[a-z0-9]+(?:[.,][0-9]+)*", text.lower())
-    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in STOPWORDS}
-
-
-def lexical_overlap(question: str, context: str) -> float:
-    """The share of the question's content words found in the context (0 when it has none)."""
-    words = _content_words(question)
-    return len(words & _content_words(context)) / len(words) if words else 0.0
-
-
-ANSWERABLE_SCHEMA = {"title": "answerable", "type": "object", "properties": {"answerable": {"type": "boolean"}},
-                     "required": ["answerable"], "additionalProperties": False}
+ANSWERABLE_SCHEMA = yes_no_schema("answerable")
 ANSWERABLE_PROMPT = (
     "Context information is below.\n---------------------\n{context_str}\n---------------------\n"
     "Can the question below be answered from the context information alone? "

@@ -18,7 +18,7 @@ ANSWER_METRICS = (
     "answer_correctness",  # LLM judge + embeddings: vs the teacher's (reference) answer
     "semantic_similarity",  # embeddings: vs the teacher's answer
     "bleu_score", "chrf_score", "rouge_score", "non_llm_string_similarity",  # n-gram / edit distance vs the teacher
-    "grounding",  # ragtune's own, no LLM: share of the answer's content words found in the documents' contexts
+    "grounding",  # ragtune's own, no LLM: share of the answer's content-word pairs found in its contexts
 )
 # Scored once per question: the retriever is the same for every model.
 RETRIEVAL_METRICS = (

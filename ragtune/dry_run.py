@@ -95,13 +95,19 @@ def max_length_check(config: RagtuneConfig) -> tuple[str, str]:
     frame = prep.system_prompt + prep.text_qa_template.replace("{context_str}", "").replace("{query_str}", "")
     contexts = prep.raft_contexts if prep.raft.enabled else prep.similarity_top_k
     question_tokens = 48  # the longest generated questions seen on the sample 10-K run about 40 tokens
-    expected = len(tokenizer(frame)["input_ids"]) + contexts * prep.chunk_size + question_tokens + config.teacher.max_new_tokens
+    fixed = len(tokenizer(frame)["input_ids"]) + question_tokens + config.teacher.max_new_tokens
+    expected = fixed + contexts * prep.chunk_size
     max_length = sft_setting(config, "max_length")
+    # SentenceSplitter cuts at sentence ends, so chunks run shorter than chunk_size (the demo's average ~60 %):
+    # rows that cannot fit even with half-full chunks are an error, full-size ones only a warning
+    if max_length is not None and fixed + contexts * prep.chunk_size // 2 > max_length:
+        return "error", (f"train.max_length: {max_length} tokens cannot hold a training row (~{expected} tokens with "
+                         f"{contexts} full chunks of data_prep.chunk_size {prep.chunk_size}, the prompt, the question "
+                         f"and teacher.max_new_tokens {config.teacher.max_new_tokens}; over {max_length} even with "
+                         "half-full chunks). Raise train.max_length or lower data_prep.chunk_size / similarity_top_k.")
     if max_length is not None and expected > max_length:
-        return "error", (f"train.max_length: {max_length} tokens is below a training row's expected length (~{expected}: "
-                         f"{contexts} chunks of data_prep.chunk_size {prep.chunk_size}, the prompt, the question and "
-                         f"teacher.max_new_tokens {config.teacher.max_new_tokens}). Raise train.max_length or lower "
-                         "data_prep.chunk_size / similarity_top_k.")
+        return "warn", (f"train.max_length: {max_length} tokens is below a row with {contexts} full chunks (~{expected}); "
+                        "rows over it are counted by `ragtune train` (logs/data_stats.json)")
     return "ok", f"train.max_length: {max_length} ≥ ~{expected} tokens expected per training row"
 
 
@@ -120,7 +126,8 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     checks.append(_model_check("student", config.student.model))
     for role in ("teacher", "judge"):
         llm: LLMRole = getattr(config, role)
-        checks.append(_endpoint_check(role, llm) if llm.backend == "openai" else _model_check(role, llm.model))
+        remote = llm.backend == "openai" or (llm.backend == "vllm" and llm.base_url)
+        checks.append(_endpoint_check(role, llm) if remote else _model_check(role, llm.model))
     from ragtune.core.models import resolve_embedding
 
     checks.append(("ok", f"embedding: {resolve_embedding(config.embedding.model)}"))

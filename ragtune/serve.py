@@ -6,11 +6,11 @@ a real local endpoint to test against.
 How one request cannot stall the others:
 
 - **Rounds.** One scheduler thread owns the model. Each round it takes up to `batch_size` live requests from
-  the head of a FIFO, left-pads `prompt + tokens generated so far` and calls `generate` for at most
-  `step_tokens` new tokens. A request that is not finished goes to the back of the FIFO, behind anything that
-  arrived meanwhile, so a new short request waits at most one round, whatever `max_tokens` others asked for.
-  Each round re-reads the whole row (no KV cache kept between rounds): simple, and on the measured CPU the
-  re-read costs less than the tokens of one round.
+  the head of a FIFO, left-pads `prompt + tokens generated so far` and calls `generate` for `step_tokens` new
+  tokens, fewer when a request in the batch is due sooner (its answer goes out at once). A request that is not
+  finished goes to the back of the FIFO, behind anything that arrived meanwhile, so a new short request waits
+  at most one round, whatever `max_tokens` others asked for. Each round re-reads the whole rows (no KV cache
+  is kept between rounds): simple, at the measured cost below (STEP_TOKENS).
 - **Cancellation.** A transformers `StoppingCriteria` checks each row's cancel flag after every token, so a
   client that disconnects, a request past `request_timeout` and SIGTERM stop that row's generation within one
   token. A cancelled request is dropped from the FIFO.
@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-# Measured on 2 CPU cores, SmolLM2-135M fp32, batch 8: one round of 32 tokens takes ~1.5 s, and re-reading a
-# 300-token row costs ~0.1 s of it. Smaller steps favour short requests, larger ones throughput.
+# Re-reading the rows is the price of rounds. SmolLM2-135M fp32, batch 8, 300-token rows, on the shared 2-core
+# box: generate() of 1 token took 43 s, of 32 tokens 173 s (a loaded machine: the ratio, not the seconds,
+# carries over), so at 32 the re-read is about a quarter of a round. Larger steps waste less, smaller ones
+# answer a short request sooner.
 STEP_TOKENS = 32
-# ragtune's own openai backend sends at most max_concurrency (default 8) requests at a time; 64 is eight
-# full batches of 8, about a minute of waiting at the rate above before a client is told 503.
+# Eight full batches of 8: ragtune's own openai backend (max_concurrency 8 by default) never meets a 503; a
+# crowd of other clients is told to retry instead of waiting behind eight rounds of answers.
 MAX_QUEUE = 64
 # Above the openai backend's 120 s client timeout, so ragtune's own clients give up (and disconnect) first.
 REQUEST_TIMEOUT = 600.0
@@ -86,32 +88,33 @@ class _Job:
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         try:
-            self.future.set_exception(error) if error is not None else self.future.set_result(result)
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
         except InvalidStateError:  # already answered (cancelled by shutdown while its round ran)
             pass
 
 
 class _RowStop:
-    """StoppingCriteria: a row stops at its own token budget for this round, or as soon as it is cancelled."""
+    """StoppingCriteria: a row stops as soon as its request is cancelled (checked after every token)."""
 
-    def __init__(self, jobs: list[_Job], budgets: list[int], start: int):
-        self.jobs, self.budgets, self.start = jobs, budgets, start
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        n_new = input_ids.shape[1] - self.start
-        done = [job.cancelled or n_new >= budget for job, budget in zip(self.jobs, self.budgets)]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([job.cancelled for job in self.jobs], dtype=torch.bool, device=input_ids.device)
 
 
 class _RowGrammar:
     """LogitsProcessor: xgrammar's token mask for the rows whose job holds a matcher."""
 
-    def __init__(self, jobs: list[_Job], budgets: list[int], start: int, vocab_size: int):
+    def __init__(self, jobs: list[_Job], start: int, vocab_size: int):
         import xgrammar as xgr
 
-        self.jobs, self.budgets, self.start = jobs, budgets, start
+        self.jobs, self.start = jobs, start
         self.bitmask = xgr.allocate_token_bitmask(len(jobs), vocab_size)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -121,7 +124,7 @@ class _RowGrammar:
         for i, job in enumerate(self.jobs):
             if job.grammar is None:
                 continue
-            job.feed_grammar(input_ids[i, self.start : self.start + self.budgets[i]].tolist())
+            job.feed_grammar(input_ids[i, self.start :].tolist())
             if not job.grammar.is_terminated():
                 job.grammar.fill_next_token_bitmask(self.bitmask, i)
                 rows.append(i)
@@ -209,22 +212,23 @@ class Scheduler:
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        budgets = [min(self.step_tokens, job.remaining) for job in batch]
-        kwargs: dict[str, Any] = {"max_new_tokens": max(budgets), "pad_token_id": self.pad_id,
-                                  "stopping_criteria": StoppingCriteriaList([_RowStop(batch, budgets, width)])}
+        # The round ends when its shortest request is due: that answer goes out now, not after the longest row.
+        budget = min(self.step_tokens, *(job.remaining for job in batch))
+        kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self.pad_id,
+                                  "stopping_criteria": StoppingCriteriaList([_RowStop(batch)])}
         if batch[0].temperature > 0:
             kwargs.update(do_sample=True, temperature=batch[0].temperature)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if any(job.grammar is not None for job in batch):
             kwargs["logits_processor"] = LogitsProcessorList(
-                [_RowGrammar(batch, budgets, width, self.model.config.vocab_size)])
+                [_RowGrammar(batch, width, self.model.config.vocab_size)])
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         self.rounds += 1
-        for job, budget, row in zip(batch, budgets, output[:, width:].tolist()):
+        for job, row in zip(batch, output[:, width:].tolist()):
             if not job.cancelled:
-                self._settle(job, row[:budget])
+                self._settle(job, row)
 
     def _settle(self, job: _Job, new_tokens: list[int]) -> None:
         """Add a round's tokens to the job; answer it when it met EOS or its max_tokens."""
@@ -343,8 +347,41 @@ class _Grammars:
         return xgr.GrammarMatcher(self._compiled[key])
 
 
+class Admission:
+    """Turns a request body into a job, or a BadRequest: roles, content, prompt length, max_tokens, schema."""
+
+    def __init__(self, backend: "HFChatBackend", tokenizer_lock: threading.Lock, default_max_tokens: int):
+        self.tokenizer, self.tokenizer_lock = backend.tokenizer, tokenizer_lock
+        self.context = context_length(backend.model, backend.tokenizer)
+        self.default_max_tokens = default_max_tokens
+        self.grammars = _Grammars(backend.model, backend.tokenizer)
+
+    def job(self, body: ChatRequest) -> _Job:
+        if body.stream:
+            raise BadRequest("stream=true is not supported by ragtune serve; send stream=false.")
+        messages = chat_messages(body.messages)
+        with self.tokenizer_lock:
+            try:
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # the template's own rules, e.g. "roles must alternate"
+                raise BadRequest(f"the model's chat template rejected the messages: {err}") from None
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = token_budget(requested, len(prompt_ids), self.context, self.default_max_tokens)
+        return _Job(prompt_ids, max_tokens, body.temperature, self.grammars.matcher(body.response_format))
+
+
 class ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
+
+
+def _error(status: int, message: str, **headers: str) -> Any:
+    """An error body in OpenAI's shape, which the openai SDK and ragtune's openai backend read."""
+    from fastapi.responses import JSONResponse
+
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status, headers=headers or None)
 
 
 def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int = 8, default_max_tokens: int = 256,
@@ -352,38 +389,18 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
                request_timeout: float = REQUEST_TIMEOUT) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
 
     scheduler = Scheduler(backend, batch_size=batch_size, step_tokens=step_tokens, max_queue=max_queue)
-    grammars = _Grammars(backend.model, backend.tokenizer)
-    context = context_length(backend.model, backend.tokenizer)
+    admission = Admission(backend, scheduler.tokenizer_lock, default_max_tokens)
     app = FastAPI(title="ragtune serve")
     app.state.scheduler = scheduler
 
-    def error(status: int, message: str, **headers: str) -> JSONResponse:
-        kind = "invalid_request_error" if status == 400 else "server_error"
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                            status_code=status, headers=headers or None)
-
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, err: RequestValidationError) -> Any:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return error(400, f"{where}: {first.get('msg', 'invalid request body')}")
-
-    def new_job(body: ChatRequest) -> _Job:
-        if body.stream:
-            raise BadRequest("stream=true is not supported by ragtune serve; send stream=false.")
-        messages = chat_messages(body.messages)
-        with scheduler.tokenizer_lock:
-            try:
-                prompt = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as err:  # the template's own rules, e.g. "roles must alternate"
-                raise BadRequest(f"the model's chat template rejected the messages: {err}") from None
-            prompt_ids = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = token_budget(requested, len(prompt_ids), context, default_max_tokens)
-        return _Job(prompt_ids, max_tokens, body.temperature, grammars.matcher(body.response_format))
+        return _error(400, f"{where}: {first.get('msg', 'invalid request body')}")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -396,33 +413,37 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         try:
-            job = new_job(body)
+            job = admission.job(body)
             scheduler.submit(job)
             text = await _wait(job, request, request_timeout)
         except BadRequest as err:
-            return error(400, str(err))
+            return _error(400, str(err))
         except ServerBusy as err:
-            return error(503, str(err), **{"Retry-After": "1"})
+            return _error(503, str(err), **{"Retry-After": "1"})
         except TimeoutError:
-            return error(504, f"generation took longer than the server's request timeout ({request_timeout:g} s; "
-                              "ragtune serve --request-timeout); lower max_tokens or raise it.")
+            return _error(504, f"generation took longer than the server's request timeout ({request_timeout:g} s; "
+                               "ragtune serve --request-timeout); lower max_tokens or raise it.")
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except RuntimeError as err:
-            return error(500, str(err))
-        prompt_tokens, completion_tokens = len(job.prompt_ids), len(job.generated)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": served_model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": job.finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+            return _error(500, str(err))
+        return _completion(job, text, served_model_name)
 
     return app
+
+
+def _completion(job: _Job, text: str, model: str) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = len(job.prompt_ids), len(job.generated)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": job.finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
 
 
 async def _wait(job: _Job, request: Any, timeout: float) -> str:

@@ -248,6 +248,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, trainer in trainers.items():  # alternated, so every arm sees the same load
                 seconds[name].append(timed_epoch(trainer))
+                progress = {"arm": name, "epoch_seconds": round(seconds[name][-1][0], 1), "tokens": n_tokens,
+                            "loadavg_1": round(os.getloadavg()[0], 2)}
+                print(f"bench progress: {json.dumps(progress)}", file=sys.stderr, flush=True)
         peaks.append(matmul_peak(shapes))
         peak = {dtype: max(p[dtype] for p in peaks) for dtype in peaks[0]}
         fastest = max(peak, key=peak.__getitem__)

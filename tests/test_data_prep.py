@@ -18,7 +18,8 @@ import yaml
 
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.prep import PrepError, choose_contexts, region_of, run, split_regions
-from ragtune.data_prep.questions import drop_leakage, lexical_overlap, parse_questions
+from ragtune.core.grounding import lexical_overlap
+from ragtune.data_prep.questions import drop_leakage, parse_questions
 from ragtune.core.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
 from ragtune.core.artifacts import read_jsonl
 from ragtune.config import load_config
@@ -235,7 +236,7 @@ def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], t
     try:
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
-            if any(p.exists() and p.read_text(encoding="utf-8").strip()
+            if any(p.exists() and "\n" in p.read_text(encoding="utf-8")  # one whole row written
                    for p in (resumed_dir.train_jsonl, resumed_dir.answers_rejected)):
                 break
             time.sleep(0.02)

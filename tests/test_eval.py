@@ -606,8 +606,8 @@ def test_grounding_metric_scores_the_final_answer_against_its_contexts(tmp_path:
 
     assert "grounding" in EvalConfig().metrics  # on by default, next to the Ragas metrics
     table = _grounding_table(tmp_path / "scores.jsonl", {
-        "all": "Uber operates in over 70 countries.",  # uber, operate, 70, countrie: all in the context
-        "half": "Uber operates purple bananas.",  # uber, operate found; purple, banana not
+        "all": "Uber operates a ridesharing platform in 70 countries.",  # every content-word pair is in the context
+        "half": "Uber operates bananas.",  # (uber, operate) found, (operate, banana) not
         "raft": "##begin_quote## Uber operates a ridesharing platform ##end_quote## <ANSWER>: Purple bananas.",
         "empty": "", "failed": None,
     })
@@ -619,7 +619,7 @@ def test_grounding_metric_scores_the_final_answer_against_its_contexts(tmp_path:
     closed = _grounding_table(tmp_path / "closed.jsonl", {"q": "Over 70 countries."}, contexts=[])
     assert closed["q"]["grounding"]["value"] == 1.0
     # the teacher is scored on grounding (not on the reference-based metrics: it wrote the references)
-    teacher = _grounding_table(tmp_path / "teacher.jsonl", {"q": "Uber operates purple bananas."}, teacher=True)
+    teacher = _grounding_table(tmp_path / "teacher.jsonl", {"q": "Uber operates bananas."}, teacher=True)
     assert teacher["q"]["grounding"]["value"] == 0.5 and "rouge_score" not in teacher["q"]
 
 
@@ -629,9 +629,10 @@ def test_gap_closed_from_real_score_rows(tmp_path: Path) -> None:
 
     qids = [f"q{i}" for i in range(5)]
     base = _grounding_table(tmp_path / "base.jsonl", {q: "Purple bananas grow quickly." for q in qids})  # 0.0
-    tuned = _grounding_table(tmp_path / "tuned.jsonl", {**{q: "Uber operates purple bananas." for q in qids},  # 0.5
+    tuned = _grounding_table(tmp_path / "tuned.jsonl", {**{q: "Uber operates bananas." for q in qids},  # 0.5
                                                         "q4": ""})  # a failed score: q4 leaves the comparison
-    teacher = _grounding_table(tmp_path / "teacher.jsonl", {q: "Uber operates in over 70 countries." for q in qids},
+    teacher = _grounding_table(tmp_path / "teacher.jsonl", {q: "Uber operates a ridesharing platform in 70 countries."
+                                                            for q in qids},
                                teacher=True)  # 1.0
     assert gap_to_teacher(base, tuned, teacher, qids, "grounding") == {"teacher": 1.0, "gap_closed": 0.5, "gap_n": 4}
     assert gap_to_teacher(base, teacher, tuned, qids, "grounding")["gap_closed"] == 2.0  # beyond the teacher

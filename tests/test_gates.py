@@ -4,8 +4,8 @@ of the embedded teacher (SmolLM2-135M-Instruct) on real chunks of the excerpt.""
 from __future__ import annotations
 
 import pytest
-
 from ragtune.data_prep import gates
+from ragtune.core import grounding as words
 from ragtune.data_prep.gates import Verdict, check_answer
 
 SEGMENTS = ("As of December 31, 2021, we had three operating segments: Mobility, Delivery and Freight. "
@@ -18,35 +18,35 @@ CONTEXTS = [SEGMENTS, DRIVERS]
 
 
 def test_content_words_drop_stopwords_plurals_and_keep_numbers_exact() -> None:
-    assert gates.content_words("What are the three operating segments of Uber in 2021?") == [
+    assert words.content_words("What are the three operating segments of Uber in 2021?") == [
         "three", "operating", "segment", "uber", "2021"]
-    assert gates.content_words("earned $30.0 billion, in 10,000 cities.") == ["earned", "30.0", "billion", "10,000", "citie"]
-    assert gates.content_words("Based on the context, it is.") == []
+    assert words.content_words("earned $30.0 billion, in 10,000 cities.") == ["earned", "30.0", "billion", "10,000", "citie"]
+    assert words.content_words("Based on the context, it is.") == []
 
 
 def test_lexical_overlap() -> None:
-    assert gates.lexical_overlap("What are the three operating segments?", SEGMENTS) == 1.0
-    assert gates.lexical_overlap("What is the context of the question?", SEGMENTS) == 0.0
-    assert gates.lexical_overlap("How many segments did Uber report in 2021?", SEGMENTS) == pytest.approx(2 / 5)
+    assert words.lexical_overlap("What are the three operating segments?", SEGMENTS) == 1.0
+    assert words.lexical_overlap("What is the context of the question?", SEGMENTS) == 0.0
+    assert words.lexical_overlap("How many segments did Uber report in 2021?", SEGMENTS) == pytest.approx(2 / 5)
 
 
 def test_grounding_scores_content_word_pairs_found_in_a_context() -> None:
     # pairs: uber-three (not in the context), three-operating, operating-segment, segment-mobility, ... (found)
-    assert gates.grounding("Uber had three operating segments: Mobility, Delivery and Freight.", CONTEXTS) == pytest.approx(5 / 6)
-    assert gates.grounding("The segments are Mobility, Delivery, and Freight.", CONTEXTS) == 1.0
-    assert gates.grounding("Drivers and couriers earned $30.0 billion in 2021.", CONTEXTS) == pytest.approx(4 / 5)
+    assert words.grounding("Uber had three operating segments: Mobility, Delivery and Freight.", CONTEXTS) == pytest.approx(5 / 6)
+    assert words.grounding("The segments are Mobility, Delivery, and Freight.", CONTEXTS) == 1.0
+    assert words.grounding("Drivers and couriers earned $30.0 billion in 2021.", CONTEXTS) == pytest.approx(4 / 5)
     # numbers match exactly: the wrong amount breaks both of its pairs
-    assert gates.grounding("Drivers earned $30.0 billion.", CONTEXTS) == pytest.approx(2 / 3)
-    assert gates.grounding("Drivers earned $31.0 billion.", CONTEXTS) == 0.0
+    assert words.grounding("Drivers earned $30.0 billion.", CONTEXTS) == pytest.approx(2 / 3)
+    assert words.grounding("Drivers earned $31.0 billion.", CONTEXTS) == 0.0
     # the words of a context in another order, or split across two contexts, are not support
-    assert gates.grounding("Freight connects Drivers with Delivery.", CONTEXTS) == 0.0
-    assert gates.grounding("Freight cities", CONTEXTS) == 0.0
+    assert words.grounding("Freight connects Drivers with Delivery.", CONTEXTS) == 0.0
+    assert words.grounding("Freight cities", CONTEXTS) == 0.0
     invented = "The product is a comprehensive and innovative solution to the growing demand of healthcare professionals."
-    assert gates.grounding(invented, CONTEXTS) == 0.0
+    assert words.grounding(invented, CONTEXTS) == 0.0
     # one content word: found or not; none: 0
-    assert gates.grounding("Freight.", CONTEXTS) == 1.0
-    assert gates.grounding("Airplanes.", CONTEXTS) == 0.0
-    assert gates.grounding("It is.", CONTEXTS) == 0.0
+    assert words.grounding("Freight.", CONTEXTS) == 1.0
+    assert words.grounding("Airplanes.", CONTEXTS) == 0.0
+    assert words.grounding("It is.", CONTEXTS) == 0.0
 
 
 # --- degenerate answers and refusals --------------------------------------------------------------
@@ -86,10 +86,10 @@ def test_is_not_refusal(answer: str) -> None:
 
 
 def test_final_answer_is_the_text_after_the_last_tag() -> None:
-    assert gates.final_answer("Reasoning. <ANSWER>: first <ANSWER>: Mobility, Delivery and Freight. ") == \
+    assert words.final_answer("Reasoning. <ANSWER>: first <ANSWER>: Mobility, Delivery and Freight. ") == \
         "Mobility, Delivery and Freight."
-    assert gates.final_answer("  Mobility, Delivery and Freight.\n") == "Mobility, Delivery and Freight."
-    assert gates.final_answer("Reasoning only. <ANSWER>:  ") == ""
+    assert words.final_answer("  Mobility, Delivery and Freight.\n") == "Mobility, Delivery and Freight."
+    assert words.final_answer("Reasoning only. <ANSWER>:  ") == ""
 
 
 def test_quotes_must_be_verbatim_up_to_case_whitespace_and_outer_punctuation() -> None:
@@ -146,11 +146,11 @@ def test_chain_of_thought_answer_is_graded_on_its_final_answer() -> None:
 def test_finish_reason_reported_or_inferred_from_the_budget() -> None:
     from ragtune.core.llm import Completion
 
-    assert gates.finish_reason(Completion("a", completion_tokens=64), 64) == "length"
-    assert gates.finish_reason(Completion("a", completion_tokens=12), 64) == "stop"
+    assert gates.finish_reason_of(Completion("a", completion_tokens=64), 64) == "length"
+    assert gates.finish_reason_of(Completion("a", completion_tokens=12), 64) == "stop"
     reported = Completion("a", completion_tokens=64)
     reported.finish_reason = "stop"  # type: ignore[attr-defined]  # a backend that knows it produced EOS
-    assert gates.finish_reason(reported, 64) == "stop"
+    assert gates.finish_reason_of(reported, 64) == "stop"
 
 
 def test_pick_best_takes_the_best_grounded_ok_candidate() -> None:
@@ -184,27 +184,6 @@ SHORT_ANSWER = "Answer in one or two sentences using only the context."
 
 
 @pytest.fixture(scope="module")
-def teacher_outputs(excerpt_chunks: list[str]) -> dict:
-    """The teacher's answers to REAL_CASES with [oracle, distractor] contexts (96 and 4 new tokens), and its
-    closed-book answers to the same questions: invented by construction."""
-    from ragtune.core.llm import HFChatBackend
-    from ragtune.core.models import SMOLLM2_ALIAS
-    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
-    from ragtune.data_prep.config import DataPrepConfig
-
-    chunks = excerpt_chunks
-    distractor = next(c for c in chunks if "forward-looking statements" in c)
-    contexts = [[next(c for c in chunks if phrase in c), distractor] for phrase, _ in REAL_CASES]
-    prompts = DataPrepConfig(system_prompt=SHORT_ANSWER)
-    rag = [build_rag_messages(q, ctx, prompts) for (_, q), ctx in zip(REAL_CASES, contexts)]
-    teacher = HFChatBackend(SMOLLM2_ALIAS, batch_size=8)
-    return {"contexts": contexts,
-            "rag": teacher.chat(rag, max_new_tokens=96),
-            "cut": teacher.chat(rag, max_new_tokens=4),
-            "closed_book": teacher.chat([build_closed_book_messages(q, prompts) for _, q in REAL_CASES], max_new_tokens=96)}
-
-
-@pytest.fixture(scope="module")
 def excerpt_chunks(excerpt_pdf) -> list[str]:
     """The excerpt split as the demo splits its documents (SentenceSplitter, chunk_size 256)."""
     from llama_index.core.node_parser import SentenceSplitter
@@ -217,34 +196,57 @@ def excerpt_chunks(excerpt_pdf) -> list[str]:
 
 def test_quotes_of_real_pdf_text_pass_with_straight_quotes_and_other_line_breaks(excerpt_chunks: list[str]) -> None:
     """The PDF's curly quotes and paragraph breaks against a model's straight quotes on one line."""
-    chunks = excerpt_chunks
-    overview = next(c for c in chunks if "ITEM 1. BUSINESS" in c)
+    overview = next(c for c in excerpt_chunks if "ITEM 1. BUSINESS" in c)
     assert "\u201cUber,\u201d" in overview and "\n\nOverview\n\n" in overview
     answer = ('##begin_quote##Overview Uber Technologies, Inc. ("Uber," "we," "our," or "us") is a technology '
               "platform##end_quote##\n<ANSWER>: Uber is a technology platform.")
-    assert check_answer(answer, "stop", chunks[:1] + [overview], chain_of_thought=True).ok
+    assert check_answer(answer, "stop", excerpt_chunks[:1] + [overview], chain_of_thought=True).ok
     misquoted = answer.replace("technology platform##", "transportation company##")
     assert check_answer(misquoted, "stop", [overview], chain_of_thought=True).reason == "bad_quote"
-    assert check_answer(answer, "stop", [chunks[0]], chain_of_thought=True).reason == "bad_quote"
+    assert check_answer(answer, "stop", [excerpt_chunks[0]], chain_of_thought=True).reason == "bad_quote"
+
+
+@pytest.fixture(scope="module")
+def teacher_outputs(excerpt_chunks: list[str]) -> dict:
+    """The teacher's answers to REAL_CASES with [oracle, distractor] contexts (80 and 4 new tokens), and its
+    closed-book answers to the same questions: invented by construction. Loops are cut as prep cuts them."""
+    from ragtune.data_prep.config import DataPrepConfig
+
+    from ragtune.core.llm import HFChatBackend
+    from ragtune.core.models import SMOLLM2_ALIAS
+    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
+
+    distractor = next(c for c in excerpt_chunks if "seasonality" in c)
+    contexts = [[next(c for c in excerpt_chunks if phrase in c), distractor] for phrase, _ in REAL_CASES]
+    prompts = DataPrepConfig(system_prompt=SHORT_ANSWER)
+    rag = [build_rag_messages(q, ctx, prompts) for (_, q), ctx in zip(REAL_CASES, contexts)]
+    teacher = HFChatBackend(SMOLLM2_ALIAS, batch_size=8)
+    def loop(text: str) -> bool:
+        return gates.repetition(text) is not None
+
+    return {"contexts": contexts,
+            "rag": teacher.chat(rag, max_new_tokens=80, stop_when=loop),
+            "cut": teacher.chat(rag, max_new_tokens=4),
+            "closed_book": teacher.chat([build_closed_book_messages(q, prompts) for _, q in REAL_CASES],
+                                        max_new_tokens=48, stop_when=loop)}
 
 
 @pytest.mark.slow
 def test_real_answers_cut_by_the_budget_are_rejected_as_truncated(teacher_outputs: dict) -> None:
     for completion, contexts in zip(teacher_outputs["cut"], teacher_outputs["contexts"]):
         assert completion.completion_tokens == 4
-        verdict = check_answer(completion.text, gates.finish_reason(completion, 4), contexts)
+        verdict = check_answer(completion.text, gates.finish_reason_of(completion, 4), contexts)
         assert verdict.reason == "truncated", completion.text
 
 
 @pytest.mark.slow
-def test_real_answers_grounded_in_the_context_pass_and_closed_book_ones_score_lower(teacher_outputs: dict) -> None:
-    rag_scores, closed_scores = [], []
+def test_real_answers_from_the_context_pass_and_outscore_closed_book_ones(teacher_outputs: dict) -> None:
+    """Each RAG answer scores above the same question's closed-book answer (invented: the teacher never saw the
+    chunk), and the finished grounded ones pass every gate."""
+    verdicts = []
     for rag, closed, contexts in zip(teacher_outputs["rag"], teacher_outputs["closed_book"], teacher_outputs["contexts"]):
-        verdict = check_answer(rag.text, gates.finish_reason(rag, 96), contexts)
-        assert verdict.reason in (None, "truncated", "ungrounded", "repetition", "refusal_with_oracle"), rag.text
-        rag_scores.append(gates.grounding(rag.text, contexts))
-        closed_scores.append(gates.grounding(closed.text, contexts))
-    kept = [check_answer(c.text, gates.finish_reason(c, 96), ctx).ok
-            for c, ctx in zip(teacher_outputs["rag"], teacher_outputs["contexts"])]
-    assert sum(kept) >= 2, [c.text for c in teacher_outputs["rag"]]
-    assert sum(rag_scores) / len(rag_scores) > sum(closed_scores) / len(closed_scores) + 0.2, (rag_scores, closed_scores)
+        verdict = check_answer(rag.text, gates.finish_reason_of(rag, 80), contexts)
+        verdicts.append(verdict)
+        assert verdict.grounding > words.grounding(closed.text, contexts), (rag.text, closed.text)
+        assert words.grounding(closed.text, contexts) < gates.MIN_GROUNDING, closed.text
+    assert sum(v.ok for v in verdicts) >= 2, [(c.text, v) for c, v in zip(teacher_outputs["rag"], verdicts)]

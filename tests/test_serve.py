@@ -11,8 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -31,11 +31,12 @@ def _free_port() -> int:
 
 def start_server(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    log = tempfile.NamedTemporaryFile(prefix="ragtune-serve-", suffix=".log", delete=False)  # a pipe could fill up
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port), *flags],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    log = Path(tempfile.mkdtemp(prefix="ragtune-serve-")) / "server.log"  # a pipe nobody reads could fill up
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port), *flags],
+            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline and process.poll() is None:
@@ -45,7 +46,7 @@ def start_server(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.5)
     process.kill()
-    pytest.fail(f"ragtune serve did not start: {Path(log.name).read_text()[-2000:]}")
+    pytest.fail(f"ragtune serve did not start: {log.read_text()[-2000:]}")
 
 
 def stop_server(process: subprocess.Popen) -> None:

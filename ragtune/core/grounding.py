@@ -1,6 +1,6 @@
 """Words, grounding and the answer format shared by prep's answer gates and eval's grounding metric.
 
-`grounding` is ragtune's non-LLM support score: the share of an answer's content words found in the contexts
+`grounding` is ragtune's non-LLM support score: the share of an answer's content-word pairs found in the contexts
 it was written from. prep rejects teacher answers below `data_prep.answer_gates.min_grounding`; eval scores every
 model's answers with the same function, so "grounded" means one thing on both sides.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
+from itertools import pairwise
 
 # Function words and the words every question or answer about a passage has; they carry no fact, so neither
 # the answerability check (questions) nor the grounding score (answers) counts them.
@@ -18,7 +19,8 @@ a an the and or but if then of to in on at by for with from as into about over u
 is are was were be been being am do does did done has have had having can could will would shall should may might
 must what which who whom whose when where why how that this these those there here it its they them their we our
 you your he she his her i me my not no yes than so such also any all each both some more most other only own same
-very just according context text passage document question quiz examination based mentioned described provided
+very just according context information text passage document question quiz examination based mentioned described
+provided
 """.split())
 
 ANSWER_TAG = "<ANSWER>:"
@@ -52,19 +54,32 @@ def lexical_overlap(question: str, context: str) -> float:
 
 
 def grounding(answer: str, contexts: Sequence[str]) -> float:
-    """The share of the answer's content words that occur in the contexts (0 for an answer without any).
+    """The share of the answer's content-word bigrams that occur in one of the contexts; an answer with a single
+    content word scores 1 when the word occurs, 0 for one without any.
 
-    Why content-word unigrams: TODO(measurement).
+    Bigrams of content words (stopwords out, so "segments: Mobility, Delivery and Freight" still matches
+    "segments are Mobility, Delivery, and Freight") because a small teacher invents by restating the question's
+    words, which the answerability check guarantees are in the chunk, around made-up claims: single words then
+    look grounded, word pairs do not. Measured with scripts/probe_teacher.py on 24 SmolLM2-135M answers (short-
+    answer prompt, greedy) to real questions about uber_2021_part1.pdf, oracle + 1 distractor, hand-labelled
+    5 grounded / 17 invented / 2 partly: AUC 0.97 for bigrams, 0.91 for single content words, 0.86 for single
+    words not in the question. Grounded answers scored 0.28-0.77, invented ones 0-0.26 (and 0.41 for a loop the
+    repetition gate rejects); single words need a threshold of 0.6 to keep all grounded answers and then still
+    pass 7 of the 17 invented ones. The same teacher's closed-book answers (invented by construction) scored
+    against the same contexts pass 0.3 in 1 of 24 cases. A number is one token ("30.0", "25,000"), so a wrong
+    number breaks both pairs it is in.
     """
     words = content_words(answer)
-    if not words:
-        return 0.0
-    vocabulary = {w for context in contexts for w in content_words(context)}
-    return sum(w in vocabulary for w in words) / len(words)
+    vocabulary = [content_words(context) for context in contexts]
+    if len(words) < 2:
+        return float(bool(words) and any(words[0] in context for context in vocabulary))
+    found = {pair for context in vocabulary for pair in pairwise(context)}
+    pairs = list(pairwise(words))
+    return sum(pair in found for pair in pairs) / len(pairs)
 
 
 def final_answer(text: str) -> str:
     """What the user is given: the text after the last `<ANSWER>:` ("" when nothing follows it), or the whole
     text when it has no tag."""
-    head, tag, tail = text.rpartition(ANSWER_TAG)
+    _, tag, tail = text.rpartition(ANSWER_TAG)
     return tail.strip() if tag else text.strip()

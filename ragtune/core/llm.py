@@ -266,20 +266,19 @@ class CircuitBreaker(httpx.BaseTransport):
     """An httpx transport that counts consecutive attempts without any HTTP answer (timeouts, refused or
     dropped connections) across all threads; at `threshold` it opens and every later attempt fails at once.
     It sits below the SDK's retries, so a hung endpoint costs about one timeout, not timeout x retries per row.
-    Any HTTP response (an error status included) closes it again."""
+    Before opening on read timeouts it asks `probe_url` once: a server that answers that is alive but slow,
+    so its rows keep failing as timeouts (raise `timeout`) instead of the stage stopping. Any HTTP response
+    (an error status included) resets the count."""
 
-    def __init__(self, inner: httpx.BaseTransport, threshold: int):
+    def __init__(self, inner: httpx.BaseTransport, threshold: int, probe_url: str, probe_timeout: float):
         self.inner, self.threshold = inner, threshold
-        self.failures, self.last_error = 0, ""
+        self.probe_url, self.probe_timeout = probe_url, probe_timeout
+        self.failures, self.opened, self.last_error = 0, False, ""
         self._lock = threading.Lock()
         self._open_error = _circuit_open_error()
 
-    @property
-    def is_open(self) -> bool:
-        return self.failures >= self.threshold
-
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.is_open:
+        if self.opened:
             raise self._open_error(message=f"circuit open: {self.last_error}", request=request)
         try:
             response = self.inner.handle_request(request)
@@ -287,12 +286,26 @@ class CircuitBreaker(httpx.BaseTransport):
             with self._lock:
                 self.failures += 1
                 self.last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            if self.is_open:
+                if self.failures >= self.threshold and not self.opened:
+                    self.opened = not (isinstance(err, httpx.ReadTimeout) and self._answers(request))
+                    self.failures = self.failures if self.opened else 0
+            if self.opened:
                 raise self._open_error(message=f"circuit open: {self.last_error}", request=request) from err
             raise
         with self._lock:
             self.failures = 0
         return response
+
+    def _answers(self, like: httpx.Request) -> bool:
+        """Whether GET probe_url gets any HTTP response within probe_timeout (same auth headers as `like`)."""
+        headers = {k: v for k, v in like.headers.items() if k.lower() in ("authorization", "api-key")}
+        probe = httpx.Request("GET", self.probe_url, headers=headers,
+                              extensions={"timeout": httpx.Timeout(self.probe_timeout).as_dict()})
+        try:
+            self.inner.handle_request(probe).close()
+        except httpx.TransportError:
+            return False
+        return True
 
     def close(self) -> None:
         self.inner.close()
@@ -339,7 +352,8 @@ class OpenAIChatBackend:
             api_key = os.environ.get(api_key_env) or ""
             if not api_key:
                 raise BackendUnavailable(f"environment variable {api_key_env} (named by api_key_env) is not set.")
-        self.breaker = CircuitBreaker(httpx.HTTPTransport(), max_consecutive_failures)
+        self.breaker = CircuitBreaker(httpx.HTTPTransport(), max_consecutive_failures, f"{self.base_url}/models",
+                                      min(self.PROBE_TIMEOUT, timeout))
         common = {"api_key": api_key, "max_retries": max_retries,
                   "http_client": openai.DefaultHttpxClient(transport=self.breaker),
                   # connect: a listening server accepts in milliseconds; 10 s covers a slow TLS handshake
@@ -409,8 +423,11 @@ class OpenAIChatBackend:
         except openai.APIStatusError as err:
             return Completion(None, f"HTTP {err.status_code}: {err.response.text[:500]}")
         except openai.APIConnectionError as err:
-            if self.breaker.is_open:
+            if self.breaker.opened:
                 raise self._unavailable(err, self.timeout) from None
+            if isinstance(err, openai.APITimeoutError):
+                return Completion(None, f"timed out after {self.timeout:g}s, every retry (the server answers /models: "
+                                        "it is slow; raise `timeout`)")
             return Completion(None, f"no answer after retries: {self._cause(err)}")
         except Exception as err:  # noqa: BLE001 - a body the SDK cannot parse is this row's failure
             return Completion(None, f"malformed response: {type(err).__name__}: {err}")

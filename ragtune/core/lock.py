@@ -56,7 +56,7 @@ class RunLock:
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(self.lock_path, timeout=0, fallback_to_soft=False)
+            lock = FileLock(self.lock_path, timeout=0)
             lock.acquire()
         except Timeout:
             raise RunFolderInUse(self._in_use_message()) from None
@@ -64,9 +64,13 @@ class RunLock:
             log.info("not locking %s: %s (read-only folder)", self.root, err)
             return
         except OSError as err:
-            if err.errno != errno.EROFS:
+            if err.errno == errno.EROFS:
+                log.info("not locking %s: read-only file system", self.root)
+                return
+            if err.errno not in (errno.ENOSYS, errno.ENOLCK):
                 raise
-            log.info("not locking %s: read-only file system", self.root)
+            log.warning("cannot lock %s (%s: a file system without flock, e.g. some NFS mounts); running unlocked: "
+                        "start only one ragtune on this folder", self.root, err.strerror)
             return
         self._lock = lock
         write_json(self.holder_path, {"pid": os.getpid(), "started": datetime.now().isoformat(timespec="seconds"),
@@ -91,7 +95,7 @@ class RunLock:
         return (f"{self.root} is in use by another ragtune ({who}). Two commands on one output_dir overwrite each "
                 f"other's files: wait for it to finish, or stop it (kill {pid}) and run again.")
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
