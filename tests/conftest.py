@@ -57,6 +57,20 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def untied_tiny_model(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
+    """The tiny Llama with untied output embeddings: a tied random model only echoes its last prompt token
+    (newlines), which would make every answer empty."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def write_config(tmp_path: Path, excerpt_pdf: Path) -> Callable[..., Path]:
     """Write a valid config to tmp_path; keyword arguments override top-level keys (deep-merged)."""

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from conftest import untied_tiny_model
 from ragtune.eval import evaluate, report
 from ragtune.core.artifacts import read_jsonl
 from ragtune.config import load_config
@@ -48,20 +49,6 @@ QUESTIONS = [
 # --- fixtures -------------------------------------------------------------------------------------
 
 
-def _tiny_model(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
-    """conftest's tiny Llama with untied output embeddings: a tied random model only echoes its last
-    prompt token (newlines), which would make every answer empty."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
@@ -69,8 +56,8 @@ def models(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("eval_models")
-    student = _tiny_model(tiny_llama_dir, root / "student", seed=0)
-    teacher = _tiny_model(tiny_llama_dir, root / "teacher", seed=1)
+    student = untied_tiny_model(tiny_llama_dir, root / "student", seed=0)
+    teacher = untied_tiny_model(tiny_llama_dir, root / "teacher", seed=1)
     from transformers import AutoTokenizer
 
     adapters = {}

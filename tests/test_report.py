@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import untied_tiny_model
 from ragtune.config import load_config
 from ragtune.core.artifacts import read_jsonl, write_json
 from ragtune.core.grounding import final_answer, grounding
@@ -41,19 +42,6 @@ FACTS = [  # (chunk id, chunk text, question, teacher-style answer)
     ("c6", "Mobility trips were lower in 2021 because of COVID-19 restrictions in many cities.",
      "Why were Mobility trips lower in 2021?", "Because of COVID-19 restrictions."),
 ]
-
-
-def _untied_model(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
-    """conftest's tiny Llama with untied output embeddings (a tied random one answers only newlines)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
 
 
 def _write_prep_outputs(config: Any, run: RunDir) -> None:
@@ -96,8 +84,8 @@ def reported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from ragtune.train.data_stats import describe_rows
 
     root = tmp_path_factory.mktemp("reported")
-    student = _untied_model(tiny_llama_dir, root / "student", seed=0)
-    teacher = _untied_model(tiny_llama_dir, root / "teacher", seed=1)
+    student = untied_tiny_model(tiny_llama_dir, root / "student", seed=0)
+    teacher = untied_tiny_model(tiny_llama_dir, root / "teacher", seed=1)
     run = RunDir(root / "run")
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump({
