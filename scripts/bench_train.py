@@ -196,6 +196,23 @@ def build_trainers(args: argparse.Namespace, model_dir: Path, rows: list[dict[st
     return trainers
 
 
+def alternate(trainers: dict[str, Any], model_config: Any, repeats: int, n_tokens: int
+              ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """Epoch times of every arm, alternated `repeats` times, and the GEMM peaks measured before and after."""
+    shapes = [(2048, model_config.hidden_size, model_config.intermediate_size),
+              (2048, model_config.intermediate_size, model_config.hidden_size)]
+    peaks = [matmul_peak(shapes)]
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, trainer in trainers.items():  # alternated, so every arm sees the same load
+            seconds[name].append(timed_epoch(trainer))
+            progress = {"arm": name, "epoch_seconds": round(seconds[name][-1][0], 1), "tokens": n_tokens,
+                        "loadavg_1": round(os.getloadavg()[0], 2)}
+            print(f"bench progress: {json.dumps(progress)}", file=sys.stderr, flush=True)
+    peaks.append(matmul_peak(shapes))
+    return seconds, {dtype: max(p[dtype] for p in peaks) for dtype in peaks[0]}
+
+
 def compare(report: dict[str, Any]) -> None:
     """Speedups of ragtune over TRL's defaults, and of each lever over ragtune."""
     if "baseline_trl_defaults" in report:
@@ -241,18 +258,7 @@ def main() -> None:
         tokens = {sum(len(ids) for ids in t.train_dataset["input_ids"]) for t in trainers.values()}
         assert len(tokens) == 1, f"the runs would train different token counts: {tokens}"
         n_tokens = tokens.pop()
-        config = model.config
-        shapes = [(2048, config.hidden_size, config.intermediate_size), (2048, config.intermediate_size, config.hidden_size)]
-        peaks = [matmul_peak(shapes)]
-        seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in trainers}
-        for _ in range(args.repeats):
-            for name, trainer in trainers.items():  # alternated, so every arm sees the same load
-                seconds[name].append(timed_epoch(trainer))
-                progress = {"arm": name, "epoch_seconds": round(seconds[name][-1][0], 1), "tokens": n_tokens,
-                            "loadavg_1": round(os.getloadavg()[0], 2)}
-                print(f"bench progress: {json.dumps(progress)}", file=sys.stderr, flush=True)
-        peaks.append(matmul_peak(shapes))
-        peak = {dtype: max(p[dtype] for p in peaks) for dtype in peaks[0]}
+        seconds, peak = alternate(trainers, model.config, args.repeats, n_tokens)
         fastest = max(peak, key=peak.__getitem__)
         flops_per_token = train_flops_per_token(model, n_tokens / len(rows))
         report: dict[str, Any] = {

@@ -101,7 +101,7 @@ def reported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = load_config(path)
     _write_prep_outputs(config, run)
     sft.run(config, run)
-    tokens = run.logs / report.DATA_STATS
+    tokens = run.data_stats
     if not tokens.exists():  # the train stage's token statistics, computed by its own function
         write_json(tokens, describe_rows(config, run.train_jsonl))
     evaluate.run(config, run, [])

@@ -54,7 +54,8 @@ def make_config(write_config, tiny_llama_dir: Path, tmp_path: Path):
     """A config training the tiny Llama for a few steps; `train` keys override, `rows` go to data/train.jsonl."""
 
     def _make(rows: list[dict[str, Any]] | None = None, name: str = "config.yaml", run: str = "run", **train: Any):
-        train_section = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2,
+        train_section = {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                         "logging_steps": 1, "save_steps": 2,
                          "save_strategy": "steps", "eval_strategy": "no", "report_to": "none", "disable_tqdm": True, **train}
         path = write_config(name=name, output_dir=str(tmp_path / run), student={"model": str(tiny_llama_dir)},
                             train=train_section)

@@ -38,18 +38,21 @@ SFT_DEFAULTS: dict[str, Any] = {
     # `auto` (ragtune's value; true/false are TRL's): on CPU the fastest of fp32, bf16 autocast and bf16
     # frozen weights in a GEMM probe of the student's layer shapes, cached per machine
     # (ragtune.core.precision); on CUDA/XPU bf16 autocast where the device supports it. No constant is right
-    # everywhere: bf16 GEMM ran 4x fp32 on an AMD EPYC with avx512_bf16, 1/10-1/40 of it on an AVX2-only one.
+    # everywhere: bf16 GEMM ran 4x fp32 on an AMD EPYC with avx512_bf16, and 1/160 of it (0.9 vs 143 GFLOP/s)
+    # on an AMD EPYC with AVX2 only (2 cores, torch 2.13), where the probe picks fp32.
     "bf16": "auto",
     # TRL turns activation recomputation on by default (`gradient_checkpointing`, now named
     # `activation_checkpointing` in transformers): every layer's forward runs twice; 0.67x tokens/s on
     # CPU. Small students on CPU or one GPU have the memory to keep activations; turn it on for big ones.
     "activation_checkpointing": False,
-    # Batches of rows of similar length waste less compute on padding: 29% -> 9% of computed tokens at
-    # 200 rows, batch 8 (transformers groups within megabatches of n_rows // (4 * batch) batches).
-    "train_sampling_strategy": "group_by_length",
-    # Shorter batches pad less: batch 4 ran 1.09x (best) / 1.37x (median) the tokens/s of 8, 16 ran 0.7x
-    # (32 RAG rows, CPU); small RAG datasets also get more optimizer steps per epoch.
-    "per_device_train_batch_size": 4,
+    # One row per forward, four per optimizer step (the same updates as batch 4: the loss sums tokens over the
+    # accumulated rows). No padding, so nothing is computed twice and attention takes its causal kernel; the
+    # demo's train stage (rows of ~500-740 tokens, max_length 768) peaked at 2.97 GB RSS instead of 8.63 GB
+    # with batch 4 (activations kept for backward: 0.9 vs 4.2 GB), with the same losses, at 1.04x batch 4's
+    # tokens/s (scripts/bench_train.py, AMD EPYC AVX2, 2 cores). With one row per batch, grouping rows by
+    # length has no padding left to save: TRL's random order stays.
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,
     "per_device_eval_batch_size": 8,
     "learning_rate": 2e-4,
     "num_train_epochs": 3,
