@@ -274,12 +274,15 @@ class CircuitBreaker(httpx.BaseTransport):
         self.inner, self.threshold = inner, threshold
         self.probe_url, self.probe_timeout = probe_url, probe_timeout
         self.failures, self.opened, self.last_error = 0, False, ""
+        self.attempts = 0  # requests passed to the network, the SDK's retries included
         self._lock = threading.Lock()
         self._open_error = _circuit_open_error()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self.opened:
             raise self._open_error(message=f"circuit open: {self.last_error}", request=request)
+        with self._lock:
+            self.attempts += 1
         try:
             response = self.inner.handle_request(request)
         except httpx.TransportError as err:
@@ -426,8 +429,8 @@ class OpenAIChatBackend:
             if self.breaker.opened:
                 raise self._unavailable(err, self.timeout) from None
             if isinstance(err, openai.APITimeoutError):
-                return Completion(None, f"timed out after {self.timeout:g}s, every retry (the server answers /models: "
-                                        "it is slow; raise `timeout`)")
+                return Completion(None, f"{self._cause(err)} after {self.timeout:g} s on every retry (the server "
+                                        "answers /models: it is slow; raise `timeout`)")
             return Completion(None, f"no answer after retries: {self._cause(err)}")
         except Exception as err:  # noqa: BLE001 - a body the SDK cannot parse is this row's failure
             return Completion(None, f"malformed response: {type(err).__name__}: {err}")
