@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -17,7 +17,7 @@ from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.grounding import final_answer
 from ragtune.core.rag import build_closed_book_messages
 from ragtune.data_prep.config import DataPrepConfig
-from ragtune.data_prep.gates import Verdict, check_answer, pick_best, repetition
+from ragtune.data_prep.gates import Verdict, check_answer, first_sentences, pick_best, repetition
 from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
@@ -53,7 +53,9 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
                    key=lambda j: (len(j.messages[-1]["content"]), j.question["id"]))
     generated = 0
     with tqdm(total=len(jobs), initial=len(jobs) - len(order), desc="teacher answers", unit="row") as bar:
-        batch_size = max(1, teacher.get().batch_size // config.teacher.num_candidates) if order else 1
+        # a batch of questions is sent greedy first, then the samples: on vLLM the samples' prompts are then
+        # prefix-cache hits (prefill is most of a RAG answer's cost on a CPU)
+        batch_size = teacher.get().batch_size if order else 1
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             per_job = _candidates(batch, config, teacher)
@@ -77,13 +79,13 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
     role, prep = config.teacher, config.data_prep
     backend = teacher.get()
     views = [teacher_view(job.messages, prep) for job in batch]
-    # a loop ends where it is detected (the gates reject it anyway), not at max_new_tokens as "truncated"
-    stop = (lambda text: repetition(text) is not None) if prep.answer_gates.enabled else None
-    answers = backend.chat(views, temperature=role.temperature, stop_when=stop)
+    stop = _stop_when(prep)
+    answers = [_cut(a, prep) for a in backend.chat(views, temperature=role.temperature, stop_when=stop)]
     per_job = [[answer] for answer in answers]
     if role.num_candidates > 1:
         samples = backend.chat([v for v in views for _ in range(role.num_candidates - 1)],
                                temperature=role.candidate_temperature, stop_when=stop)
+        samples = [_cut(a, prep) for a in samples]
         for k, job_candidates in enumerate(per_job):
             job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
     gates = prep.answer_gates
@@ -92,8 +94,28 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
         again = backend.chat([views[k] for k in retry], max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens,
                              temperature=role.temperature, stop_when=stop)
         for k, answer in zip(retry, again):
-            per_job[k][0] = answer
+            per_job[k][0] = _cut(answer, prep)
     return per_job
+
+
+def _stop_when(prep: DataPrepConfig) -> Callable[[str], bool] | None:
+    """Where the teacher stops early: at a loop (the gates reject it anyway; not at max_new_tokens as
+    "truncated") and after `teacher_max_sentences` complete sentences."""
+    loops = prep.answer_gates.enabled
+    cap = prep.teacher_max_sentences
+    if not loops and cap is None:
+        return None
+    return lambda text: (loops and repetition(text) is not None) or (cap is not None and
+                                                                     first_sentences(text, cap) is not None)
+
+
+def _cut(completion: Any, prep: DataPrepConfig) -> Any:
+    """A completion stopped after `teacher_max_sentences` keeps those sentences, not the next one's first word."""
+    cap = prep.teacher_max_sentences
+    if cap is None or completion.text is None or completion.finish_reason != "stop":
+        return completion
+    head = first_sentences(completion.text, cap)
+    return completion if head is None else replace(completion, text=head)
 
 
 def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Verdict]:
@@ -101,7 +123,7 @@ def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Ve
     gates = prep.answer_gates
     verdicts = [check_answer(c.text, c.finish_reason, job.contexts, oracle_in_context=job.oracle_in,
                              chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
-                             min_grounding=gates.min_grounding)
+                             min_grounding=gates.min_grounding, question=job.question["question"])
                 if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
     if not gates.enabled:
         verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal)

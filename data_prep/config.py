@@ -74,8 +74,9 @@ class AnswerGates(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    # share of the answer's content-word pairs found in its contexts (ragtune.core.grounding). 0.3 separated 24
-    # hand-labelled SmolLM2-135M answers best (4 of 5 grounded kept, 1 of 17 invented, a loop rejected anyway)
+    # share of the answer's content-word pairs, beyond the question's, found in its contexts (ragtune.core.grounding).
+    # 0.3 separated 24 hand-labelled SmolLM2-135M answers best (4 of 5 grounded kept, 1 of 17 invented, a loop
+    # rejected anyway); leaving the question's pairs out rejects restatements (22 of 55 kept in a demo run)
     min_grounding: float = Field(0.3, ge=0, le=1)
     # a truncated answer is asked again once with this budget (None: twice teacher.max_new_tokens)
     retry_max_new_tokens: int | None = Field(None, ge=1)
@@ -114,6 +115,10 @@ class DataPrepConfig(BaseModel):
     # appended to the teacher's user message only (not to the saved row): how the teacher should answer, e.g.
     # "Answer in one or two sentences, using the context's own words." The student learns the behaviour without it.
     teacher_instruction: str | None = None
+    # end each teacher answer after this many sentences (a stop sequence at the sentence boundary: generation
+    # stops, the answer keeps its complete sentences; None: the teacher's own end). For a small teacher that runs
+    # on until max_new_tokens or loops; a sentence boundary is a period, ! or ? followed by a capitalised word
+    teacher_max_sentences: int | None = Field(None, ge=1)
     raft: RaftConfig = RaftConfig()
     answer_gates: AnswerGates = AnswerGates()
     # also emit (question without context -> the teacher's RAG answer) rows, to bake knowledge in
@@ -139,4 +144,11 @@ class DataPrepConfig(BaseModel):
     def _overlap_below_size(self) -> "DataPrepConfig":
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _sentence_cap_without_chain_of_thought(self) -> "DataPrepConfig":
+        if self.teacher_max_sentences is not None and self.raft.enabled and self.raft.chain_of_thought:
+            raise ValueError("teacher_max_sentences would cut RAFT's chain of thought before its `<ANSWER>:`; "
+                             "set one of teacher_max_sentences and raft.chain_of_thought")
         return self

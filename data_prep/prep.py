@@ -46,7 +46,8 @@ from ragtune.core.llm import make_backend
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
 from ragtune.data_prep.questions import (
-    answerable_verdicts, drop_leakage, drop_near_duplicates, normalize_question, parse_questions, question_prompt, select_questions,
+    answerable_verdicts, drop_leakage, drop_near_duplicates, enough_questions, normalize_question, parse_questions,
+    question_prompt, select_questions,
 )
 from ragtune.data_prep.state import LazyBackend, StepState
 
@@ -73,8 +74,8 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     """
     run_dir.data.mkdir(parents=True, exist_ok=True)
     state = StepState(run_dir)
-    teacher_backend = LazyBackend(lambda: teacher or make_backend(config.teacher))
-    judge_backend = LazyBackend(lambda: make_backend(config.judge))  # only for data_prep.answer_gates.llm_faithfulness
+    teacher_backend = LazyBackend(lambda: teacher or make_backend(config.teacher, log_dir=run_dir.logs))
+    judge_backend = LazyBackend(lambda: make_backend(config.judge, log_dir=run_dir.logs))  # only for data_prep.answer_gates.llm_faithfulness
     embed_model = embedding_model(config.embedding)
 
     ################
@@ -295,10 +296,7 @@ def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int,
             if not batch:
                 continue
             prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in batch]
-            # A row may stop once it holds num_questions_per_chunk kept questions: parsing keeps questions in
-            # order, so the rest of the text could only add rejects.
-            completions = backend.chat(prompts, stop_when=lambda text: len(
-                parse_questions(text, prep.num_questions_per_chunk)[0]) >= prep.num_questions_per_chunk)
+            completions = backend.chat(prompts, stop_when=lambda text: enough_questions(text, prep.num_questions_per_chunk))
             parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
             verdicts = answerable_verdicts(batch, parsed, completions, prep, backend)
             for chunk, completion, (kept, dropped), verdict in zip(batch, completions, parsed, verdicts):

@@ -202,8 +202,10 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     prompt = [prep.system_prompt, prep.text_qa_template] if mode == "rag" else [prep.closed_book_system_prompt]
     retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
+    engine = config.eval.backend if spec.kind != "teacher" else None
     return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
-                      sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle)
+                      sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle,
+                      *([engine] if engine != "hf" else []))
 
 
 def reference_contexts(question: dict[str, Any], retrieved: dict[str, Any], chunk_text: dict[str, str]
@@ -227,8 +229,10 @@ def generate_answers(
     modes: list[str],
     questions: list[dict[str, Any]],
     retrieval: dict[str, dict[str, Any]],
+    specs: list[ModelSpec] = (),
 ) -> dict[str, Any]:
-    """Answer every question in every mode with one model (loaded only if some answer is missing).
+    """Answer every question in every mode with one model (loaded only if some answer is missing); `specs`
+    are all the models of this eval, so a vLLM server for the base starts with every adapter at once.
 
     Returns timing facts per mode: seconds generating, answers generated, tokens, and errors recorded.
     """
@@ -248,7 +252,7 @@ def generate_answers(
             mode_facts = {"generated": 0, "reused": len(questions) - len(todo), "seconds": 0.0, "completion_tokens": 0}
             if todo and backend is None:
                 started = time.perf_counter()
-                backend = load_backend(config, spec)
+                backend = load_backend(config, spec, run_dir, specs)
                 facts["load_seconds"] = round(time.perf_counter() - started, 2)
             with tqdm(total=len(todo), desc=f"answers {spec.name}/{mode}", unit="q", disable=not todo) as bar:
                 batch_size = backend.batch_size if backend is not None else 1
@@ -295,13 +299,26 @@ def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:
     return final_answer(text)
 
 
-def load_backend(config: "RagtuneConfig", spec: ModelSpec) -> "ChatBackend":
-    """The teacher's configured backend, or the student (base, adapter-on-base, merged) in-process."""
-    from ragtune.core.llm import HFChatBackend, make_backend
+def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, specs: list[ModelSpec] = ()) -> "ChatBackend":
+    """The teacher's configured backend, or the student (base, adapter-on-base, merged): in-process, or through
+    the managed vLLM server (`eval.backend: vllm`) that serves the base and every adapter of `specs` by name."""
+    from ragtune.core.llm import HFChatBackend, make_backend, openai_backend
 
     if spec.kind == "teacher":
-        return make_backend(config.teacher)
+        return make_backend(config.teacher, log_dir=run_dir.logs)
     student = config.student
+    if config.eval.backend == "vllm":
+        from ragtune.core.engine import get_server
+        from ragtune.core.roles import LLMRole
+
+        on_base = spec.kind in ("base", "adapter")
+        adapters = {s.name: str(s.adapter) for s in [*specs, spec] if on_base and s.adapter}
+        server = get_server(spec.model, lora_modules=adapters, log_dir=run_dir.logs, dtype=student.torch_dtype,
+                            trust_remote_code=student.trust_remote_code)
+        role = LLMRole(backend="vllm", model=spec.model, max_concurrency=config.eval.batch_size,
+                       max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+        served = spec.name if spec.adapter else server.served_model_name
+        return openai_backend(role, model=served, base_url=server.base_url, unavailable_hint=server.describe_failure)
     return HFChatBackend(
         spec.model, adapter=spec.adapter, torch_dtype=student.torch_dtype, device_map=student.device_map,
         batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, temperature=0.0,

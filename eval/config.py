@@ -44,6 +44,10 @@ class EvalConfig(BaseModel):
     # `merged` (merged/, verified by the merge stage to give the same logits). Under greedy decoding they
     # answer alike, so one halves the tuned side's cost; `adapter` is used when there is no merged model.
     tuned_models: list[Literal["adapter", "merged"]] = Field(default_factory=lambda: ["adapter", "merged"], min_length=1)
+    # where the students answer: `hf` in-process (adapters through PEFT), or `vllm`: one managed vLLM server for
+    # the base with every adapter as a LoRA module (`--lora-modules`), so N adapters cost one model load; a merged
+    # model is served as its own model. vLLM's fp32 greedy text equals the hf backend's (tests/test_vllm_engine.py)
+    backend: Literal["hf", "vllm"] = "hf"
     # student/teacher answer generation (greedy)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)

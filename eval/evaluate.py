@@ -64,7 +64,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     ################
     for spec in specs:
         modes = config.eval.modes if spec.kind != "teacher" else [m for m in MODES if m in config.eval.modes or m == "rag"]
-        timings["generation"][spec.name] = generate_answers(config, run_dir, spec, modes, questions, retrieval)
+        timings["generation"][spec.name] = generate_answers(config, run_dir, spec, modes, questions, retrieval, specs)
 
     ################
     # 3. Scores and the judge's sanity check
@@ -129,7 +129,7 @@ def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], ques
     try:
         if any(j.metric in LLM_METRICS for j in jobs):
             step = time.perf_counter()
-            judge = make_judge(config)
+            judge = make_judge(config, run_dir)
             facts["judge_load_seconds"] = round(time.perf_counter() - step, 2)
         if any(j.metric in EMBEDDING_METRICS for j in jobs):
             step = time.perf_counter()
@@ -154,14 +154,14 @@ def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], ques
     return facts
 
 
-def make_judge(config: "RagtuneConfig") -> Any:
+def make_judge(config: "RagtuneConfig", run_dir: RunDir) -> Any:
     """The configured judge behind Ragas's structured-output interface (schema-bounded when in-process)."""
     from ragtune.eval.judge import BatchedJudge
     from ragtune.core.llm import make_backend
 
     role = config.judge
     in_process = role.backend == "hf"
-    return BatchedJudge(make_backend(role), max_new_tokens=role.max_new_tokens, temperature=role.temperature,
+    return BatchedJudge(make_backend(role, log_dir=run_dir.logs), max_new_tokens=role.max_new_tokens, temperature=role.temperature,
                         constrain=in_process, max_length=config.eval.judge_max_length,
                         max_items=config.eval.judge_max_items, batch_size=None if in_process else 1,
                         concurrent_calls=1 if in_process else role.max_concurrency,

@@ -151,9 +151,10 @@ def build_metrics(names: list[str], llm: "BatchedJudge | None", embeddings: Any,
 
 
 async def score_grounding(sample: Sample) -> float:
-    """The share of the final answer's content words found in the sample's contexts (no LLM, no Ragas)."""
+    """The share of the final answer's content-word pairs, beyond those of the question, found in the sample's
+    contexts (no LLM, no Ragas): `ragtune.core.grounding.grounding`, the gate prep applies to teacher answers."""
     assert sample.answer is not None and sample.contexts is not None  # `missing_input` checked both
-    return grounding(final_answer(sample.answer), sample.contexts)
+    return grounding(final_answer(sample.answer), sample.contexts, sample.question or "")
 
 
 def missing_input(metric: str, sample: Sample) -> str | None:

@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ragtune.config import ConfigError, RagtuneConfig, load_config
 from ragtune.pipeline import STAGES, plan, run_pipeline
+from ragtune.core import engine
 from ragtune.core.lock import RunLock
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir
@@ -36,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all stages: prep → train → merge → eval → report (skips up-to-date stages)")
     _add_config(p)
     p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on")
-    p.add_argument("--only", choices=STAGES, help="run just this stage")
+    p.add_argument("--only", choices=STAGES,
+                   help="just this stage: resumed when interrupted, skipped when up to date (with --force: rerun)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
     p.add_argument("--dry-run", action="store_true", help="validate everything checkable without running; print the plan")
 
@@ -137,8 +141,11 @@ def _run_single(config: RagtuneConfig, name: str, function: Callable[[], dict[st
     manifest.record_run(config.resolved(), input_hashes(config))
     current = fingerprints(config)[name]
     manifest.update_stage(name, fingerprint=current["fingerprint"], inputs=current)
-    with manifest.timed_stage(name) as facts:
-        facts.update(function() or {})
+    try:
+        with manifest.timed_stage(name) as facts:
+            facts.update(function() or {})
+    finally:
+        engine.shutdown_all()  # the managed vLLM servers end with the stage, on errors too
     return facts
 
 
@@ -176,11 +183,28 @@ def _run(args: argparse.Namespace) -> int:
         return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
     from ragtune.dry_run import preflight
 
-    preflight(config)
-    with RunLock(config.output_dir):  # one ragtune per run folder; a second one fails here, naming this one
-        run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config))
+    with _locked(config):  # one ragtune per run folder; a second one fails here, naming this one
+        # preflight (seconds: it loads the student's tokenizer) runs under the lock, and only when a stage will run
+        run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config),
+                     before_work=lambda: preflight(config))
     print_verdict(run_dir)
     return 0
+
+
+@contextmanager
+def _locked(config: RagtuneConfig) -> Iterator[None]:
+    """`RunLock(output_dir)`, with a folder that cannot even be made (under a file, on /proc) reported in one line.
+    A read-only folder is not locked (RunLock): an up-to-date run there still succeeds, as it writes nothing."""
+    lock = RunLock(config.output_dir)
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise ConfigError(f"output_dir: {config.output_dir} cannot be created ({err.strerror or err}). "
+                          "Point `output_dir` at a folder you can write.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -189,21 +213,24 @@ def _stage(args: argparse.Namespace) -> int:
     run_dir = RunDir(config.output_dir)
     name = args.command
     functions = stage_functions(config, getattr(args, "adapters", None))
-    if name in ("prep", "train"):
-        from ragtune.dry_run import preflight
+    from ragtune.dry_run import preflight
 
+    unlocked = name == "train" and (args.check or os.environ.get("RANK", "0") != "0")
+    if unlocked:
+        # The label check only reads. Under torchrun/accelerate every rank trains and rank 0 alone locks the folder
+        # and records the stage (accelerate's PartialState cannot tell before the Trainer joins the gloo group on
+        # CPU: every rank would call itself main); every rank runs the preflight, so all stop on its error.
         preflight(config)
-    if name == "train" and args.check:
-        from ragtune.train.sft import run
+        if args.check:
+            from ragtune.train.sft import run
 
-        run(config, run_dir, check_only=True)
+            run(config, run_dir, check_only=True)
+        else:
+            functions["train"]()
         return 0
-    if name == "train" and os.environ.get("RANK", "0") != "0":
-        # Under torchrun/accelerate every rank trains and rank 0 alone records the stage. accelerate's PartialState
-        # cannot tell before the Trainer joins the gloo group on CPU: every rank would call itself main.
-        functions["train"]()
-        return 0
-    with RunLock(config.output_dir):
+    with _locked(config):  # before the preflight: a second ragtune on this folder is refused at once
+        if name in ("prep", "train"):
+            preflight(config)
         facts = _run_single(config, name, functions[name])
         if name == "eval":
             functions["report"]()

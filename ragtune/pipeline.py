@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ragtune.config import RagtuneConfig
+from ragtune.core import engine
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,11 @@ def fingerprints(config: RagtuneConfig) -> dict[str, dict[str, str]]:
 
 def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, only: str | None = None,
          force: bool = False) -> dict[str, str]:
-    """Decide for every stage: `run`, `resume` (same fingerprint, interrupted) or `skip` (done, unchanged)."""
+    """Decide for every stage: `run`, `resume` (same fingerprint, interrupted) or `skip` (done, unchanged).
+
+    `only` narrows the plan to one stage, decided like in a full run: a killed training resumes from its
+    checkpoints (before, `--only train` ran it afresh and retired them), an up-to-date one is skipped unless `force`.
+    """
     manifest = Manifest(run_dir)
     prints = fingerprints(config)
     decisions: dict[str, str] = {}
@@ -104,8 +109,8 @@ def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, on
     for i, name in enumerate(STAGES):
         recorded = manifest.data["stages"].get(name, {})
         same = recorded.get("fingerprint") == prints[name]["fingerprint"]
-        if only:
-            decisions[name] = "run" if name == only else "skip"
+        if only and name != only:
+            decisions[name] = "skip"
         elif force or (forced_from is not None and i >= forced_from):
             decisions[name] = "run"
         elif same and recorded.get("status") == "done":
@@ -124,10 +129,21 @@ def run_pipeline(
     only: str | None = None,
     force: bool = False,
     stage_functions: dict[str, Callable[[], dict[str, Any]]],
+    before_work: Callable[[], None] | None = None,
 ) -> dict[str, str]:
-    """Run the planned stages in order; returns the decision taken for each stage."""
+    """Run the planned stages in order; returns the decision taken for each stage.
+
+    `before_work` (the CLI's preflight checks) runs only when some stage will run. A run with nothing to do writes
+    nothing: manifest.json keeps its bytes and mtime, and an up-to-date run on a read-only folder succeeds.
+    """
     run_dir = RunDir(config.output_dir)
     decisions = plan(config, run_dir, start=start, only=only, force=force)
+    if all(decision == "skip" for decision in decisions.values()):
+        print(f"[ragtune] nothing to do: {'`' + only + '` is' if only else 'every stage is'} up to date "
+              "(--force reruns)", flush=True)
+        return decisions
+    if before_work is not None:
+        before_work()
     prints = fingerprints(config)
     manifest = Manifest(run_dir)
     manifest.record_run(config.resolved(), input_hashes(config))
@@ -145,8 +161,13 @@ def run_pipeline(
         manifest.update_stage(stage.name, fingerprint=prints[stage.name]["fingerprint"], inputs=prints[stage.name])
         print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}{reason}", flush=True)
         started = time.time()
-        with manifest.timed_stage(stage.name) as facts:
-            facts.update(stage_functions[stage.name]() or {})
+        try:
+            with manifest.timed_stage(stage.name) as facts:
+                facts.update(stage_functions[stage.name]() or {})
+        finally:
+            # vLLM servers end with their stage: training gets the cores and memory, and eval's server starts with
+            # the new adapters as LoRA modules anyway (the teacher's, started by prep, has none)
+            engine.shutdown_all()
         print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s", flush=True)
         manifest = Manifest(run_dir)
     return decisions

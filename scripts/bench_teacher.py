@@ -1,16 +1,19 @@
 """Teacher answers per second: ragtune's prep stage vs the plain sequential LlamaIndex loop, in one run.
 
-Both sides use the same persisted index, the same questions, the same model object, greedy decoding and
-the same `max_new_tokens`:
+Both sides use the same persisted index, the same questions, the same weights, greedy decoding and the same
+`max_new_tokens`:
 
 - baseline: `for q in questions: query_engine.query(q)` with a LlamaIndex `CustomLLM` over the HF model
   (the way the LlamaIndex fine-tuning recipe collects teacher answers), one question at a time;
-- ragtune: `data_prep.prep.make_answers`, the stage itself (batched retrieval, batched left-padded
-  generation, rows appended and fsynced as they arrive).
+- ragtune: `data_prep.prep.make_answers`, the stage itself (batched retrieval; generation through
+  `--backend`: `vllm`, the managed vLLM server, concurrent requests; or `hf`, batched left-padded
+  generation in-process; rows appended and fsynced as they arrive). The answer gates are off here, so every
+  question becomes a row and both sides generate exactly the same requests.
 
-Prints one JSON object; `ratio` is ragtune rows/s over baseline rows/s (target >= 4).
+Prints one JSON object: `ratio` is ragtune rows/s over baseline rows/s (target >= 4), `identical` the share
+of questions where both sides' answers are the same text. The vLLM server's start is timed apart.
 
-    python scripts/bench_teacher.py --questions 16 --max-new-tokens 64
+    python scripts/bench_teacher.py --questions 16 --max-new-tokens 64 --backend vllm
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--similarity-top-k", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="ragtune's teacher backend")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as work:
         print(json.dumps(bench(args, Path(work)), indent=2))
@@ -76,21 +80,24 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from ragtune.data_prep.prep import make_answers, make_chunks, make_index
-    from ragtune.data_prep.state import LazyBackend, StepState
-    from ragtune.core.rag import embedding_model
-    from ragtune.core.artifacts import write_jsonl
     from ragtune.config import load_config
-    from ragtune.core.llm import HFChatBackend
+    from ragtune.core import engine
+    from ragtune.core.artifacts import write_jsonl
+    from ragtune.core.llm import HFChatBackend, make_backend
+    from ragtune.core.rag import embedding_model
     from ragtune.core.run_dir import RunDir
+    from ragtune.data_prep.prep import make_answers, make_chunks, make_index, region_of
+    from ragtune.data_prep.state import LazyBackend, StepState
 
     questions = QUESTIONS[: args.questions]
     config_path = work / "config.yaml"
     config_path.write_text(yaml.safe_dump({
         "name": "bench", "output_dir": str(work / "run"), "documents": [args.documents],
-        "teacher": {"backend": "hf", "model": args.model, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size},
+        "teacher": {"backend": args.backend, "model": args.model, "max_new_tokens": args.max_new_tokens,
+                    "batch_size": args.batch_size, "max_concurrency": args.batch_size},
         "student": {"model": args.model}, "judge": {"model": args.model},
-        "data_prep": {"chunk_size": args.chunk_size, "similarity_top_k": args.similarity_top_k},
+        "data_prep": {"chunk_size": args.chunk_size, "similarity_top_k": args.similarity_top_k,
+                      "answer_gates": {"enabled": False}},
     }), encoding="utf-8")
     config = load_config(config_path)
     run_dir = RunDir(config.output_dir)
@@ -100,37 +107,47 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     index = make_index(config, run_dir, state, chunks, embedding_model(config.embedding))
     chunk_ids = [c["id"] for c in chunks]
     write_jsonl(run_dir.questions_train, [
-        {"id": f"bench-q{i}", "question": q, "source_chunk_id": chunk_ids[i % len(chunk_ids)], "split": "train"}
+        {"id": f"bench-q{i:02d}", "question": q, "source_chunk_id": chunk_ids[i % len(chunk_ids)], "split": "train"}
         for i, q in enumerate(questions)
     ])
+    # every page is a training page here: both sides retrieve from the whole index
+    split = {"train": {region_of(c, config.data_prep.split_unit) for c in chunks}, "eval": set()}
 
-    teacher = HFChatBackend(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    teacher.chat([[{"role": "user", "content": "Hello"}]], max_new_tokens=4)  # warm-up, shared by both sides
+    hf = HFChatBackend(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    hf.chat([[{"role": "user", "content": "Hello"}]], max_new_tokens=4)  # warm-up
+    started = time.perf_counter()
+    teacher = hf if args.backend == "hf" else make_backend(config.teacher)
+    start_seconds = time.perf_counter() - started
+    teacher.chat([[{"role": "user", "content": "Hello"}]], max_new_tokens=4)
 
     # baseline: the plain sequential LlamaIndex loop
     query_engine = index.as_query_engine(
-        llm=_HFLlamaIndexLLM(teacher.model, teacher.tokenizer, args.max_new_tokens),
+        llm=_HFLlamaIndexLLM(hf.model, hf.tokenizer, args.max_new_tokens),
         similarity_top_k=args.similarity_top_k, text_qa_template=_chat_qa_template(config.data_prep),
     )
     started = time.perf_counter()
-    baseline_answers = [str(query_engine.query(q)) for q in questions]
+    baseline_answers = [str(query_engine.query(q)).strip() for q in questions]
     baseline_seconds = time.perf_counter() - started
 
     # ragtune: the stage's teacher step
     started = time.perf_counter()
-    make_answers(config, run_dir, state, index, LazyBackend(lambda: teacher))
+    make_answers(config, run_dir, state, index, split, LazyBackend(lambda: teacher), LazyBackend(lambda: None))
     ragtune_seconds = time.perf_counter() - started
-    rows = [json.loads(line) for line in run_dir.train_jsonl.read_text(encoding="utf-8").splitlines()]
+    engine.shutdown_all()
+    rows = {r["meta"]["question_id"]: r for r in map(json.loads, run_dir.train_jsonl.read_text(encoding="utf-8").splitlines())}
+    answers = [rows[f"bench-q{i:02d}"]["messages"][-1]["content"] for i in range(len(questions))]
 
     result = {
-        "model": args.model, "questions": len(questions), "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "similarity_top_k": args.similarity_top_k, "chunks": len(chunks),
-        "device": str(teacher.device), "torch_threads": torch.get_num_threads(),
+        "model": args.model, "backend": args.backend, "questions": len(questions),
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "similarity_top_k": args.similarity_top_k, "chunks": len(chunks), "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
         "baseline": {"rows": len(baseline_answers), "seconds": round(baseline_seconds, 2),
                      "rows_per_s": round(len(baseline_answers) / baseline_seconds, 3)},
         "ragtune": {"rows": len(rows), "seconds": round(ragtune_seconds, 2),
-                    "rows_per_s": round(len(rows) / ragtune_seconds, 3),
-                    "new_tokens": sum(r["meta"]["usage"]["completion_tokens"] for r in rows)},
+                    "rows_per_s": round(len(rows) / ragtune_seconds, 3), "server_start_seconds": round(start_seconds, 1),
+                    "new_tokens": sum(r["meta"]["usage"]["completion_tokens"] for r in rows.values())},
+        "identical": round(sum(a == b for a, b in zip(answers, baseline_answers)) / len(questions), 3),
     }
     result["ratio"] = round(result["ragtune"]["rows_per_s"] / result["baseline"]["rows_per_s"], 2)
     return result

@@ -42,6 +42,11 @@ def test_base_config_is_inherited_and_overridden(tmp_path, write_config):
         (lambda t: t.replace("name: test", "name: test\n  broken: [1"), ["malformed YAML", ":2"]),
         (lambda t: t.replace("uber_10k_excerpt.pdf", "missing.pdf"), ["documents[0]", "no document found", "missing.pdf"]),
         (lambda t: t + "train:\n  peft:\n    lora_alfa: 8\n", ["train.peft.lora_alfa", "Did you mean `lora_alpha`?"]),
+        # ranges and combinations: ragtune's minimum where TRL has none, TRL's own SFTConfig checks elsewhere
+        (lambda t: t + "train:\n  learning_rate: -1.0\n", ["train.learning_rate", "must be > 0, got -1.0"]),
+        (lambda t: t + "train:\n  warmup_steps: -5\n", ["train.warmup_steps", "SFTConfig rejects it",
+                                                          "Expected value warmup_steps >= 0"]),
+        (lambda t: t + "train:\n  eval_strategy: sometimes\n", ["train.eval_strategy", "not a valid IntervalStrategy"]),
         (lambda t: t.replace("backend: hf\n  model: smollm2-135m-instruct\n  max_new_tokens: 64",
                              "backend: openai\n  model: m\n  api_key: sk-abc"), ["teacher.api_key", "api_key_env"]),
     ],
@@ -80,3 +85,26 @@ def test_shipped_configs_validate():
     assert configs, "configs/ ships no YAML"
     for path in configs:
         load_config(path)
+
+
+def test_building_sft_config_at_load_makes_no_folder_and_no_device_state(write_config, tmp_path):
+    """The load-time SFTConfig must not create output_dir nor set up accelerate's process-wide state (the trainer
+    of this process, and vLLM's fork, would inherit it)."""
+    from accelerate.state import PartialState
+
+    before = dict(PartialState._shared_state)
+    config = load_config(write_config(train={"learning_rate": 1e-4, "bf16": True, "tf32": True}))
+    assert config.train.sft_kwargs()["learning_rate"] == pytest.approx(1e-4)
+    assert not (tmp_path / "run").exists()
+    assert PartialState._shared_state == before
+
+
+def test_negative_learning_rate_fails_dry_run_in_one_line(write_config):
+    path = write_config(train={"learning_rate": -1.0})
+    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(path), "--dry-run"], capture_output=True,
+                            text=True, timeout=300, check=False)
+    line = path.read_text().splitlines().index("  learning_rate: -1.0") + 1
+    assert result.returncode == 2
+    expected = (f"config error: {path}:{line}: train.learning_rate: must be > 0, got -1.0. "
+                "Fix the value, or remove the key to use the default.")
+    assert result.stderr.strip().splitlines() == [expected]

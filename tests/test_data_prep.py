@@ -19,7 +19,7 @@ import yaml
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.prep import PrepError, choose_contexts, region_of, run, split_regions
 from ragtune.core.grounding import lexical_overlap
-from ragtune.data_prep.questions import drop_leakage, parse_questions
+from ragtune.data_prep.questions import drop_leakage, enough_questions, parse_questions
 from ragtune.core.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
 from ragtune.core.artifacts import read_jsonl
 from ragtune.config import load_config
@@ -54,6 +54,15 @@ def test_parse_questions_strips_numbering_and_drops_non_questions() -> None:
     assert reasons["Why?"] == "too short"
     assert reasons["how many countries does Uber operate in ?"] == "duplicate"
     assert reasons["What is the name of the freight"].startswith("not a question: no question mark")
+
+
+def test_question_generation_stops_at_the_limit_or_at_the_first_repeat() -> None:
+    """A real SmolLM2-135M reply (demo chunk p8-c2, greedy): one question, then the same one until the budget."""
+    looping = 'Question: What is the purpose of the "Mobility" product?\n\nQuestion: What is the purpose of the "Mobility" product?'
+    assert enough_questions(looping, 3)
+    assert not enough_questions(looping.split("\n")[0], 3)  # one question so far, no repeat: go on
+    assert enough_questions("1. What are Uber's segments?\n2. Where is Uber based?", 2)
+    assert not enough_questions("1. What are Uber's segments?\n2. Where is Uber", 2)  # the second is not finished
 
 
 def test_lexical_overlap() -> None:

@@ -85,6 +85,41 @@ def test_is_not_refusal(answer: str) -> None:
 # --- RAFT chain of thought ------------------------------------------------------------------------
 
 
+def test_restating_the_question_is_not_grounding() -> None:
+    """Two real SmolLM2-135M answers of a demo run (teacher told to copy the context's words): a restatement of the
+    question around an invented claim, and a copy of the context. Without the question both look grounded."""
+    context = ("Further, we are subject to U.S. and foreign antitrust and competition laws. In April 2018, Careem "
+               "publicly disclosed and notified relevant regulatory authorities that it had been subject to a data "
+               "security breach that allowed access to certain personal information of riders and drivers.")
+    question = 'What is the purpose of the "U.S. and foreign antitrust and competition laws" in the context of the question?'
+    restated = ('The purpose of the "U.S. and foreign antitrust and competition laws" is to promote competition and '
+                "protect the consumers, while also maintaining competitive trade and economy.")
+    assert words.grounding(restated, [context]) >= 0.3  # the old score kept it
+    assert words.grounding(restated, [context], question) == 0.0
+    copied = ("In April 2018, Careem publicly disclosed and notified relevant regulatory authorities that it had been "
+              "subject to a data security breach.")
+    assert words.grounding(copied, [context], "What is the context of the data breach that affected Careem?") == 1.0
+    assert check_answer(restated, "stop", [context], question=question).reason == "ungrounded"
+
+
+def test_first_sentences_cut_at_a_sentence_boundary_once_the_next_one_began() -> None:
+    text = 'Uber operates in 70 countries. It was founded in 2009 by Travis Kalanick. The'
+    assert gates.first_sentences(text, 1) == "Uber operates in 70 countries."
+    assert gates.first_sentences(text, 2) == "Uber operates in 70 countries. It was founded in 2009 by Travis Kalanick."
+    assert gates.first_sentences(text, 3) is None  # the third has not ended: generation goes on
+    # abbreviations, amounts and a lower-case continuation are not boundaries
+    assert gates.first_sentences("Uber Technologies, Inc. is based in S.F. and grew $1.5 billion. Next", 1) == \
+        "Uber Technologies, Inc. is based in S.F. and grew $1.5 billion."
+    assert gates.first_sentences('He said "it grew." Then it fell.', 1) == 'He said "it grew."'
+
+
+def test_sentence_cap_cannot_cut_a_raft_chain_of_thought() -> None:
+    from ragtune.data_prep.config import DataPrepConfig
+
+    with pytest.raises(ValueError, match="teacher_max_sentences would cut RAFT's chain of thought"):
+        DataPrepConfig(teacher_max_sentences=2, raft={"enabled": True, "chain_of_thought": True})
+
+
 def test_final_answer_is_the_text_after_the_last_tag() -> None:
     assert words.final_answer("Reasoning. <ANSWER>: first <ANSWER>: Mobility, Delivery and Freight. ") == \
         "Mobility, Delivery and Freight."

@@ -10,7 +10,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +183,248 @@ def test_dropping_a_torn_line_writes_through_a_tmp_name_of_its_own(tmp_path: Pat
     assert path.read_text() == '{"id": 1}\n{"id": 2}\n{"id": 3}\n'
     assert foreign.read_text() == '{"id": 9}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "rows.jsonl.tmp"]
+
+
+# --------------------------------------------------------------------------------------- per-process tmp names
+
+
+def test_two_writers_of_one_file_never_share_a_tmp_file(tmp_path: Path):
+    """Before, write_jsonl wrote every file through `name.tmp`: a second writer truncated the first one's half-written
+    tmp and renamed it into place, the first then wrote its rows into the renamed file and died on its own rename."""
+    from ragtune.core.artifacts import write_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from ragtune.core.artifacts import write_jsonl
+        def rows():
+            yield {{"writer": "slow", "n": 0}}
+            print("halfway", flush=True)
+            sys.stdin.readline()
+            yield {{"writer": "slow", "n": 1}}
+        write_jsonl({str(path)!r}, rows())
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "halfway"
+    write_jsonl(path, [{"writer": "fast", "n": n} for n in range(3)])
+    assert [json.loads(line)["writer"] for line in path.read_text().splitlines()] == ["fast"] * 3
+    _, stderr = writer.communicate("go\n", timeout=60)
+    assert writer.returncode == 0, stderr
+    assert path.read_text() == '{"writer": "slow", "n": 0}\n{"writer": "slow", "n": 1}\n'  # the last rename, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path: Path):
+    from ragtune.core.artifacts import write_json, write_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"id": 1}])
+
+    def rows():
+        yield {"id": 2}
+        raise ValueError("the producer failed")
+
+    with pytest.raises(ValueError, match="the producer failed"):
+        write_jsonl(path, rows())
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "facts.json", {"not JSON": object()})
+    assert path.read_text() == '{"id": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+# ------------------------------------------------------------------- `run --only` resumes, a no-op run writes nothing
+
+
+def _fake_stages(run_dir: Path, calls: list[str], fail: str | None = None) -> dict[str, Callable[[], dict]]:
+    """Small real stage functions: each writes a file where the real stage writes its output; `fail` is killed
+    (an exception) after writing a checkpoint, as a training killed mid-run leaves one."""
+
+    def stage(name: str) -> Callable[[], dict]:
+        def run() -> dict:
+            calls.append(name)
+            if name == "train":
+                found = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+                (run_dir / "checkpoints" / f"checkpoint-{len(found) + 1}").mkdir(parents=True)
+                if name == fail:
+                    raise RuntimeError("killed")
+                return {"resumed_from": found[-1] if found else None}
+            (run_dir / f"{name}.out").write_text(name)
+            return {}
+        return run
+
+    return {name: stage(name) for name in ("prep", "train", "merge", "eval", "report")}
+
+
+@pytest.fixture
+def cheap_config(write_config):
+    """A valid config whose preflight needs no model (the student is not on this machine: a warning, not an error)."""
+    from ragtune.config import load_config
+
+    path = write_config(student={"model": "no-such-org/no-such-student"})
+    return path, load_config(path)
+
+
+def test_run_only_a_killed_stage_resumes_from_its_checkpoints(cheap_config):
+    """Before, `--only train` planned `run`, and `run` retires a recorded stage's outputs: the checkpoints went to
+    stale/ and training started over."""
+    from ragtune.pipeline import run_pipeline
+
+    _, config = cheap_config
+    run_dir, calls = Path(config.output_dir), []
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(config, stage_functions=_fake_stages(run_dir, calls, fail="train"))
+    assert calls == ["prep", "train"]
+    decisions = run_pipeline(config, only="train", stage_functions=_fake_stages(run_dir, calls))
+    assert decisions["train"] == "resume" and calls == ["prep", "train", "train"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["resumed_from"] == "checkpoint-1"
+    assert not (run_dir / "stale").exists()
+    again = run_pipeline(config, only="train", stage_functions=_fake_stages(run_dir, calls))
+    assert again["train"] == "skip" and len(calls) == 3
+    forced = run_pipeline(config, only="train", force=True, stage_functions=_fake_stages(run_dir, calls))
+    assert forced == {"prep": "skip", "train": "run", "merge": "skip", "eval": "skip", "report": "skip"}
+
+
+def test_a_run_with_nothing_to_do_writes_nothing(cheap_config, tmp_path: Path):
+    """Before, every `ragtune run` rewrote manifest.json (versions, git commit), so an up-to-date run failed on a
+    read-only folder; now neither the pipeline nor the CLI touches it, and the preflight is skipped."""
+    from ragtune.pipeline import run_pipeline
+
+    path, config = cheap_config
+    run_dir, calls, preflights = Path(config.output_dir), [], []
+    run_pipeline(config, stage_functions=_fake_stages(run_dir, calls), before_work=lambda: preflights.append(1))
+    assert len(calls) == 5 and preflights == [1]
+    manifest = run_dir / "manifest.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    time.sleep(0.05)  # so that a rewrite would show in the mtime
+    for only in (None, "train"):
+        decisions = run_pipeline(config, only=only, stage_functions=_fake_stages(run_dir, calls),
+                                 before_work=lambda: preflights.append(1))
+        assert set(decisions.values()) == {"skip"}
+    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(path)], capture_output=True, text=True,
+                            timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do: every stage is up to date" in result.stdout
+    assert len(calls) == 5 and preflights == [1]
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+
+
+# ------------------------------------------------------------------------------- every user error is one line
+
+CHAT_ROW = {"messages": [{"role": "user", "content": "What does Uber do?"},
+                         {"role": "assistant", "content": "It runs a ride-hailing platform."}]}
+
+
+def _setup_bad_key(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["train", str(write_config(teachr={}))]
+
+
+def _setup_missing_document(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["prep", str(write_config(documents=[str(tmp / "missing.pdf")]))]
+
+
+def _setup_negative_learning_rate(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["run", str(write_config(train={"learning_rate": -1.0})), "--dry-run"]
+
+
+def _setup_bad_set(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["train", str(write_config()), "--set", "train.num_train_epochs"]
+
+
+def _cheap(write_config: Callable[..., Path], **overrides: Any) -> str:
+    """A config whose preflight loads no model (the student is not on this machine: a warning only)."""
+    return str(write_config(student={"model": "no-such-org/no-such-student"}, **overrides))
+
+
+def _setup_output_dir_under_a_file(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    (tmp / "a_file").write_text("")
+    return ["prep", _cheap(write_config, output_dir=str(tmp / "a_file" / "run"))]
+
+
+def _setup_read_only_output_dir(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    folder = Path("/sys/ragtune-test-run")  # read-only even for root, unlike a chmod-ed folder
+    try:
+        folder.mkdir()
+    except OSError:
+        return ["prep", _cheap(write_config, output_dir=str(folder))]
+    folder.rmdir()
+    pytest.skip("/sys is writable here")
+
+
+def _setup_missing_train_jsonl(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["train", _cheap(write_config)]
+
+
+def _setup_malformed_train_jsonl(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    (tmp / "run" / "data").mkdir(parents=True)
+    (tmp / "run" / "data" / "train.jsonl").write_text(json.dumps(CHAT_ROW) + '\n{"messages": [\n')
+    return ["train", _cheap(write_config)]
+
+
+def _setup_no_adapter(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["merge", _cheap(write_config)]
+
+
+def _setup_no_eval_questions(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    return ["eval", _cheap(write_config)]
+
+
+def _setup_no_summary(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    (tmp / "run").mkdir()
+    return ["report", str(tmp / "run")]
+
+
+def _setup_malformed_dataset(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    (tmp / "rows.jsonl").write_text('{"messages": "not a list"}\n')
+    return ["validate", str(tmp / "rows.jsonl")]
+
+
+def _setup_tokenizer_not_a_model(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    (tmp / "rows.jsonl").write_text(json.dumps(CHAT_ROW) + "\n")
+    (tmp / "not_a_model").mkdir()
+    return ["validate", str(tmp / "rows.jsonl"), "--tokenizer", str(tmp / "not_a_model")]
+
+
+def _setup_folder_in_use(tmp: Path, write_config: Callable[..., Path], held: ExitStack) -> list[str]:
+    """The lock is taken before the preflight: this config's preflight would fail (max_length 8 holds no row), yet
+    the answer is the lock's."""
+    from ragtune.core.lock import RunLock
+
+    config = write_config(train={"max_length": 8})
+    held.enter_context(RunLock(tmp / "run"))
+    return ["prep", str(config)]
+
+
+SLOW = pytest.mark.slow
+USER_ERRORS = [
+    pytest.param(_setup_bad_key, "Did you mean `teacher`?", id="ConfigError-unknown-key"),
+    pytest.param(_setup_missing_document, "no document found", id="ConfigError-missing-document"),
+    pytest.param(_setup_negative_learning_rate, "train.learning_rate: must be > 0", id="ConfigError-learning-rate"),
+    pytest.param(_setup_bad_set, "KEY.PATH=VALUE", id="ConfigError-set"),
+    pytest.param(_setup_output_dir_under_a_file, "cannot be created (Not a directory)", id="ConfigError-output-dir-file"),
+    pytest.param(_setup_read_only_output_dir, "is not writable", id="ConfigError-output-dir-read-only"),
+    # the stage commands import their stage's libraries (TRL's trainer, PEFT, Ragas): 20-40 s each on 2 busy cores
+    pytest.param(_setup_missing_train_jsonl, "training data not found", id="TrainDataError-missing", marks=SLOW),
+    pytest.param(_setup_malformed_train_jsonl, "train.jsonl:2: not valid JSON", id="TrainDataError-malformed-line",
+                 marks=SLOW),
+    pytest.param(_setup_no_adapter, "no trained adapter found", id="MergeError-no-adapter", marks=SLOW),
+    pytest.param(_setup_no_eval_questions, "no held-out questions", id="EvalError-no-questions", marks=SLOW),
+    pytest.param(_setup_no_summary, "no evaluation summary", id="ReportError-no-summary"),
+    pytest.param(_setup_malformed_dataset, "rows.jsonl:1", id="DatasetError-validate", marks=pytest.mark.xfail(
+        strict=True, reason="validate_chat_jsonl (ragtune/core/chat_rows.py) lists every bad row on a line of its own "
+                            "under a header line: two lines for one bad row")),
+    pytest.param(_setup_tokenizer_not_a_model, "holds no config.json", id="ModelLoadError-tokenizer"),
+    pytest.param(_setup_folder_in_use, f"is in use by another ragtune (pid {os.getpid()}", id="RunFolderInUse"),
+]
+
+
+@pytest.mark.parametrize("setup, expected", USER_ERRORS)
+def test_every_user_error_is_one_line_and_exit_2(setup, expected, write_config, tmp_path: Path):
+    with ExitStack() as held:
+        argv = setup(tmp_path, write_config, held)
+        result = subprocess.run([sys.executable, "-m", "ragtune.cli", *argv], capture_output=True, text=True,
+                                timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(("error: ", "config error: ")) and expected in line

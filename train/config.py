@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
+import re
+import tempfile
 import typing
 from typing import Any, Iterator, Literal
 
@@ -175,6 +178,8 @@ def library_key_errors(train: TrainConfig) -> list[tuple[str, str]]:
     if sft_given.get("bf16") == "auto":  # ragtune resolves it (train.sft.training_precision)
         del sft_given["bf16"]
     errors = list(_check_keys("train.", sft_given, sft_fields, "SFTConfig"))
+    if not errors:  # only known keys of the right types reach SFTConfig itself
+        errors.extend(sft_value_errors(sft_given, set(train.model_extra or {})))
     if "output_dir" in sft_given:
         errors.append(("train.output_dir", "set the run directory with the top-level `output_dir`; ragtune places checkpoints under it."))
     if train.early_stopping_patience and not train.validation_split and not train.validation_file:
@@ -188,3 +193,74 @@ def library_key_errors(train: TrainConfig) -> list[tuple[str, str]]:
     if train.method == "qlora":
         errors.extend(_check_keys("train.quantization.", train.quantization, _init_params(BitsAndBytesConfig), "BitsAndBytesConfig"))
     return errors
+
+
+# Ranges TRL and transformers leave unchecked until training meets them, minutes in, after the student has loaded:
+# torch's AdamW rejects a negative learning_rate only when the Trainer builds it (`ragtune train` died there with
+# a traceback), and 0 trains nothing; torch's DataLoader rejects batch size 0 and the Trainer divides by
+# gradient_accumulation_steps. `None` (where a key allows it) is not checked.
+SFT_MINIMUMS: dict[str, tuple[float, bool]] = {  # key: (bound, whether the bound itself is allowed)
+    "learning_rate": (0, False),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "max_length": (1, True),
+}
+
+# Settings whose check depends on the machine (tf32 needs an Ampere GPU; SFTConfig also switches it on globally):
+# the trainer checks them on the machine that trains, so a GPU config still validates on a laptop.
+_DEVICE_KEYS = ("tf32",)
+
+
+def sft_value_errors(sft_kwargs: dict[str, Any], given: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Build TRL's `SFTConfig` from the `train:` keys so its own checks (strategies, steps, schedulers, precision
+    pairs) run at config load, plus `SFT_MINIMUMS` where the libraries check nothing. Side-effect free: no folder
+    is made, no device or process group is set up (`_ValueCheck`). 8 ms the first time, 0.1 ms after, on the 2-core
+    CPU box (TRL is imported already by the key check)."""
+    errors = []
+    for key, (bound, inclusive) in SFT_MINIMUMS.items():
+        value = sft_kwargs.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (value < bound or (value == bound and not inclusive)):
+            problem = f"must be {'>=' if inclusive else '>'} {bound:g}, got {value!r}."
+            errors.append((f"train.{key}", f"{problem} Fix the value, or remove the key to use the default."))
+    if errors:
+        return errors
+    kwargs = {k: v for k, v in sft_kwargs.items() if k not in _DEVICE_KEYS and k != "resume_from_checkpoint"}
+    # use_cpu skips transformers' "bf16 needs a GPU" check here; the trainer runs it where it trains
+    kwargs["use_cpu"] = True
+    try:
+        _value_check_class()(output_dir=tempfile.gettempdir(), **kwargs)
+    except (ValueError, TypeError) as err:
+        message = " ".join(str(err).split())
+        return [(_key_named_in(message, sft_kwargs, given), f"TRL's SFTConfig rejects it: {message}")]
+    return []
+
+
+def _key_named_in(message: str, sft_kwargs: dict[str, Any], given: set[str]) -> str:
+    """The `train.` key an SFTConfig error is about: the one it names, else the one whose value it quotes (the
+    YAML's own keys first: they are the likelier cause than ragtune's defaults)."""
+    keys = sorted(sft_kwargs, key=lambda k: k not in given)
+    for key in keys:
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message):
+            return f"train.{key}"
+    for key in keys:
+        if isinstance(sft_kwargs[key], str) and sft_kwargs[key] in message:
+            return f"train.{key}"
+    return "train"
+
+
+@functools.cache
+def _value_check_class() -> type:
+    """SFTConfig whose `device` is a plain CPU device: TrainingArguments' __post_init__ would otherwise set up
+    accelerate's process-wide PartialState (a process group under torchrun, CUDA in this process) at config load,
+    and the trainer would later inherit that state instead of its own."""
+    import torch
+    from trl import SFTConfig
+
+    class _ValueCheck(SFTConfig):
+        @property
+        def device(self) -> torch.device:
+            return torch.device("cpu")
+
+    return _ValueCheck

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from ragtune.core.errors import UserFacingError
 from ragtune.core.models import dense_copy, load_causal_lm, load_tokenizer, resolve_model
 from ragtune.core.run_dir import RunDir, sha256_file
 from ragtune.train.config import peft_config_class
+from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def resume_point(config: Any, run_dir: RunDir, method: str, accelerator: Any) ->
 
     Hyperparameters such as `num_train_epochs`/`max_steps` may change between runs (that is how a run is
     extended). Checkpoints of other data or another adapter would silently mix two trainings: they are
-    moved to `checkpoints.stale/` and training starts over.
+    retired to `stale/<time>/checkpoints/` (RunDir.retire) and training starts over.
     """
     key = {"train_jsonl": sha256_file(run_dir.train_jsonl), "student": config.student.model, "method": method,
            "peft": config.train.peft_kwargs(), "validation": [config.train.validation_split, config.train.validation_file]}
@@ -282,9 +282,7 @@ def resume_point(config: Any, run_dir: RunDir, method: str, accelerator: Any) ->
         if latest and marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == key:
             return latest
         if latest and accelerator.is_main_process:
-            stale = run_dir.checkpoints.with_name("checkpoints.stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            run_dir.checkpoints.rename(stale)
+            stale = run_dir.retire([run_dir.checkpoints])
             log.warning("checkpoints in %s were made from other rows/student/adapter settings; moved to %s, "
                         "training starts over", run_dir.checkpoints, stale)
         if accelerator.is_main_process:
@@ -493,6 +491,7 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
     """
     trainer, facts, rows = build_trainer(config, run_dir)
+    facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero())
     label_check = check_labels(trainer, rows)
     facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
     if check_only:
@@ -529,6 +528,21 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
         loss_curve=str(run_dir.loss_curve),
     )
     return facts
+
+
+def check_lengths(config: Any, run_dir: RunDir, write: bool) -> dict[str, Any]:
+    """Token statistics of data/train.jsonl (logs/data_stats.json, for the report); a row longer than
+    `max_length` stops training before it starts: SFTConfig would cut its end, the answer it is meant to teach."""
+    stats = describe_rows(config, run_dir.train_jsonl)
+    if write:
+        write_json(run_dir.data_stats, stats)
+    if stats.get("rows_over_max_length"):
+        raise TrainDataError(
+            f"{run_dir.train_jsonl}: {stats['rows_over_max_length']} rows are longer than train.max_length "
+            f"({stats['max_length']} tokens; longest {stats['tokens_per_row']['max']}), lines "
+            f"{', '.join(map(str, stats['lines_over_max_length']))}: truncation would cut their answers. Raise "
+            "train.max_length, or lower data_prep.chunk_size / similarity_top_k and run prep again.")
+    return {k: stats[k] for k in ("rows", "tokens_total", "tokens_per_row", "training_tokens") if k in stats}
 
 
 def write_loss_curve(log_history: list[dict[str, Any]], path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -50,25 +51,36 @@ def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> list[di
     return [row for _, row in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail)]
 
 
+def tmp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer uses: `name.<random>.<pid>.tmp`. Two processes (or two
+    threads) writing one file at once each fill their own tmp file, and the last rename wins whole; with one
+    shared `name.tmp` the second writer truncated the first's file, which then renamed half of it into place and
+    failed to find its tmp. The pid comes last so `ragtune.core.lock.clean_temporaries` can tell a live writer's."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(4)}.{os.getpid()}.tmp")
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Fill a fresh tmp file through `write(handle)` and rename it over `path`; a failed write leaves no tmp."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with tmp.open("x", encoding="utf-8") as handle:  # "x": never reuse a file another writer has open
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows atomically (tmp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(Path(path), lambda handle: handle.writelines(json.dumps(row, ensure_ascii=False) + "\n"
+                                                                   for row in rows))
 
 
 def write_json(path: str | Path, data: Any, *, indent: int = 2, default: Any = None) -> None:
-    """Write one JSON document atomically. The tmp name is per process: two launcher ranks saving the same
-    file at once must not rename each other's tmp file away."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=default), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write one JSON document atomically, through a tmp name of its own (`tmp_path`)."""
+    _write_atomically(Path(path), lambda handle: handle.write(json.dumps(data, indent=indent, default=default)))
 
 
 class JsonlAppender:
@@ -91,16 +103,13 @@ class JsonlAppender:
 
     def _drop_torn_tail(self) -> None:
         """Rewrite the file as its complete rows when it does not end in a newline (a killed run's torn line),
-        through a per-process tmp name: two processes opening one file must not rename each other's tmp away."""
+        through a tmp name of its own: two processes opening one file must not rename each other's tmp away."""
         size = self.path.stat().st_size
         with self.path.open("rb") as handle:
             handle.seek(max(size - 1, 0))
             if size == 0 or handle.read(1) == b"\n":
                 return
-        tmp = self.path.with_suffix(f"{self.path.suffix}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, self.rows)
 
     def append(self, row: dict[str, Any]) -> None:
         if row.get(self.key) in self.done_keys:

@@ -401,7 +401,8 @@ class OpenAIChatBackend:
         if json_schema is not None and self.structured_output:
             params["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": json_schema.get("title", "response"), "schema": json_schema}}
-        futures = [self._pool.submit(self._request, c, params) for c in conversations]
+        streamed = stop_when if "response_format" not in params else None
+        futures = [self._pool.submit(self._request, c, params, streamed) for c in conversations]
         done: list[Completion | None] = []
         failure: BackendUnavailable | None = None
         for future in futures:
@@ -418,10 +419,13 @@ class OpenAIChatBackend:
             raise BackendUnavailable(str(failure), done)
         return [c for c in done if c is not None]
 
-    def _request(self, messages: list[Message], params: dict[str, Any]) -> Completion:
+    def _request(self, messages: list[Message], params: dict[str, Any],
+                 stop_when: Callable[[str], bool] | None = None) -> Completion:
         import openai
 
         try:
+            if stop_when is not None:
+                return self._streamed(messages, params, stop_when)
             response = self.client.chat.completions.create(messages=messages, **params)
         except openai.APIStatusError as err:
             return Completion(None, f"HTTP {err.status_code}: {err.response.text[:500]}")
@@ -432,9 +436,36 @@ class OpenAIChatBackend:
                 return Completion(None, f"{self._cause(err)} after {self.timeout:g} s on every retry (the server "
                                         "answers /models: it is slow; raise `timeout`)")
             return Completion(None, f"no answer after retries: {self._cause(err)}")
+        except httpx.HTTPError as err:  # a stream that broke after its headers: this row's failure
+            return Completion(None, f"stream broken: {type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - a body the SDK cannot parse is this row's failure
             return Completion(None, f"malformed response: {type(err).__name__}: {err}")
         return self._completion(response, params)
+
+    def _streamed(self, messages: list[Message], params: dict[str, Any], stop_when: Callable[[str], bool]) -> Completion:
+        """Stream the answer and hang up once `stop_when(text)` holds, as the hf backend's stopping criterion
+        does: vLLM aborts a request whose client left, so a loop costs the tokens up to its detection, not
+        max_tokens. Without the closing usage chunk, completion tokens are counted as streamed chunks."""
+        stream = self.client.chat.completions.create(messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}, **params)
+        parts: list[str] = []
+        finish, usage, chunks = None, None, 0
+        with stream:
+            for chunk in stream:
+                usage = chunk.usage or usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                finish = choice.finish_reason or finish
+                if choice.delta is not None and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    chunks += 1
+                    if finish is None and stop_when("".join(parts).strip()):
+                        finish = "stop"
+                        break
+        text = "".join(parts).strip()
+        prompt_tokens, completion_tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, chunks)
+        return Completion(text, None, prompt_tokens, completion_tokens, "length" if finish == "length" else "stop")
 
     def _completion(self, response: Any, params: dict[str, Any]) -> Completion:
         """The first choice as a Completion; a body without one is recorded as malformed, never raised."""
