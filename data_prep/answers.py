@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import build_closed_book_messages
+from ragtune.core.rag import build_closed_book_messages, cut_sentences, teacher_stop_when, teacher_view
 from ragtune.data_prep.config import DataPrepConfig
-from ragtune.data_prep.gates import Verdict, check_answer, first_sentences, pick_best, repetition
+from ragtune.data_prep.gates import Verdict, check_answer, pick_best
 from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
@@ -79,13 +79,13 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
     role, prep = config.teacher, config.data_prep
     backend = teacher.get()
     views = [teacher_view(job.messages, prep) for job in batch]
-    stop = _stop_when(prep)
-    answers = [_cut(a, prep) for a in backend.chat(views, temperature=role.temperature, stop_when=stop)]
+    stop = teacher_stop_when(prep, loops=prep.answer_gates.enabled)
+    answers = [cut_sentences(a, prep) for a in backend.chat(views, temperature=role.temperature, stop_when=stop)]
     per_job = [[answer] for answer in answers]
     if role.num_candidates > 1:
         samples = backend.chat([v for v in views for _ in range(role.num_candidates - 1)],
                                temperature=role.candidate_temperature, stop_when=stop)
-        samples = [_cut(a, prep) for a in samples]
+        samples = [cut_sentences(a, prep) for a in samples]
         for k, job_candidates in enumerate(per_job):
             job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
     gates = prep.answer_gates
@@ -94,28 +94,8 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
         again = backend.chat([views[k] for k in retry], max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens,
                              temperature=role.temperature, stop_when=stop)
         for k, answer in zip(retry, again):
-            per_job[k][0] = _cut(answer, prep)
+            per_job[k][0] = cut_sentences(answer, prep)
     return per_job
-
-
-def _stop_when(prep: DataPrepConfig) -> Callable[[str], bool] | None:
-    """Where the teacher stops early: at a loop (the gates reject it anyway; not at max_new_tokens as
-    "truncated") and after `teacher_max_sentences` complete sentences."""
-    loops = prep.answer_gates.enabled
-    cap = prep.teacher_max_sentences
-    if not loops and cap is None:
-        return None
-    return lambda text: (loops and repetition(text) is not None) or (cap is not None and
-                                                                     first_sentences(text, cap) is not None)
-
-
-def _cut(completion: Any, prep: DataPrepConfig) -> Any:
-    """A completion stopped after `teacher_max_sentences` keeps those sentences, not the next one's first word."""
-    cap = prep.teacher_max_sentences
-    if cap is None or completion.text is None or completion.finish_reason != "stop":
-        return completion
-    head = first_sentences(completion.text, cap)
-    return completion if head is None else replace(completion, text=head)
 
 
 def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Verdict]:
@@ -181,14 +161,3 @@ def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdic
                      "meta": {**meta, "mode": "closed_book", "retrieved_ids": [], "usage": None}})
     rows.append({"id": job.question["id"], "messages": job.messages + [{"role": "assistant", "content": answer}],
                  "meta": meta})
-
-
-def teacher_view(messages: list[dict[str, str]], prep: DataPrepConfig) -> list[dict[str, str]]:
-    """What the teacher is sent: the training messages plus `teacher_instruction` and, in RAFT CoT mode, the
-    chain-of-thought instruction. The saved row keeps the plain messages, the ones eval sends: the student learns
-    the instructed behaviour without the instruction (context distillation)."""
-    extra = (prep.teacher_instruction or "") + (prep.raft.chain_of_thought_instruction
-                                                if prep.raft.enabled and prep.raft.chain_of_thought else "")
-    if not extra:
-        return messages
-    return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + extra}]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragtune.core.grounding import ANSWER_TAG, WORD, final_answer, grounding, normalize
+from ragtune.core.grounding import ANSWER_TAG, final_answer, grounding, normalize, repetition
 
 BEGIN_QUOTE, END_QUOTE = "##begin_quote##", "##end_quote##"
 
@@ -22,31 +22,6 @@ Reason = Literal["truncated", "ungrounded", "bad_quote", "missing_answer_tag", "
                  "empty", "unfaithful"]
 
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)(?:" + re.escape(END_QUOTE) + r"|$)", re.DOTALL)
-
-
-# --- degenerate text ------------------------------------------------------------------------------
-
-
-def repetition(answer: str, n: int = 4, max_count: int = 3) -> str | None:
-    """The first degenerate loop in the answer, or None: a word `n`-gram occurring `max_count` or more times, or
-    a sentence (of 4+ words) repeated. Greedy decoding of a small model falls into such loops: 13 of SmolLM2-135M's
-    24 answers in 96 tokens and 21 of 24 in 200 tokens (scripts/probe_teacher.py), each one a phrase said a
-    third time ("was discovered by a data breach that was discovered by a …"). Also usable as a backend's
-    `stop_when`, so a loop stops generating where it is detected."""
-    words = WORD.findall(normalize(answer))
-    counts: dict[tuple[str, ...], int] = {}
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        counts[gram] = counts.get(gram, 0) + 1
-        if counts[gram] >= max_count:
-            return " ".join(gram)
-    seen: set[str] = set()
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
-        key = " ".join(WORD.findall(normalize(sentence)))
-        if len(key.split()) >= 4 and key in seen:
-            return sentence.strip()
-        seen.add(key)
-    return None
 
 
 _REFUSAL = re.compile("|".join([
@@ -197,14 +172,3 @@ def near_duplicate_questions(questions: Sequence[str], embeddings: Any,
             duplicate_of.append(None)
             kept.append(i)
     return duplicate_of
-
-
-SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[A-Z0-9\"'(])")
-
-
-def first_sentences(text: str, n: int) -> str | None:
-    """The first `n` sentences of `text` once the (n+1)th has begun, else None. A boundary is ., ! or ?
-    (closing quotes or brackets allowed) followed by whitespace and a capital, a digit or an opening quote:
-    "$1.5 billion" and "e.g. the" are not boundaries."""
-    ends = [m.start() + len(m.group().rstrip()) for m in SENTENCE_END.finditer(text)]
-    return text[: ends[n - 1]].strip() if len(ends) >= n else None

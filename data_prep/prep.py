@@ -232,8 +232,8 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
     write_jsonl(run_dir.questions_train, selected["train"])
     write_jsonl(run_dir.questions_eval, selected["eval"])
     warnings = [
-        f"only {len(selected[s])} of {targets[s]} {s} questions: the {s} pages ran out of chunks "
-        f"(raise num_questions_per_chunk, add documents, or lower num_{s}_questions)"
+        f"only {len(selected[s])} of {targets[s]} {s} questions left after the filters (reasons in "
+        f"{run_dir.questions_rejected.name}): raise num_questions_per_chunk, add documents, or lower num_{s}_questions"
         for s in ("train", "eval") if len(selected[s]) < targets[s]
     ]
     for warning in warnings:

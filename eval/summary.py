@@ -181,8 +181,8 @@ def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
                "reference-based metrics (the teacher wrote the references), and is left out when the teacher and "
                f"the base differ by less than {MIN_GAP}.")
     if "grounding" in answer_metrics:
-        out.append("grounding (ragtune's own, no LLM) is the share of the answer's content words found in the contexts "
-                   "the model was shown (rag; the teacher's include the question's source chunk) or, in closed_book, "
+        out.append("grounding (ragtune's own, no LLM) is the share of the answer's content-word pairs, beyond those of "
+                   "the question, found in the contexts the model was shown (rag; the teacher's include the question's source chunk) or, in closed_book, "
                    "retrieved for the question: how much of what it says the documents support.")
     if "closed_book" in config.eval.modes and "faithfulness" in answer_metrics:
         out.append("closed_book faithfulness is judged against the contexts retrieved for the question, which the "

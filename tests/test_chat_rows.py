@@ -74,7 +74,7 @@ def test_malformed_rows_are_listed_with_line_numbers(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         validate_chat_jsonl(path)
     message = str(err.value)
-    assert f"{path}: 7 bad row(s)" in message
+    assert f"{path}: 7 bad rows" in message
     expected = {
         2: "not valid JSON",
         3: "no system message first",

@@ -310,9 +310,10 @@ def test_changed_generation_settings_regenerate_and_keep_the_old_answers(
 
 
 def test_teacher_equal_to_the_student_is_flagged(prepared_data: Path, models: dict[str, Path], tmp_path: Path) -> None:
-    """The embedded demo uses one model for every role: the reference is then the base's own answer."""
+    """One model for every role, no teacher instruction: the reference is then the base's own answer (the teacher
+    answers with its own max_new_tokens, here the same as eval's)."""
     config, run = make_run(tmp_path, prepared_data, {**models, "teacher": models["student"]}, adapter=False,
-                           metrics=["bleu_score"], modes=["rag"], judge_sanity_pairs=0)
+                           metrics=["bleu_score"], modes=["rag"], judge_sanity_pairs=0, max_new_tokens=16)
     evaluate.run(config, run, [])
     summary = json.loads(run.summary.read_text())
     assert summary["results"]["rag"]["base"]["bleu_score"]["mean"] == pytest.approx(1.0)
@@ -577,7 +578,7 @@ def _grounding_table(path: Path, answers: dict[str, str | None], *, teacher: boo
     from ragtune.core.artifacts import JsonlAppender
     from ragtune.eval.score import answer_jobs, build_metrics, load_scores, run_jobs
 
-    rows = [{"question_id": qid, "question": "In how many countries does Uber operate?", "answer": text,
+    rows = [{"question_id": qid, "question": "What is Uber?", "answer": text,  # no word pair to restate
              "error": "backend down" if text is None else None,
              "contexts": [GROUNDING_CONTEXT] if contexts is None else contexts} for qid, text in answers.items()]
     retrieval = {qid: {"contexts": [GROUNDING_CONTEXT]} for qid in answers}  # closed_book's evidence

@@ -104,13 +104,13 @@ def test_restating_the_question_is_not_grounding() -> None:
 
 def test_first_sentences_cut_at_a_sentence_boundary_once_the_next_one_began() -> None:
     text = 'Uber operates in 70 countries. It was founded in 2009 by Travis Kalanick. The'
-    assert gates.first_sentences(text, 1) == "Uber operates in 70 countries."
-    assert gates.first_sentences(text, 2) == "Uber operates in 70 countries. It was founded in 2009 by Travis Kalanick."
-    assert gates.first_sentences(text, 3) is None  # the third has not ended: generation goes on
+    assert words.first_sentences(text, 1) == "Uber operates in 70 countries."
+    assert words.first_sentences(text, 2) == "Uber operates in 70 countries. It was founded in 2009 by Travis Kalanick."
+    assert words.first_sentences(text, 3) is None  # the third has not ended: generation goes on
     # abbreviations, amounts and a lower-case continuation are not boundaries
-    assert gates.first_sentences("Uber Technologies, Inc. is based in S.F. and grew $1.5 billion. Next", 1) == \
+    assert words.first_sentences("Uber Technologies, Inc. is based in S.F. and grew $1.5 billion. Next", 1) == \
         "Uber Technologies, Inc. is based in S.F. and grew $1.5 billion."
-    assert gates.first_sentences('He said "it grew." Then it fell.', 1) == 'He said "it grew."'
+    assert words.first_sentences('He said "it grew." Then it fell.', 1) == 'He said "it grew."'
 
 
 def test_sentence_cap_cannot_cut_a_raft_chain_of_thought() -> None:

@@ -1,7 +1,7 @@
 """The GPU-box workflow rehearsed on this CPU, with the real pieces: a managed vLLM server as teacher, `ragtune prep`,
 `accelerate launch -m ragtune.train` on two CPU processes (gloo), then `ragtune run`, which finds prep and train up
 to date and goes on with merge → eval → report, the students answering through vLLM (the base, and the adapter as a
-LoRA module of the same server). Only the device differs from the README's "On a GPU box" commands."""
+LoRA module of the same server) and the judge scoring through vLLM's structured output. Only the device differs from the README's "On a GPU box" commands."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
                    "teacher_max_sentences": 2, "answer_gates": {"enabled": False}},
         train={"max_steps": 2, "per_device_train_batch_size": 2, "validation_split": 0.0, "save_strategy": "no"},
         eval={"backend": "vllm", "modes": ["rag"], "max_new_tokens": 24, "tuned_models": ["adapter"],
-              "metrics": ["grounding", "rouge_score"]},
+              "metrics": ["grounding", "rouge_score", "answer_relevancy"], "strictness": 1, "judge_sanity_pairs": 0},
     )
     run_dir = RunDir(tmp_path / "run")
     before = set(_vllm_processes())
@@ -91,4 +91,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
     assert log.read_text().count("Application startup complete") == 2  # prep's server, then eval's with the LoRA
     assert "enable_lora" in log.read_text().split("ragtune starts vLLM")[-1]
     assert run_dir.report_html.exists() and "grounding" in run_dir.summary.read_text()
+    # the judge (the same vLLM server) answered Ragas through response_format json_schema
+    judged = [r for r in read_jsonl(run_dir.scores("adapter", "rag")) if r["metric"] == "answer_relevancy"]
+    assert judged and any(r["value"] is not None for r in judged), judged[:2]
     assert set(_vllm_processes()) <= before, "a vLLM server outlived ragtune"

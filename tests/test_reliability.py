@@ -409,9 +409,7 @@ USER_ERRORS = [
     pytest.param(_setup_no_adapter, "no trained adapter found", id="MergeError-no-adapter", marks=SLOW),
     pytest.param(_setup_no_eval_questions, "no held-out questions", id="EvalError-no-questions", marks=SLOW),
     pytest.param(_setup_no_summary, "no evaluation summary", id="ReportError-no-summary"),
-    pytest.param(_setup_malformed_dataset, "rows.jsonl:1", id="DatasetError-validate", marks=pytest.mark.xfail(
-        strict=True, reason="validate_chat_jsonl (ragtune/core/chat_rows.py) lists every bad row on a line of its own "
-                            "under a header line: two lines for one bad row")),
+    pytest.param(_setup_malformed_dataset, "rows.jsonl:1", id="DatasetError-validate"),
     pytest.param(_setup_tokenizer_not_a_model, "holds no config.json", id="ModelLoadError-tokenizer"),
     pytest.param(_setup_folder_in_use, f"is in use by another ragtune (pid {os.getpid()}", id="RunFolderInUse"),
 ]

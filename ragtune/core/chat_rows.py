@@ -71,9 +71,11 @@ def read_chat_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             bad.append(f"{path}:{number}: " + "; ".join(problems))
         else:
             rows.append((number, row))
+    if len(bad) == 1:  # one line, like every other user error
+        raise DatasetError(f"{bad[0]} — fix or delete the row and run again.")
     if bad:
         listed = "\n".join(bad[:MAX_LISTED]) + (f"\n... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        raise DatasetError(f"{path}: {len(bad)} bad row(s) — fix or delete them and run again:\n{listed}")
+        raise DatasetError(f"{path}: {len(bad)} bad rows — fix or delete them and run again:\n{listed}")
     if not rows:
         raise DatasetError(f"{path}: no training rows (the file is empty). Run `ragtune prep CONFIG` to produce them.")
     return rows

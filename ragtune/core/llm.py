@@ -433,8 +433,8 @@ class OpenAIChatBackend:
             if self.breaker.opened:
                 raise self._unavailable(err, self.timeout) from None
             if isinstance(err, openai.APITimeoutError):
-                return Completion(None, f"{self._cause(err)} after {self.timeout:g} s on every retry (the server "
-                                        "answers /models: it is slow; raise `timeout`)")
+                return Completion(None, f"timed out after {self.timeout:g}s on every retry ({self._cause(err)}; the "
+                                        "server answers /models: it is slow; raise `timeout`)")
             return Completion(None, f"no answer after retries: {self._cause(err)}")
         except httpx.HTTPError as err:  # a stream that broke after its headers: this row's failure
             return Completion(None, f"stream broken: {type(err).__name__}: {err}")

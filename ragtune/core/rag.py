@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ragtune.core.errors import UserFacingError
+from ragtune.core.grounding import first_sentences, repetition
 
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex
@@ -120,3 +122,44 @@ def build_rag_messages(question: str, contexts: list[str], prep_config: RagPromp
 def build_closed_book_messages(question: str, prep_config: RagPrompts) -> list[dict[str, str]]:
     """System + user messages for a question asked without any context (closed-book mode)."""
     return [{"role": "system", "content": prep_config.closed_book_system_prompt}, {"role": "user", "content": question}]
+
+
+# --- the teacher's view: what prep's teacher was told, so eval's references come from the same teacher ------------
+
+
+class TeacherStyle(Protocol):
+    """The `data_prep` keys that shape how the teacher answers (sent to the teacher only, never saved in a row)."""
+
+    teacher_instruction: str | None
+    teacher_max_sentences: int | None
+    raft: Any
+
+
+def teacher_view(messages: list[dict[str, str]], prep: TeacherStyle) -> list[dict[str, str]]:
+    """What the teacher is sent: the training messages plus `teacher_instruction` and, in RAFT CoT mode, the
+    chain-of-thought instruction. The saved row keeps the plain messages, the ones eval sends: the student learns
+    the instructed behaviour without the instruction (context distillation)."""
+    extra = (prep.teacher_instruction or "") + (prep.raft.chain_of_thought_instruction
+                                                if prep.raft.enabled and prep.raft.chain_of_thought else "")
+    if not extra:
+        return messages
+    return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + extra}]
+
+
+def teacher_stop_when(prep: TeacherStyle, loops: bool = False) -> Callable[[str], bool] | None:
+    """Where the teacher stops early: at a loop when `loops` (the answer gates reject it anyway; not at
+    max_new_tokens as "truncated"), and after `teacher_max_sentences` complete sentences."""
+    cap = prep.teacher_max_sentences
+    if not loops and cap is None:
+        return None
+    return lambda text: (loops and repetition(text) is not None) or (cap is not None and
+                                                                     first_sentences(text, cap) is not None)
+
+
+def cut_sentences(completion: Any, prep: TeacherStyle) -> Any:
+    """A completion stopped after `teacher_max_sentences` keeps those sentences, not the next one's first word."""
+    cap = prep.teacher_max_sentences
+    if cap is None or completion.text is None or completion.finish_reason != "stop":
+        return completion
+    head = first_sentences(completion.text, cap)
+    return completion if head is None else replace(completion, text=head)
