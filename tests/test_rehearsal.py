@@ -69,7 +69,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
 
     _run(sys.executable, "-m", "ragtune.cli", "prep", str(config))
     rows = read_jsonl(run_dir.train_jsonl)
-    assert rows and all(r["meta"]["finish_reason"] == "stop" for r in rows)
+    assert rows and all(r["meta"]["usage"]["prompt_tokens"] > 0 for r in rows)  # vLLM's usage, per row
     [log] = run_dir.logs.glob("vllm-*.log")  # one server for teacher and judge: the same model
     assert "Application startup complete" in log.read_text()
 

@@ -491,9 +491,9 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
     """
     trainer, facts, rows = build_trainer(config, run_dir)
-    facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero())
-    label_check = check_labels(trainer, rows)
+    label_check = check_labels(trainer, rows)  # first: it names the row whose answer or end of turn is lost
     facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
+    facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero())
     if check_only:
         return facts
 
