@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import build_closed_book_messages, cut_sentences, teacher_stop_when, teacher_view
+from ragtune.core.rag import ask_teacher, build_closed_book_messages, teacher_view
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.gates import Verdict, check_answer, pick_best
 from ragtune.data_prep.questions import yes_no_schema
@@ -79,22 +79,21 @@ def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBa
     role, prep = config.teacher, config.data_prep
     backend = teacher.get()
     views = [teacher_view(job.messages, prep) for job in batch]
-    stop = teacher_stop_when(prep, loops=prep.answer_gates.enabled)
-    answers = [cut_sentences(a, prep) for a in backend.chat(views, temperature=role.temperature, stop_when=stop)]
+    loops = prep.answer_gates.enabled
+    answers = ask_teacher(backend, views, prep, loops=loops, temperature=role.temperature)
     per_job = [[answer] for answer in answers]
     if role.num_candidates > 1:
-        samples = backend.chat([v for v in views for _ in range(role.num_candidates - 1)],
-                               temperature=role.candidate_temperature, stop_when=stop)
-        samples = [cut_sentences(a, prep) for a in samples]
+        samples = ask_teacher(backend, [v for v in views for _ in range(role.num_candidates - 1)], prep, loops=loops,
+                              temperature=role.candidate_temperature)
         for k, job_candidates in enumerate(per_job):
             job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
     gates = prep.answer_gates
     retry = [k for k, cands in enumerate(per_job) if gates.enabled and all(c.finish_reason == "length" for c in cands)]
     if retry:
-        again = backend.chat([views[k] for k in retry], max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens,
-                             temperature=role.temperature, stop_when=stop)
+        again = ask_teacher(backend, [views[k] for k in retry], prep, loops=loops, temperature=role.temperature,
+                            max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens)
         for k, answer in zip(retry, again):
-            per_job[k][0] = cut_sentences(answer, prep)
+            per_job[k][0] = answer
     return per_job
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ragtune.core.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
 from ragtune.core.errors import UserFacingError
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import cut_sentences, teacher_stop_when, teacher_view
+from ragtune.core.rag import ask_teacher, teacher_extra, teacher_view
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
@@ -205,8 +205,7 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
     engine = config.eval.backend if spec.kind != "teacher" else None
     if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`)
-        prompt += [prep.teacher_instruction, prep.teacher_max_sentences, config.teacher.max_new_tokens,
-                   prep.raft.chain_of_thought_instruction if prep.raft.enabled and prep.raft.chain_of_thought else None]
+        prompt += [teacher_extra(prep), prep.teacher_max_sentences, config.teacher.max_new_tokens]
     return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
                       sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle,
                       *([engine] if engine != "hf" else []))
@@ -303,9 +302,8 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
     if spec.kind != "teacher":
         return backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
     prep = config.data_prep
-    completions = backend.chat([teacher_view(c, prep) for c in conversations], temperature=0.0,
-                               max_new_tokens=config.teacher.max_new_tokens, stop_when=teacher_stop_when(prep))
-    return [cut_sentences(c, prep) for c in completions]
+    return ask_teacher(backend, [teacher_view(c, prep) for c in conversations], prep, temperature=0.0,
+                       max_new_tokens=config.teacher.max_new_tokens)
 
 
 def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:

@@ -135,12 +135,18 @@ class TeacherStyle(Protocol):
     raft: Any
 
 
+def teacher_extra(prep: TeacherStyle) -> str:
+    """What is appended to the teacher's last message: `teacher_instruction` and, in RAFT CoT mode, the
+    chain-of-thought instruction."""
+    return (prep.teacher_instruction or "") + (prep.raft.chain_of_thought_instruction
+                                               if prep.raft.enabled and prep.raft.chain_of_thought else "")
+
+
 def teacher_view(messages: list[dict[str, str]], prep: TeacherStyle) -> list[dict[str, str]]:
-    """What the teacher is sent: the training messages plus `teacher_instruction` and, in RAFT CoT mode, the
-    chain-of-thought instruction. The saved row keeps the plain messages, the ones eval sends: the student learns
-    the instructed behaviour without the instruction (context distillation)."""
-    extra = (prep.teacher_instruction or "") + (prep.raft.chain_of_thought_instruction
-                                                if prep.raft.enabled and prep.raft.chain_of_thought else "")
+    """What the teacher is sent: the training messages plus `teacher_extra`. The saved row keeps the plain
+    messages, the ones eval sends: the student learns the instructed behaviour without the instruction (context
+    distillation)."""
+    extra = teacher_extra(prep)
     if not extra:
         return messages
     return messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + extra}]
@@ -163,3 +169,11 @@ def cut_sentences(completion: Any, prep: TeacherStyle) -> Any:
         return completion
     head = first_sentences(completion.text, cap)
     return completion if head is None else replace(completion, text=head)
+
+
+def ask_teacher(backend: Any, views: list[list[dict[str, str]]], prep: TeacherStyle, *, loops: bool = False,
+                **chat_kwargs: Any) -> list[Any]:
+    """`backend.chat` on teacher views, stopped (`teacher_stop_when`) and cut (`cut_sentences`) as prep's teacher is:
+    one call for prep's answers and eval's references."""
+    completions = backend.chat(views, stop_when=teacher_stop_when(prep, loops), **chat_kwargs)
+    return [cut_sentences(c, prep) for c in completions]
