@@ -1,5 +1,5 @@
 """Teacher answers for prep's training rows: best-of-N candidates, one longer retry of a truncated answer, the
-answer gates (`gates.py`), an optional LLM faithfulness verdict by the judge, and the row (or rejected row) each
+answer gates (`ragtune.core.gates`), an optional LLM faithfulness verdict by the judge, and the row (or rejected row) each
 question ends as. Nothing is lost: a question is a kept row in data/train.jsonl or a rejected one, with every
 candidate's text and reason, in data/answers.rejected.jsonl."""
 
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender
+from ragtune.core.gates import Verdict, gate_candidates, pick_best
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import ask_teacher, build_closed_book_messages, teacher_view
+from ragtune.core.rag import build_closed_book_messages, teacher_candidates, teacher_view
 from ragtune.data_prep.config import DataPrepConfig
-from ragtune.data_prep.gates import Verdict, check_answer, pick_best
 from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
@@ -44,8 +44,10 @@ class AnswerJob:
 
 
 def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBackend, judge: LazyBackend,
-               rows: JsonlAppender, rejected: JsonlAppender, failures: JsonlAppender) -> int:
-    """Answer the questions not done yet, batch by batch; returns how many were answered (kept or rejected) now."""
+               rows: JsonlAppender, rejected: JsonlAppender, failures: JsonlAppender,
+               logprobs: JsonlAppender | None = None) -> int:
+    """Answer the questions not done yet, batch by batch; returns how many were answered (kept or rejected) now.
+    With `logprobs` (data_prep.teacher_top_logprobs), each kept RAG row's teacher tokens and top-k log-probs go there."""
     # Batches group prompts of similar length (less padding) in a fixed order, so a resumed run regenerates
     # a partly saved batch with exactly the same neighbours (same padding) and gets exactly the same rows.
     done = rows.done_keys | rejected.done_keys
@@ -58,7 +60,9 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
         batch_size = teacher.get().batch_size if order else 1
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            per_job = _candidates(batch, config, teacher)
+            views = [teacher_view(job.messages, config.data_prep) for job in batch]
+            per_job = teacher_candidates(teacher.get(), views, config.data_prep, config.teacher,
+                                         top_logprobs=config.data_prep.teacher_top_logprobs)
             verdicts = [gate(job, candidates, config.data_prep) for job, candidates in zip(batch, per_job)]
             if config.data_prep.answer_gates.llm_faithfulness:
                 _judge_faithfulness(batch, per_job, verdicts, judge)
@@ -67,47 +71,18 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
                     failures.append({"id": f"answers:{job.question['id']}:{time.time_ns()}", "step": "answers",
                                      "question_id": job.question["id"], "error": candidates[0].error})
                     continue
-                _keep_or_reject(job, candidates, job_verdicts, config, teacher.get().model_name, rows, rejected)
+                _keep_or_reject(job, candidates, job_verdicts, config, teacher.get().model_name, rows, rejected,
+                                logprobs)
                 generated += 1
                 bar.update(1)
     return generated
 
 
-def _candidates(batch: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBackend) -> list[list[Any]]:
-    """Per question: the answer at teacher.temperature and num_candidates - 1 samples; when every one of them was
-    cut at max_new_tokens, the first is asked again once with a larger budget."""
-    role, prep = config.teacher, config.data_prep
-    backend = teacher.get()
-    views = [teacher_view(job.messages, prep) for job in batch]
-    loops = prep.answer_gates.enabled
-    answers = ask_teacher(backend, views, prep, loops=loops, temperature=role.temperature)
-    per_job = [[answer] for answer in answers]
-    if role.num_candidates > 1:
-        samples = ask_teacher(backend, [v for v in views for _ in range(role.num_candidates - 1)], prep, loops=loops,
-                              temperature=role.candidate_temperature)
-        for k, job_candidates in enumerate(per_job):
-            job_candidates.extend(samples[k * (role.num_candidates - 1) : (k + 1) * (role.num_candidates - 1)])
-    gates = prep.answer_gates
-    retry = [k for k, cands in enumerate(per_job) if gates.enabled and all(c.finish_reason == "length" for c in cands)]
-    if retry:
-        again = ask_teacher(backend, [views[k] for k in retry], prep, loops=loops, temperature=role.temperature,
-                            max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens)
-        for k, answer in zip(retry, again):
-            per_job[k][0] = answer
-    return per_job
-
-
 def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Verdict]:
-    """The answer gates' verdict on every candidate (with the gates off: every non-empty answer passes)."""
-    gates = prep.answer_gates
-    verdicts = [check_answer(c.text, c.finish_reason, job.contexts, oracle_in_context=job.oracle_in,
-                             chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
-                             min_grounding=gates.min_grounding, question=job.question["question"])
-                if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
-    if not gates.enabled:
-        verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal)
-                    for c, v in zip(candidates, verdicts)]
-    return verdicts
+    """The answer gates' verdict on every candidate of one training question."""
+    return gate_candidates(candidates, job.contexts, prep.answer_gates, oracle_in_context=job.oracle_in,
+                           chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
+                           question=job.question["question"])
 
 
 def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdicts: list[list[Verdict]],
@@ -131,7 +106,8 @@ def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdic
 
 
 def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdict], config: "RagtuneConfig",
-                    teacher_model: str, rows: JsonlAppender, rejected: JsonlAppender) -> None:
+                    teacher_model: str, rows: JsonlAppender, rejected: JsonlAppender,
+                    logprobs: JsonlAppender | None = None) -> None:
     """The best grounded candidate that passed becomes the training row(s), else the question is one rejected row."""
     prep = config.data_prep
     best = pick_best(verdicts)
@@ -158,5 +134,9 @@ def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdic
                      "messages": build_closed_book_messages(job.question["question"], prep)
                      + [{"role": "assistant", "content": final_answer(answer)}],
                      "meta": {**meta, "mode": "closed_book", "retrieved_ids": [], "usage": None}})
+    if logprobs is not None and chosen.tokens:  # before the row: the row's id marks the question as done
+        logprobs.append({"id": job.question["id"], "tokens": chosen.tokens,
+                         "top_tokens": [[token for token, _ in top] for top in chosen.logprobs],
+                         "top_logprobs": [[value for _, value in top] for top in chosen.logprobs]})
     rows.append({"id": job.question["id"], "messages": job.messages + [{"role": "assistant", "content": answer}],
                  "meta": meta})

@@ -68,7 +68,7 @@ class RaftConfig(BaseModel):
 
 
 class AnswerGates(BaseModel):
-    """What a teacher answer must pass to become a training row (`ragtune.data_prep.gates`): finished (not cut at
+    """What a teacher answer must pass to become a training row (`ragtune.core.gates`): finished (not cut at
     max_new_tokens), grounded in the contexts it was shown, no loop, RAFT quotes verbatim, no refusal when the
     oracle chunk was shown. Every rejected answer goes to data/answers.rejected.jsonl with its reason and text."""
 
@@ -110,6 +110,10 @@ class DataPrepConfig(BaseModel):
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
     # teacher answers through the RAG pipeline (the same messages eval sends to the student)
     similarity_top_k: int = Field(2, ge=1)
+    # prep stops non-zero when more than this share of the training questions got no answer from the teacher
+    # (failed calls, not rejected answers): a dead server or an OOM fails every row alike; below it, prep warns
+    # and a rerun retries the failed ones
+    max_failure_fraction: float = Field(0.5, ge=0, le=1)
     system_prompt: str = SYSTEM_PROMPT
     text_qa_template: str = TEXT_QA_TEMPLATE
     # appended to the teacher's user message only (not to the saved row): how the teacher should answer, e.g.
@@ -123,6 +127,10 @@ class DataPrepConfig(BaseModel):
     answer_gates: AnswerGates = AnswerGates()
     # also emit (question without context -> the teacher's RAG answer) rows, to bake knowledge in
     closed_book_rows: bool = False
+    # store the teacher's `top_logprobs` most likely tokens with their log-probs per answer token in
+    # data/teacher_logprobs.jsonl, for `train.distillation` (OpenAI and vLLM allow up to 20; vLLM up to its
+    # --max-logprobs). Needs a teacher with the student's tokenizer. Left out of the dump when unset (fingerprints)
+    teacher_top_logprobs: int | None = Field(None, ge=1, exclude_if=lambda value: value is None)
     closed_book_system_prompt: str = CLOSED_BOOK_SYSTEM_PROMPT
 
     @field_validator("question_prompt")

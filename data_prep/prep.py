@@ -32,6 +32,7 @@ import random
 import re
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +40,10 @@ from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender, read_jsonl, write_json, write_jsonl
 from ragtune.core.chat_rows import validate_chat_jsonl
-from ragtune.core.errors import UserFacingError
+from ragtune.core.errors import UserFacingError, check_failures
 from ragtune.core.rag import build_rag_messages, embedding_model, retrieve
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
-from ragtune.core.llm import make_backend
+from ragtune.core.llm import check_same_tokenizer, make_backend
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
 from ragtune.data_prep.questions import (
@@ -59,7 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVAL_SLACK = 0.2  # generate this many more eval questions than needed: the leakage check drops some
+# generate this many more questions than asked: near-duplicate removal (both splits) and the leakage check (eval)
+# drop some after generation (demo, whole filing: 27 near-duplicates of 200 train questions; 2 leaked of 36 eval)
+QUESTION_SLACK = 0.2
 
 
 class PrepError(UserFacingError):
@@ -254,7 +257,7 @@ def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[s
         for split_name in ("train", "eval"):
             order = [c for c in chunks if region_of(c, prep.split_unit) in split[split_name]]
             random.Random(f"{config.seed}:{split_name}").shuffle(order)
-            need = targets[split_name] + (math.ceil(EVAL_SLACK * targets[split_name]) if split_name == "eval" else 0)
+            need = targets[split_name] + math.ceil(QUESTION_SLACK * targets[split_name])
             _generate_questions(split_name, order, need, prep, teacher, raw, failures)
         return {row["chunk_id"]: row for row in raw.rows}
 
@@ -325,12 +328,17 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
         config.teacher.max_new_tokens, config.teacher.temperature, config.teacher.num_candidates,
         config.teacher.candidate_temperature, config.seed,
         prep.model_dump(include={"similarity_top_k", "system_prompt", "text_qa_template", "raft", "answer_gates",
-                                 "teacher_instruction",
+                                 "teacher_instruction", "teacher_top_logprobs",
                                  "closed_book_rows", "closed_book_system_prompt"}),
     )
+    logprobs_path = teacher_logprobs_path(run_dir)
     if state.is_done("answers", fingerprint, run_dir.train_jsonl):
         return state.facts("answers")
-    state.start("answers", fingerprint, [run_dir.train_jsonl, run_dir.answers_rejected])
+    if prep.teacher_top_logprobs:  # before any teacher call: log-probs of another vocabulary teach nothing
+        distillation = config.train.distillation
+        check_same_tokenizer((distillation and distillation.teacher_tokenizer) or config.teacher.model,
+                             config.student.model, config.student.trust_remote_code)
+    state.start("answers", fingerprint, [run_dir.train_jsonl, run_dir.answers_rejected, logprobs_path])
 
     questions = read_jsonl(run_dir.questions_train)
     # Training rows (and RAFT distractors) come from train-region chunks only: no eval page is ever trained on.
@@ -343,8 +351,9 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
     started = time.perf_counter()
     with JsonlAppender(run_dir.train_jsonl, key="id") as rows, \
             JsonlAppender(run_dir.answers_rejected, key="id") as rejected, \
-            JsonlAppender(run_dir.teacher_failures, key="id") as failures:
-        generated = answer_all(jobs, config, teacher, judge, rows, rejected, failures)
+            JsonlAppender(run_dir.teacher_failures, key="id") as failures, \
+            (JsonlAppender(logprobs_path, key="id") if prep.teacher_top_logprobs else nullcontext()) as logprobs:
+        generated = answer_all(jobs, config, teacher, judge, rows, rejected, failures, logprobs)
         answered = {r["meta"]["question_id"] for r in rows.rows if r["meta"]["mode"] == "rag"}
         refused = sum(1 for r in rows.rows if r["meta"]["mode"] == "rag" and r["meta"].get("refusal"))
         reasons = Counter(r["reason"] for r in rejected.rows)
@@ -354,6 +363,10 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
                              "refusals_kept": refused, "questions_without_answer": len(questions) - len(done)}
     if generated:
         facts["teacher_rows_per_s"] = round(generated / (time.perf_counter() - started), 3)
+    # the newest failures first: older ones may be from a cause already fixed
+    errors = [r.get("error") for r in read_jsonl(run_dir.teacher_failures) if r.get("step") == "answers"][::-1]
+    check_failures("prep's teacher answers", facts["questions_without_answer"], len(questions), errors,
+                   prep.max_failure_fraction, run_dir.teacher_failures)
     if not answered:
         raise PrepError(f"no teacher answer of {len(questions)} passed the answer gates (reasons: {dict(reasons)}; "
                         f"see {run_dir.answers_rejected} and {run_dir.teacher_failures}). Use a stronger teacher, raise "
@@ -364,6 +377,12 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
         return facts  # not finished: the next run retries the failed questions
     state.finish("answers", **facts)
     return facts
+
+
+def teacher_logprobs_path(run_dir: RunDir) -> Path:
+    """data/teacher_logprobs.jsonl: per RAG training row (by `id`), the teacher's answer tokens and top-k log-probs
+    (`data_prep.teacher_top_logprobs`); the train stage reads it for `train.distillation`."""
+    return run_dir.data / "teacher_logprobs.jsonl"
 
 
 def choose_contexts(question: dict[str, Any], hits: list[dict[str, Any]], prep: DataPrepConfig, seed: int,

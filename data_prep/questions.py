@@ -153,7 +153,7 @@ def drop_near_duplicates(questions: list[dict[str, Any]], embed_model: Any, thre
                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Drop questions whose embedding is within `threshold` cosine similarity of an earlier kept one (the same
     question reworded: it would only weight one fact twice)."""
-    from ragtune.data_prep.gates import near_duplicate_questions
+    from ragtune.core.gates import near_duplicate_questions
 
     if len(questions) < 2:
         return questions, []

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
-from ragtune.core.errors import UserFacingError
+from ragtune.core.errors import UserFacingError, check_failures
+from ragtune.core.gates import gate_candidates, pick_best
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import ask_teacher, teacher_extra, teacher_view
+from ragtune.core.rag import ask_teacher, teacher_candidates, teacher_extra, teacher_view
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
@@ -204,8 +205,12 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
     engine = config.eval.backend if spec.kind != "teacher" else None
-    if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`)
+    if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`), its rag reference gated as a row is
         prompt += [teacher_extra(prep), prep.teacher_max_sentences, config.teacher.max_new_tokens]
+        if mode == "rag":
+            teacher = config.teacher
+            prompt += [teacher.num_candidates, teacher.temperature, teacher.candidate_temperature,
+                       prep.answer_gates.model_dump()]
     return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
                       sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle,
                       *([engine] if engine != "hf" else []))
@@ -270,9 +275,9 @@ def generate_answers(
                     ]
                     started = time.perf_counter()
                     assert backend is not None
-                    completions = _generate(backend, conversations, spec, config)
+                    completions, gated = _generate(backend, conversations, spec, config, batch, contexts, mode)
                     mode_facts["seconds"] += time.perf_counter() - started
-                    for question, ids, ctx, completion in zip(batch, context_ids, contexts, completions):
+                    for question, ids, ctx, completion, verdict in zip(batch, context_ids, contexts, completions, gated):
                         text = None if completion.error else (completion.text or "").strip()
                         rows.append({
                             "question_id": question["id"], "question": question["question"], "contexts": ctx,
@@ -280,13 +285,16 @@ def generate_answers(
                             "answer": user_answer(text, config), "raw_answer": text,
                             "error": completion.error, "model": spec.name, "mode": mode,
                             "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                            "fingerprint": fingerprint,
+                            **verdict, "fingerprint": fingerprint,
                         })
                         mode_facts["generated"] += 1
                         mode_facts["completion_tokens"] += completion.completion_tokens
                     bar.update(len(batch))
             mode_facts["seconds"] = round(mode_facts["seconds"], 2)
             mode_facts["errors"] = sum(1 for r in rows.rows if r.get("error"))
+            check_failures(f"eval answers of {spec.name} ({mode})", mode_facts["errors"], len(questions),
+                           (r.get("error") for r in rows.rows), config.eval.max_failure_fraction,
+                           run_dir.answers(spec.name, mode))
             mode_facts["empty"] = sum(1 for r in rows.rows if r.get("answer") == "")
             facts[mode] = mode_facts
     if backend is not None:
@@ -296,14 +304,34 @@ def generate_answers(
 
 
 def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]], spec: ModelSpec,
-              config: "RagtuneConfig") -> list[Any]:
-    """Greedy answers. The teacher answers as prep's teacher did (its instruction, its sentence cap, its token
-    budget), so a reference shows what the student was taught; the students get the plain messages."""
+              config: "RagtuneConfig", questions: list[dict[str, Any]], contexts: list[list[str]], mode: str
+              ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Greedy answers for the students (the plain messages). The teacher answers as prep's teacher did (its
+    instruction, sentence cap and token budget) and, in rag mode, its reference is chosen as a training row is:
+    the best grounded of `teacher.num_candidates` that passes the answer gates, else its first answer, marked
+    with the gate it failed. So a reference shows what the student was taught, not the teacher's raw greedy text.
+    Returns the completions and, per answer, the reference's gate facts (empty for the students): the chosen
+    candidate, the gate it failed (None: passed), its grounding, and every candidate as in answers.rejected.jsonl."""
     if spec.kind != "teacher":
-        return backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+        answers = backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+        return answers, [{} for _ in answers]
     prep = config.data_prep
-    return ask_teacher(backend, [teacher_view(c, prep) for c in conversations], prep, temperature=0.0,
-                       max_new_tokens=config.teacher.max_new_tokens)
+    views = [teacher_view(c, prep) for c in conversations]
+    if mode != "rag":
+        answers = ask_teacher(backend, views, prep, temperature=0.0, max_new_tokens=config.teacher.max_new_tokens)
+        return answers, [{} for _ in answers]
+    chosen, facts = [], []
+    for question, ctx, candidates in zip(questions, contexts, teacher_candidates(backend, views, prep, config.teacher)):
+        verdicts = gate_candidates(candidates, ctx, prep.answer_gates, oracle_in_context=True,
+                                   chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
+                                   question=question["question"])
+        best = pick_best(verdicts)
+        pick = 0 if best is None else best
+        chosen.append(candidates[pick])
+        facts.append({"candidate": pick, "gate": verdicts[pick].reason, "grounding": round(verdicts[pick].grounding, 3),
+                      "candidates": [{"text": c.text, "reason": v.reason, "grounding": round(v.grounding, 3),
+                                      "finish_reason": c.finish_reason} for c, v in zip(candidates, verdicts)]})
+    return chosen, facts
 
 
 def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:

@@ -51,6 +51,9 @@ class EvalConfig(BaseModel):
     # student/teacher answer generation (greedy)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
+    # eval stops non-zero when more than this share of one model's answers in one mode failed (an OOM or a dead
+    # server fails them all alike; a comparison over the rest would be silently thin). Rows stay; a rerun retries
+    max_failure_fraction: float = Field(0.5, ge=0, le=1)
     # Ragas AnswerRelevancy's number of generated questions (identical greedy calls are computed once)
     strictness: int = Field(3, ge=1)
     # seconds one call to an `openai` judge may take, retries included, before its samples are recorded as

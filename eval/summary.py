@@ -5,6 +5,7 @@ judge's sanity check, warnings a reader must see first, and timings."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,8 @@ from ragtune.core.run_dir import RunDir
 from ragtune.eval.answer import REFERENCE_MODEL, ModelSpec
 from ragtune.eval.config import ANSWER_METRICS, RETRIEVAL_METRICS
 from ragtune.eval.score import LLM_METRICS, REFERENCE_ANSWER_METRICS, discrimination, load_scores, reason_key
-from ragtune.eval.stats import MIN_GAP, gap_closed, mean_with_ci, paired_difference, paired_ragas_score, ragas_score
+from ragtune.eval.stats import (MIN_GAP, gap_closed, mean_with_ci, paired_difference, paired_ragas_score, ragas_score,
+                                spread)
 
 if TYPE_CHECKING:
     from ragtune.config import RagtuneConfig
@@ -160,6 +162,13 @@ def result_warnings(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelS
             warnings.append(f"the teacher's reference answers equal the base model's for {same} of {len(qids)} "
                             "questions (is the teacher the student model?): reference-based metrics then measure "
                             "distance from the base's own answers and favour the base by construction")
+    if teacher_rag.exists() and answer_metrics & REFERENCE_ANSWER_METRICS:
+        gated = [r for r in read_jsonl(teacher_rag) if "gate" in r]
+        failed = sum(1 for r in gated if r["gate"] is not None)
+        if gated and failed > len(gated) / 2:
+            warnings.append(f"{failed} of {len(gated)} reference answers failed the answer gates (the teacher wrote no "
+                            f"candidate prep would train on): reference-based metrics compare with weak references; "
+                            "raise teacher.num_candidates or use a stronger teacher")
     if not any(s.kind in ("adapter", "merged") for s in specs):
         warnings.append(f"no fine-tuned model found ({run_dir.adapter} and {run_dir.merged} are missing, no --adapters): "
                         "only the teacher is compared to the base")
@@ -174,7 +183,10 @@ def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
         "Every comparison is paired over the questions scored for both models (their intersection); 'excluded' "
         "counts questions left out because a score failed for one or both.",
         f"Reference answers are the teacher's rag answers (model '{REFERENCE_MODEL}'), written with the question's "
-        "source chunk among the contexts; reference-based metrics are not computed for the teacher itself.",
+        "source chunk among the contexts and chosen as prep chooses a training row: the best grounded of "
+        f"teacher.num_candidates ({config.teacher.num_candidates}) that passes the answer gates, else the first "
+        "(its row in answers.teacher.rag.jsonl names the gate it failed); reference-based metrics are not computed "
+        "for the teacher itself.",
     ]
     out.append("Gap closed = (tuned − base) / (teacher − base), means over the questions scored for all three: "
                "1 is the teacher's level, 0 the base's. It exists only where the teacher is scored, so not for the "
@@ -275,3 +287,71 @@ def timing_breakdown(timings: dict[str, Any], n_questions: int) -> dict[str, Any
 
 def write_summary(run_dir: RunDir, summary: dict[str, Any]) -> None:
     write_json(run_dir.summary, summary, default=str)
+
+
+# --- repeats of one config (seeds), pooled ------------------------------------------------------------------------
+
+POOLED_METHOD = ("each question's score averaged over the runs, then the paired percentile bootstrap over questions; "
+                 "better/worse only when that interval excludes 0 and every run's own delta has the same sign")
+
+
+def pool_runs(run_dirs: list[RunDir]) -> dict[str, Any]:
+    """Runs of one config that differ only in the training seed (same prep, same held-out questions), pooled per
+    comparison vs the base: the spread of the runs' deltas, and one verdict from the seed-averaged scores."""
+    summaries = [json.loads(r.summary.read_text(encoding="utf-8")) for r in run_dirs]
+    first = summaries[0]
+    boot = {"n_resamples": first["stats"]["n_resamples"], "confidence_level": first["stats"]["confidence_level"]}
+    kinds = {m["name"]: m["kind"] for m in first["models"]}
+    rows = []
+    for mode, models in first.get("comparisons", {}).items():
+        for model, metrics in models.items():
+            if kinds.get(model) == "teacher":  # the same teacher answers in every run: nothing to pool
+                continue
+            for metric in metrics:
+                per_run = [s.get("comparisons", {}).get(mode, {}).get(model, {}).get(metric) for s in summaries]
+                if any(c is None for c in per_run):
+                    continue
+                pooled = _pooled_difference(run_dirs, summaries, mode, model, metric, first["stats"], boot)
+                deltas = [c["delta"] for c in per_run]
+                verdicts = [c["verdict"] for c in per_run]
+                rows.append({"mode": mode, "model": model, "metric": metric, "deltas": deltas, "verdicts": verdicts,
+                             "spread": spread(deltas), "pooled": pooled,
+                             "verdict": pooled_verdict(pooled["verdict"], deltas, verdicts)})
+    return {"runs": [str(r.root) for r in run_dirs], "method": POOLED_METHOD, "stats": {**boot, "seed": first["stats"]["seed"]},
+            "comparisons": rows}
+
+
+def _pooled_difference(run_dirs: list[RunDir], summaries: list[dict[str, Any]], mode: str, model: str, metric: str,
+                       stats: dict[str, Any], boot: dict[str, Any]) -> dict[str, Any]:
+    """The paired comparison on the questions every run scored for both models, each score averaged over runs."""
+    parts = ("faithfulness", "answer_relevancy") if metric == "ragas_score" else (metric,)
+    tables = [(load_scores(r.root / s["files"]["scores"][BASELINE][mode]), load_scores(r.root / s["files"]["scores"][model][mode]))
+              for r, s in zip(run_dirs, summaries)]
+    qids = list(tables[0][0])
+    common = [q for q in qids if all(table.get(q, {}).get(p, {}).get("value") is not None
+                                     for pair in tables for table in pair for p in parts)]
+
+    def averaged(side: int, part: str) -> list[float]:
+        return [sum(pair[side][q][part]["value"] for pair in tables) / len(tables) for q in common]
+
+    options = {"seed": stats["seed"], "tie_tolerance": stats.get("tie_tolerance", 0.0), **boot}
+    if metric == "ragas_score":
+        entry = paired_ragas_score(*[averaged(side, p) for side in (0, 1) for p in parts], **options)
+    else:
+        entry = paired_difference(averaged(0, metric), averaged(1, metric), **options)
+    return {**entry, "excluded": len(qids) - len(common)}
+
+
+def pooled_verdict(pooled: str, deltas: list[float | None], verdicts: list[str]) -> str:
+    """The pooled verdict, kept only when every run's delta points the same way; a 'better' (or 'worse') that some
+    runs show and the others do not is named as what it is: not a result."""
+    if pooled in ("better", "worse"):
+        sign = 1 if pooled == "better" else -1
+        if all(d is not None and d * sign > 0 for d in deltas):
+            return f"{pooled} (every run)"
+        return f"not a result: pooled {pooled}, but the runs' deltas disagree in sign"
+    for word in ("better", "worse"):
+        count = verdicts.count(word)
+        if count:
+            return f"{pooled}; '{word}' in {count} of {len(verdicts)} runs only: not a result"
+    return pooled

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="just this stage: resumed when interrupted, skipped when up to date (with --force: rerun)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
     p.add_argument("--dry-run", action="store_true", help="validate everything checkable without running; print the plan")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="train and evaluate with N seeds (train.seed, +1 each) on the same prep, in output_dir/repeats/; "
+                        "the report pools them")
+
+    p = sub.add_parser("sweep", help="Optuna search over the config's `sweep:` train.* keys, one run folder per trial")
+    _add_config(p)
+    p.add_argument("--trials", type=int, metavar="N",
+                   help="complete trials the study should hold (default sweep.n_trials); a rerun continues the study")
 
     p = sub.add_parser("prep", help="documents → chunks + index → questions → teacher answers (data/)")
     _add_config(p)
@@ -57,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build report.html/report.md from saved eval files (no model is loaded)")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="where to write the comparison report (default: the first run dir)")
+    p.add_argument("--config", type=Path, help="price the cost and benefit section with this config's "
+                   "teacher.price_per_million_* and cost.* (default: the config each run recorded in manifest.json)")
 
     p = sub.add_parser("validate", help="check a chat-format training JSONL and print its token statistics")
     p.add_argument("file", type=Path, metavar="FILE.jsonl")
@@ -68,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="serve this run's merged/ model (or student + adapter/)")
     p.add_argument("--model", help="model reference (hub id, folder, .gguf, smollm2-135m-instruct)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply on the model")
+    p.add_argument("--rag", action="store_true",
+                   help="answer the last user message from the run's index with the prompt the student was trained "
+                        "on (needs --config); the response lists the chunks used in `retrieved`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=8, help="requests generated together")
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     command = {"run": _run, "prep": _stage, "train": _stage, "merge": _stage, "eval": _stage, "report": _report,
-               "validate": _validate, "serve": _serve}[args.command]
+               "validate": _validate, "serve": _serve, "sweep": _sweep}[args.command]
     try:
         return command(args)
     except UserFacingError as err:
@@ -183,11 +196,43 @@ def _run(args: argparse.Namespace) -> int:
         return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
     from ragtune.dry_run import preflight
 
+    if args.repeats > 1:
+        return _run_repeats(args, config)
     with _locked(config):  # one ragtune per run folder; a second one fails here, naming this one
         # preflight (seconds: it loads the student's tokenizer) runs under the lock, and only when a stage will run
         run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config),
                      before_work=lambda: preflight(config))
     print_verdict(run_dir)
+    return 0
+
+
+def _run_repeats(args: argparse.Namespace, config: RagtuneConfig) -> int:
+    """`ragtune run CONFIG --repeats N`: the run, N−1 more seeds on its prep, and the pooled verdicts."""
+    from ragtune.dry_run import preflight
+    from ragtune.repeats import REPEATS_DIR, pooled_report, pooled_table, run_repeats
+
+    with _locked(config):
+        runs = run_repeats(config, args.overrides, args.repeats, start=args.start, only=args.only, force=args.force,
+                           stage_functions=stage_functions, before_work=preflight)
+        if not all(run.summary.exists() for run in runs):
+            print("[ragtune] repeats: no pooled report until every repeat is evaluated", flush=True)
+            return 0
+        written = pooled_report(runs, RunDir(config.output_dir).root / REPEATS_DIR)
+    print(pooled_table(written["pooled"]))
+    print(f"\npooled: {written['pooled_md']}\nreport: {written['report_html']}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """`ragtune sweep CONFIG --trials N`: prep once, then an Optuna study of trial run folders on it."""
+    from ragtune.dry_run import preflight
+    from ragtune.sweep import best_line, run_sweep
+
+    config = load_config(args.config, args.overrides)
+    with _locked(config):
+        summary = run_sweep(config, args.overrides, args.trials, stage_functions=stage_functions, before_work=preflight)
+    print(summary["table"])
+    print(f"\n{best_line(summary)}\nreport: {summary['report_html']}")
     return 0
 
 
@@ -242,10 +287,13 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ragtune.eval.report import run
+    from ragtune.eval.report import break_even_line, prices_from, run
 
-    run(args.run_dirs, args.out)
+    prices = prices_from(load_config(args.config).resolved()) if args.config else None
+    result = run(args.run_dirs, args.out, prices)
     print_verdict(RunDir(args.out or args.run_dirs[0]))
+    if len(args.run_dirs) == 1:
+        print(break_even_line(result["cost_benefit"]))
     return 0
 
 
@@ -276,7 +324,10 @@ def _serve(args: argparse.Namespace) -> int:
     from ragtune.core.llm import HFChatBackend
     from ragtune.serve import serve
 
-    model, adapter = args.model, args.adapter
+    model, adapter, rag = args.model, args.adapter, None
+    if args.rag and not args.config:
+        print("error: --rag retrieves from a run's index: pass --config CONFIG too.", file=sys.stderr)
+        return 2
     if args.config:
         config = load_config(args.config)
         run_dir = RunDir(config.output_dir)
@@ -285,6 +336,10 @@ def _serve(args: argparse.Namespace) -> int:
         elif model is None:
             model = config.student.model
             adapter = adapter or (str(run_dir.adapter) if run_dir.adapter.exists() else None)
+        if args.rag:
+            from ragtune.serve import RagPrompt
+
+            rag = RagPrompt.for_run(config)  # before the model loads: a run without an index fails at once
     if model is None:
         print("error: pass --model REF (or --config CONFIG to serve that run's model).", file=sys.stderr)
         return 2
@@ -292,7 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_tokens)
     serve(backend, host=args.host, port=args.port, served_model_name=args.served_model_name or model,
           batch_size=args.batch_size, default_max_tokens=args.max_tokens, step_tokens=args.step_tokens,
-          max_queue=args.max_queue, request_timeout=args.request_timeout)
+          max_queue=args.max_queue, request_timeout=args.request_timeout, rag=rag)
     return 0
 
 

@@ -16,16 +16,106 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig
 from ragtune.data_prep.config import DOCUMENT_SUFFIXES, DataPrepConfig
 from ragtune.eval.config import EvalConfig
 from ragtune.train.config import TrainConfig, library_key_errors
 
+
+class CostConfig(Strict):
+    """Prices of machine time for the report's cost and benefit section (USD; unset: that cost is not priced).
+    The teacher's per-token prices are `teacher.price_per_million_input_tokens` / `…_output_tokens`: the report
+    prices prep's teacher calls and every query sent to the teacher with them."""
+
+    price_per_gpu_hour: float | None = Field(None, ge=0)  # per GPU: training on N GPUs costs N GPU-hours per hour
+    price_per_cpu_hour: float | None = Field(None, ge=0)  # per hour of the CPU machine (training or serving on CPU)
+
+
+class SweepParam(Strict):
+    """One searched key: Optuna's `trial.suggest_float` / `suggest_int` (`low`, `high`, `step`, `log`) or
+    `suggest_categorical` (`choices`), with Optuna's argument names."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _arguments(self) -> "SweepParam":
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("`type: categorical` takes `choices: [...]` only (no low/high/step/log)")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"`type: {self.type}` takes `low` and `high` (and optionally `step` or `log`), no `choices`")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("`log: true` needs low > 0 and no `step` (Optuna samples the logarithm)")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError("`type: int` takes whole numbers for low, high and step")
+        return self
+
+    def suggest_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `trial.suggest_<type>(key, ...)`."""
+        if self.type == "categorical":
+            return {"choices": list(self.choices or [])}
+        number = int if self.type == "int" else float
+        kwargs: dict[str, Any] = {"low": number(self.low), "high": number(self.high), "log": self.log}
+        if self.step is not None:
+            kwargs["step"] = number(self.step)
+        return kwargs
+
+    def edge_values(self) -> list[Any]:
+        """Every choice, or low and high: the values checked against TRL/PEFT at config load."""
+        kwargs = self.suggest_kwargs()
+        return kwargs["choices"] if self.type == "categorical" else [kwargs["low"], kwargs["high"]]
+
+
+# The eval summary's numbers a sweep can optimize: a mean of one model, or its paired delta vs the base.
+SUMMARY_OBJECTIVES = ("results.", "comparisons.")
+
+
+class SweepConfig(Strict):
+    """`ragtune sweep`: Optuna searches `params` (keys under `train:`) for the best `objective`. Every trial is a
+    run folder under `output_dir/sweep/` that reuses this run's prep; the study is `output_dir/sweep.db`."""
+
+    params: dict[str, SweepParam] = Field(min_length=1)
+    # `eval_loss`: the train stage's last eval loss (logs/loss_curve.json; a trial then only trains). Or a number in
+    # eval/summary.json by its path, e.g. `comparisons.rag.adapter.rouge_score.delta` (a trial then runs merge, eval).
+    objective: str = "eval_loss"
+    # Optuna's `direction`; eval_loss is minimized, a summary objective must say which way is better.
+    direction: Literal["minimize", "maximize"] | None = None
+    # Optuna's `n_trials`: complete trials the study holds at the end (a rerun only adds the missing ones);
+    # `ragtune sweep --trials N` overrides it.
+    n_trials: int = Field(10, ge=1)
+
+    @field_validator("params")
+    @classmethod
+    def _train_keys(cls, params: dict[str, SweepParam]) -> dict[str, SweepParam]:
+        for key in params:
+            if not key.startswith("train.") or key == "train.":
+                raise ValueError(f"`{key}`: a sweep searches `train.*` keys only (every trial reuses the run's prep)")
+        return params
+
+    @model_validator(mode="after")
+    def _objective(self) -> "SweepConfig":
+        if self.objective != "eval_loss" and not self.objective.startswith(SUMMARY_OBJECTIVES):
+            raise ValueError(f"objective `{self.objective}`: use `eval_loss`, or a path in eval/summary.json starting "
+                             "with `results.` or `comparisons.` (e.g. comparisons.rag.adapter.rouge_score.delta)")
+        if self.objective != "eval_loss" and self.direction is None:
+            raise ValueError(f"objective `{self.objective}`: set `direction: maximize` or `direction: minimize`")
+        return self
+
+    def study_direction(self) -> str:
+        return self.direction or "minimize"
 
 
 class RagtuneConfig(Strict):
@@ -40,6 +130,8 @@ class RagtuneConfig(Strict):
     data_prep: DataPrepConfig = DataPrepConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    cost: CostConfig = CostConfig()
+    sweep: SweepConfig | None = None
 
     # Filled by load_config, not by the user.
     config_path: Path | None = Field(default=None, exclude=True)
@@ -75,9 +167,35 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(_explain_validation(path, err, raw, lines)) from None
     for key_path, message in library_key_errors(config.train):
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
+    for key_path, message in sweep_key_errors(config):
+        raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     config.config_path = path.resolve()
     config.document_paths = _resolve_documents(path, config.documents, lines)
     return config
+
+
+def sweep_key_errors(config: RagtuneConfig) -> list[tuple[str, str]]:
+    """Each searched key at its edge values (low and high, or every choice) through the `train:` section's own
+    checks (TRL's SFTConfig, PEFT): a typo or an impossible range fails at load, not after hours of trials."""
+    if config.sweep is None:
+        return []
+    for key, param in config.sweep.params.items():
+        for value in param.edge_values():
+            raw = config.train.model_dump()
+            section = raw
+            *parents, leaf = key.split(".")[1:]
+            for part in parents:
+                section = section.setdefault(part, {})
+                if not isinstance(section, dict):
+                    return [(f"sweep.params.{key}", f"`train.{part}` is not a section, it has no keys to search")]
+            section[leaf] = value
+            try:
+                problems = library_key_errors(TrainConfig.model_validate(raw))
+            except ValidationError as err:
+                problems = [(key, err.errors()[0]["msg"])]
+            if problems:
+                return [(f"sweep.params.{key}", f"{value!r} fails the train checks: {problems[0][1]}")]
+    return []
 
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, tuple[Path, int]]]:

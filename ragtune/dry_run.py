@@ -66,6 +66,41 @@ def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
     return checks
 
 
+def _device_name(device_map: str | None) -> str:
+    """Where `inference_device_map` puts an in-process model on this machine, in words."""
+    from ragtune.core.models import inference_device_map
+
+    placed = inference_device_map(device_map)
+    return "CPU" if placed in (None, "cpu") else f"GPU (device_map={placed!r})"
+
+
+def placement_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
+    """Where each inference role runs on this machine (the one device policy: CUDA when present, else CPU, unless a
+    role sets `device_map`), so a GPU box that would generate on its CPU is seen before the run."""
+    from ragtune.train.merge import merge_device_map, merge_dtype
+
+    lines = []
+    for role in ("teacher", "judge"):
+        llm: LLMRole = getattr(config, role)
+        if llm.backend == "openai" or llm.base_url:
+            where = f"the endpoint at {llm.base_url or 'the OpenAI API'}"
+        elif llm.backend == "vllm":
+            where = "a managed vLLM server (on the GPU when its vLLM is a CUDA build)"
+        else:
+            where = f"in-process on the {_device_name(llm.device_map)}"
+        lines.append(("ok", f"device: {role} answers through {where}"))
+    student = config.student
+    answers = ("a managed vLLM server (on the GPU when its vLLM is a CUDA build)" if config.eval.backend == "vllm"
+               else f"in-process on the {_device_name(student.device_map)}")
+    merge = merge_device_map(student, merge_dtype(student.torch_dtype))
+    lines += [("ok", f"device: eval's student answers through {answers}; `ragtune serve` on the "
+                     f"{_device_name(student.device_map)}"),
+              ("ok", f"device: merge on the {'CPU' if merge in (None, 'cpu') else f'GPU (device_map={merge!r})'}"),
+              ("ok", "device: training places the student where accelerate puts each process (`accelerate launch`: "
+                     "one GPU per process; a single process: the GPU when CUDA is present, else the CPU)")]
+    return lines
+
+
 def writable_check(output_dir: Path) -> tuple[str, str]:
     """Whether the run folder can be written (created if missing), tried with a real file."""
     folder = output_dir
@@ -132,6 +167,7 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
 
     checks.append(("ok", f"embedding: {resolve_embedding(config.embedding.model)}"))
     checks.extend(_training_check(config))
+    checks.extend(placement_checks(config))
     checks += [writable_check(config.output_dir), max_length_check(config)]
     for level, message in checks:
         print(f"[{level:5}] {message}")

@@ -11,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ragtune.config import RagtuneConfig
+import yaml
+
+from ragtune.config import RagtuneConfig, load_config
 from ragtune.core import engine
+from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ PIPELINE = (
     Stage("merge", ("ragtune.train", "ragtune.core"), ("student", "train"), ("train",), lambda r: [r.merged]),
     Stage("eval", ("ragtune.eval", "ragtune.core"), ("student", "teacher", "judge", "embedding", "eval", "seed"), ("prep", "train", "merge"),
           lambda r: []),
-    Stage("report", ("ragtune.eval", "ragtune.core"), ("eval",), ("eval",), lambda r: [r.report_html, r.report_md]),
+    Stage("report", ("ragtune.eval", "ragtune.core"), ("eval", "cost"), ("eval",), lambda r: [r.report_html, r.report_md]),
 )
 
 
@@ -66,7 +72,7 @@ def input_hashes(config: RagtuneConfig) -> dict[str, str]:
 OPERATIONAL_KEYS = frozenset({
     "timeout", "max_concurrency", "max_retries", "batch_size", "device_map", "base_url", "api_key_env", "api_version",
     "embed_batch_size", "price_per_million_input_tokens", "price_per_million_output_tokens", "max_consecutive_failures",
-    "max_model_len",
+    "max_model_len", "max_failure_fraction",
 })
 
 
@@ -176,3 +182,92 @@ def run_pipeline(
 def _discard(stage: Stage, run_dir: RunDir, recorded: dict[str, Any], current: dict[str, str]) -> None:
     """Retire outputs made under another fingerprint (to stale/), so no stale artifact is reused by a resume."""
     run_dir.retire(stage.outputs(run_dir))
+
+
+# --- runs on the same prep: repeats over seeds, sweep trials --------------------------------------------------------
+
+
+def child_config(config: RagtuneConfig, overrides: Sequence[str], folder: Path, settings: dict[str, Any],
+                 comment: str = "") -> RagtuneConfig:
+    """Write `folder/config.yaml` (`base:` the config's file, its `--set` overrides, `output_dir: folder` and the
+    dotted `settings`) and load it, validated like any config: `ragtune run` on that file reproduces the child run."""
+    raw: dict[str, Any] = {"base": os.path.relpath(config.config_path, folder)}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    for key, value in settings.items():
+        _set_dotted(raw, key, value)
+    raw["output_dir"] = str(folder.resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    (folder / "config.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return load_config(folder / "config.yaml")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+    raw[leaf] = value
+
+
+def share_prep(parent: RunDir, child: RunDir) -> None:
+    """Let `child` reuse `parent`'s prep: its data/ is a relative link to the parent's, and its manifest records the
+    parent's prep stage, so the stage cache skips prep there (same fingerprint, done) and no teacher call is repeated."""
+    recorded = Manifest(parent).data["stages"].get("prep")
+    if not recorded or recorded.get("status") != "done":
+        raise UserFacingError(f"{parent.root}: prep has not finished there, so there is no data to share. "
+                              "Run `ragtune run CONFIG --only prep` first.")
+    child.root.mkdir(parents=True, exist_ok=True)
+    if not child.data.is_symlink():
+        if child.data.exists():
+            raise UserFacingError(f"{child.data} exists and is not a link to {parent.data}: this folder is not a "
+                                  "repeat or trial of that run. Move it away and run the command again.")
+        child.data.symlink_to(os.path.relpath(parent.data, child.root), target_is_directory=True)
+    manifest = Manifest(child)
+    manifest.data["stages"]["prep"] = dict(recorded)
+    manifest.save()
+
+
+def share_eval_rows(source: RunDir, child: RunDir, modes: Sequence[str]) -> list[Path]:
+    """Copy `source`'s answers and scores of the models a child does not change (the base, the teacher), its
+    retrieval and judge sanity rows into the child's empty eval/: eval reuses every row whose fingerprint still
+    matches, so N seeds answer and judge the base and the teacher once, not N times. Returns the copied files."""
+    from ragtune.eval.answer import REFERENCE_MODEL
+    from ragtune.eval.summary import BASELINE, RETRIEVER
+
+    if child.eval.exists() or not source.summary.exists():
+        return []
+    files = [source.retrieval, source.judge_sanity, source.scores(RETRIEVER, "rag")]
+    files += [path(model, mode) for model in (BASELINE, REFERENCE_MODEL) for mode in modes
+              for path in (source.answers, source.scores)]
+    copied = []
+    for path in (f for f in files if f.exists()):
+        child.eval.mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy2(path, child.eval / path.name)))
+    return copied
+
+
+def run_on_shared_prep(
+    config: RagtuneConfig,
+    parent: RunDir,
+    *,
+    start: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    stage_functions: dict[str, Callable[[], dict[str, Any]]],
+    before_work: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """`run_pipeline` in a child folder whose prep is `parent`'s. Prep never runs there (it would write into the
+    parent's data/ through the link): `--force` and `--from prep` start at train."""
+    child = RunDir(config.output_dir)
+    share_prep(parent, child)
+    if only == "prep":
+        return dict.fromkeys(STAGES, "skip")
+    if force or start == "prep":
+        start, force = "train", False
+    if plan(config, child)["prep"] != "skip":  # the recorded prep is not this config's (other settings or code)
+        raise UserFacingError(f"{parent.root}: its prep was made under other settings or code than this config's. "
+                              "Run `ragtune run CONFIG --only prep` to bring it up to date, then this command again.")
+    return run_pipeline(config, start=start, only=only, force=force, stage_functions=stage_functions,
+                        before_work=before_work)

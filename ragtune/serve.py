@@ -19,6 +19,12 @@ How one request cannot stall the others:
   otherwise; when absent it is the server default, cut to what the context leaves).
 - **Structured output.** A `json_schema` row carries its own xgrammar matcher from round to round, so the
   JSON constraint survives the splitting into rounds; rows with and without a schema share a batch.
+- **Streaming.** `stream: true` answers with server-sent events as OpenAI does: the stopping criterion that checks
+  cancellation after every token also publishes a streaming row's tokens so far, so text goes out token by token
+  inside a round, and the last event carries the `finish_reason` (`stop` at EOS, `length` at max_tokens).
+- **RAG (`--rag`).** The last user message retrieves from the run's index and the request becomes the prompt the
+  student was trained on (`ragtune.core.rag.build_rag_messages`, as eval sends it); the answer carries the chunks
+  it was given in an extra `retrieved` field.
 - **Shutdown.** SIGTERM cancels every request (503 to those still waiting), then uvicorn exits.
 """
 
@@ -31,14 +37,21 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ragtune.core.rag import Chunk, build_rag_messages, load_index, retrieve
+
 if TYPE_CHECKING:
+    from llama_index.core import VectorStoreIndex
+
+    from ragtune.config import RagtuneConfig
     from ragtune.core.llm import HFChatBackend
+    from ragtune.core.rag import RagPrompts
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +85,8 @@ class _Job:
     finish_reason: str | None = None
     cancelled: bool = False
     future: Future = field(default_factory=Future)
+    notify: Callable[[], None] | None = None  # streaming: wakes the handler when tokens arrive or the job ends
+    so_far: list[int] = field(default_factory=list)  # streaming: the tokens so far, replaced whole (read by the handler)
 
     @property
     def remaining(self) -> int:
@@ -86,6 +101,12 @@ class _Job:
                 break
             self.accepted += 1
 
+    def publish(self, tokens: list[int]) -> None:
+        """Streaming: the tokens generated so far, for the handler to decode and send."""
+        self.so_far = tokens
+        if self.notify is not None:
+            self.notify()
+
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         try:
             if error is not None:
@@ -94,18 +115,30 @@ class _Job:
                 self.future.set_result(result)
         except InvalidStateError:  # already answered (cancelled by shutdown while its round ran)
             pass
+        if self.notify is not None:
+            self.notify()
 
 
 class _RowStop:
-    """StoppingCriteria: a row stops as soon as its request is cancelled (checked after every token)."""
+    """StoppingCriteria: a row stops as soon as its request is cancelled (checked after every token); a streaming
+    row's tokens so far are published at the same moment, so its text goes out token by token."""
 
-    def __init__(self, jobs: list[_Job]):
-        self.jobs = jobs
+    def __init__(self, jobs: list[_Job], start: int, eos_ids: list[int]):
+        self.jobs, self.start, self.eos_ids = jobs, start, eos_ids
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        for i, job in enumerate(self.jobs):
+            if job.notify is not None and not job.cancelled:
+                job.publish(job.generated + _until_eos(input_ids[i, self.start :].tolist(), self.eos_ids))
         return torch.tensor([job.cancelled for job in self.jobs], dtype=torch.bool, device=input_ids.device)
+
+
+def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """The tokens before the first EOS (a finished row goes on with padding until its batch ends)."""
+    stop_at = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
+    return tokens if stop_at is None else tokens[:stop_at]
 
 
 class _RowGrammar:
@@ -215,7 +248,7 @@ class Scheduler:
         # The round ends when its shortest request is due: that answer goes out now, not after the longest row.
         budget = min(self.step_tokens, *(job.remaining for job in batch))
         kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self.pad_id,
-                                  "stopping_criteria": StoppingCriteriaList([_RowStop(batch)])}
+                                  "stopping_criteria": StoppingCriteriaList([_RowStop(batch, width, self.eos_ids)])}
         if batch[0].temperature > 0:
             kwargs.update(do_sample=True, temperature=batch[0].temperature)
         else:
@@ -233,17 +266,20 @@ class Scheduler:
     def _settle(self, job: _Job, new_tokens: list[int]) -> None:
         """Add a round's tokens to the job; answer it when it met EOS or its max_tokens."""
         job.feed_grammar(new_tokens)
-        stop_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
-        job.generated.extend(new_tokens if stop_at is None else new_tokens[:stop_at])
-        if stop_at is not None:
+        kept = _until_eos(new_tokens, self.eos_ids)
+        job.generated.extend(kept)
+        if len(kept) < len(new_tokens):
             job.finish_reason = "stop"
         elif job.remaining <= 0:
             job.finish_reason = "length"
         else:
             return
+        job.resolve(self.text(job.generated))
+
+    def text(self, tokens: list[int]) -> str:
+        """The answer's text (the request handlers decode streamed tokens with the same call)."""
         with self.tokenizer_lock:
-            text = self.tokenizer.decode(job.generated, skip_special_tokens=True).strip()
-        job.resolve(text)
+            return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -273,6 +309,7 @@ class ChatRequest(BaseModel):
     temperature: float = 0.0
     response_format: dict[str, Any] | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
 
 
 class BadRequest(Exception):
@@ -356,10 +393,7 @@ class Admission:
         self.default_max_tokens = default_max_tokens
         self.grammars = _Grammars(backend.model, backend.tokenizer)
 
-    def job(self, body: ChatRequest) -> _Job:
-        if body.stream:
-            raise BadRequest("stream=true is not supported by ragtune serve; send stream=false.")
-        messages = chat_messages(body.messages)
+    def job(self, body: ChatRequest, messages: list[dict[str, str]]) -> _Job:
         with self.tokenizer_lock:
             try:
                 prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -369,6 +403,33 @@ class Admission:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = token_budget(requested, len(prompt_ids), self.context, self.default_max_tokens)
         return _Job(prompt_ids, max_tokens, body.temperature, self.grammars.matcher(body.response_format))
+
+
+class RagPrompt:
+    """`--rag`: a request becomes the prompt the student was trained on. The last user message is the query; it
+    retrieves `similarity_top_k` chunks from the index prep persisted, and `build_rag_messages` puts them in prep's
+    template, as eval does. Other messages are dropped: every training row is one system and one user turn."""
+
+    def __init__(self, index: "VectorStoreIndex", top_k: int, prompts: "RagPrompts"):
+        self.index, self.top_k, self.prompts = index, top_k, prompts
+        self.lock = threading.Lock()  # handlers retrieve from a thread pool; one query embeds at a time
+
+    @classmethod
+    def for_run(cls, config: "RagtuneConfig") -> "RagPrompt":
+        """The run's index (output_dir/data/index) with its embedding model, top_k and prompts."""
+        from ragtune.core.run_dir import RunDir
+
+        index = load_index(config.embedding, RunDir(config.output_dir).index)
+        return cls(index, config.data_prep.similarity_top_k, config.data_prep)
+
+    def __call__(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[Chunk]]:
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not query.strip():
+            raise BadRequest("ragtune serve --rag answers the last user message from the documents; "
+                             "this request has no user message with text.")
+        with self.lock:
+            chunks = retrieve(self.index, [query], self.top_k)[0]
+        return build_rag_messages(query, [c["text"] for c in chunks], self.prompts), chunks
 
 
 class ClientGone(Exception):
@@ -386,10 +447,10 @@ def _error(status: int, message: str, **headers: str) -> Any:
 
 def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int = 8, default_max_tokens: int = 256,
                *, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
-               request_timeout: float = REQUEST_TIMEOUT) -> Any:
+               request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import Response
+    from fastapi.responses import Response, StreamingResponse
 
     scheduler = Scheduler(backend, batch_size=batch_size, step_tokens=step_tokens, max_queue=max_queue)
     admission = Admission(backend, scheduler.tokenizer_lock, default_max_tokens)
@@ -413,7 +474,17 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         try:
-            job = admission.job(body)
+            messages, chunks = chat_messages(body.messages), None
+            if rag is not None:  # embedding the query takes milliseconds to seconds: off the event loop
+                messages, chunks = await asyncio.to_thread(rag, messages)
+            job = admission.job(body, messages)
+            reply = _Reply(served_model_name, chunks)
+            if body.stream:
+                wake = _wake_on_progress(job)
+                scheduler.submit(job)
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                return StreamingResponse(_events(job, reply, wake, scheduler, request, request_timeout, include_usage),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             scheduler.submit(job)
             text = await _wait(job, request, request_timeout)
         except BadRequest as err:
@@ -427,23 +498,117 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except RuntimeError as err:
             return _error(500, str(err))
-        return _completion(job, text, served_model_name)
+        return reply.completion(job, text)
 
     return app
 
 
-def _completion(job: _Job, text: str, model: str) -> dict[str, Any]:
+@dataclass
+class _Reply:
+    """What one answer's body, or every chunk of its stream, shares: id, time, model, and with --rag the chunks
+    the prompt held (`retrieved`: id, score, metadata, text; an extra field OpenAI clients keep)."""
+
+    model: str
+    chunks: list[Chunk] | None = None
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        head: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        if self.chunks is not None:
+            head["retrieved"] = self.chunks
+        return head
+
+    def completion(self, job: _Job, text: str) -> dict[str, Any]:
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": job.finish_reason}],
+                "usage": _usage(job)}
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+        """One `chat.completion.chunk`; `retrieved` rides on the first one only."""
+        head = self._head("chat.completion.chunk")
+        if not first:
+            head.pop("retrieved", None)
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def usage_chunk(self, job: _Job) -> dict[str, Any]:
+        """`stream_options.include_usage`: the last chunk, with no choices and the token counts."""
+        head = self._head("chat.completion.chunk")
+        head.pop("retrieved", None)
+        return {**head, "choices": [], "usage": _usage(job)}
+
+
+def _usage(job: _Job) -> dict[str, int]:
     prompt_tokens, completion_tokens = len(job.prompt_ids), len(job.generated)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": job.finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _wake_on_progress(job: _Job) -> asyncio.Event:
+    """An event the scheduler thread sets (through the loop) whenever the job has new tokens or ends."""
+    loop, event = asyncio.get_running_loop(), asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is waiting, and the scheduler must go on
+            pass
+
+    job.notify = wake
+    return event
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def _events(job: _Job, reply: _Reply, wake: asyncio.Event, scheduler: Scheduler, request: Any,
+                  timeout: float, include_usage: bool) -> AsyncIterator[str]:
+    """The answer as server-sent events: a role chunk, the text as it grows, a chunk with the finish_reason, the
+    usage when asked, `[DONE]`. An error after the first byte (timeout, shutdown, a failed round) can no longer
+    change the status: it is sent as an `error` event, which the openai SDK raises. A client that leaves, or the
+    response being dropped, cancels the generation as for a plain request."""
+    sent, deadline = "", time.monotonic() + timeout
+    try:
+        yield _sse(reply.chunk({"role": "assistant", "content": ""}, first=True))
+        while True:
+            wake.clear()
+            done = job.future.done()
+            if done:
+                try:
+                    text = job.future.result()
+                except ServerBusy as err:
+                    yield _sse({"error": {"message": str(err), "type": "server_error", "code": 503}})
+                    return
+                except RuntimeError as err:
+                    yield _sse({"error": {"message": str(err), "type": "server_error", "code": 500}})
+                    return
+            else:  # a token cut inside a UTF-8 character decodes to U+FFFD: it waits for the next token
+                text = scheduler.text(job.so_far).rstrip("\ufffd").rstrip()
+            if len(text) > len(sent) and text.startswith(sent):
+                yield _sse(reply.chunk({"content": text[len(sent):]}))
+                sent = text
+            if done:
+                break
+            try:
+                await asyncio.wait_for(wake.wait(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            if await request.is_disconnected():
+                return
+            if time.monotonic() > deadline:
+                yield _sse({"error": {"message": f"generation took longer than the server's request timeout "
+                                                 f"({timeout:g} s; ragtune serve --request-timeout).",
+                                      "type": "server_error", "code": 504}})
+                return
+        yield _sse(reply.chunk({}, finish_reason=job.finish_reason))
+        if include_usage:
+            yield _sse(reply.usage_chunk(job))
+        yield "data: [DONE]\n\n"
+    finally:  # also on GeneratorExit/CancelledError: the server dropped the stream of a client that left
+        if not job.future.done():
+            job.cancelled = True
 
 
 async def _wait(job: _Job, request: Any, timeout: float) -> str:
@@ -465,11 +630,11 @@ async def _wait(job: _Job, request: Any, timeout: float) -> str:
 
 def serve(backend: "HFChatBackend", *, host: str, port: int, served_model_name: str, batch_size: int,
           default_max_tokens: int = 256, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
-          request_timeout: float = REQUEST_TIMEOUT) -> None:
+          request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None) -> None:
     import uvicorn
 
     app = create_app(backend, served_model_name, batch_size, default_max_tokens, step_tokens=step_tokens,
-                     max_queue=max_queue, request_timeout=request_timeout)
+                     max_queue=max_queue, request_timeout=request_timeout, rag=rag)
     scheduler: Scheduler = app.state.scheduler
 
     class Server(uvicorn.Server):
@@ -477,7 +642,8 @@ def serve(backend: "HFChatBackend", *, host: str, port: int, served_model_name: 
             scheduler.close()  # before uvicorn waits for open requests: they end now, with 503
             super().handle_exit(sig, frame)
 
-    log.warning("serving %s on http://%s:%d/v1", served_model_name, host, port)
+    log.warning("serving %s on http://%s:%d/v1%s", served_model_name, host, port,
+                " (answers through the run's RAG index)" if rag is not None else "")
     # uvicorn waits this long for open connections after SIGTERM (all requests end at once above)
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
     scheduler.thread.join(timeout=5)

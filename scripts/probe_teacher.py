@@ -1,4 +1,4 @@
-"""Measure teacher settings against the answer gates (data_prep/gates.py) on real prep output; print JSON.
+"""Measure teacher settings against the answer gates (ragtune/core/gates.py) on real prep output; print JSON.
 
 Reads a prep run's artifacts (data/chunks.jsonl, data/questions.train.jsonl, or while prep is still running
 data/questions.raw.jsonl, data/index/), shows the teacher each of the first `--questions` training questions with
@@ -45,7 +45,7 @@ from ragtune.core.rag import (
     embedding_model,
     load_index,
 )
-from ragtune.data_prep import gates
+from ragtune.core import gates
 
 SHORT_SYSTEM_PROMPT = "Answer in one or two sentences using only the context."
 

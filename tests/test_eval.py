@@ -310,14 +310,75 @@ def test_changed_generation_settings_regenerate_and_keep_the_old_answers(
 
 
 def test_teacher_equal_to_the_student_is_flagged(prepared_data: Path, models: dict[str, Path], tmp_path: Path) -> None:
-    """One model for every role, no teacher instruction: the reference is then the base's own answer (the teacher
-    answers with its own max_new_tokens, here the same as eval's)."""
+    """One model for every role, no teacher instruction and the answer gates off (no longer retry of a cut answer):
+    the reference is then the base's own answer (the teacher answers with its own max_new_tokens, here eval's)."""
     config, run = make_run(tmp_path, prepared_data, {**models, "teacher": models["student"]}, adapter=False,
                            metrics=["bleu_score"], modes=["rag"], judge_sanity_pairs=0, max_new_tokens=16)
+    gates = config.data_prep.answer_gates.model_copy(update={"enabled": False})
+    config.data_prep = config.data_prep.model_copy(update={"answer_gates": gates})
     evaluate.run(config, run, [])
     summary = json.loads(run.summary.read_text())
     assert summary["results"]["rag"]["base"]["bleu_score"]["mean"] == pytest.approx(1.0)
     assert any("favour the base by construction" in w for w in summary["warnings"])
+
+
+def test_reference_is_the_best_gated_of_the_teachers_candidates(
+    prepared_data: Path, models: dict[str, Path], smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """Eval's rag reference is chosen as prep chooses a training row: the best grounded of the teacher's candidates
+    that passes the answer gates, else its first answer, marked with the gate it failed; every candidate stays on
+    the row. Real SmolLM2 as teacher, best-of-3."""
+    from ragtune.core.grounding import grounding
+    from ragtune.eval.answer import answer_fingerprint, model_specs
+
+    config, run = make_run(tmp_path, prepared_data, {**models, "teacher": smollm2_dir}, adapter=False,
+                           metrics=["grounding"], modes=["rag"], judge_sanity_pairs=0)
+    config.teacher = config.teacher.model_copy(update={"num_candidates": 3, "max_new_tokens": 48})
+    evaluate.run(config, run, [])
+    rows = read_jsonl(run.answers("teacher", "rag"))
+    assert len(rows) == 3
+    for row in rows:
+        candidates = row["candidates"]
+        assert len(candidates) == 3
+        passed = [i for i, c in enumerate(candidates) if c["reason"] is None]
+        expected = max(passed, key=lambda i: (candidates[i]["grounding"], -i)) if passed else 0
+        assert row["candidate"] == expected and row["gate"] == candidates[expected]["reason"]
+        assert row["raw_answer"] == candidates[expected]["text"].strip()
+        assert row["grounding"] == round(grounding(row["answer"], row["contexts"], row["question"]), 3)
+    assert any(len({c["text"] for c in row["candidates"]}) > 1 for row in rows)  # the samples are samples
+    # the students' rows carry no gate facts, and the reference's fingerprint follows the best-of-N settings
+    assert "candidates" not in read_jsonl(run.answers("base", "rag"))[0]
+    teacher = next(s for s in model_specs(config, run, []) if s.kind == "teacher")
+    other = config.model_copy(update={"teacher": config.teacher.model_copy(update={"num_candidates": 2})})
+    assert answer_fingerprint(config, run, teacher, "rag") != answer_fingerprint(other, run, teacher, "rag")
+    assert answer_fingerprint(config, run, teacher, "closed_book") == answer_fingerprint(other, run, teacher,
+                                                                                           "closed_book")
+
+
+def test_answers_that_all_fail_stop_eval_non_zero_and_a_rerun_retries_them(
+    prepared_data: Path, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that fails every generation (injected) must not give an eval that "completes" over errors: more than
+    eval.max_failure_fraction failed stops it with the first distinct errors; the failed rows stay, and once the
+    cause is gone a rerun retries exactly them."""
+    from ragtune.core.errors import TooManyFailures
+    from ragtune.core.llm import HFChatBackend
+
+    config, run = make_run(tmp_path, prepared_data, models, adapter=False, metrics=["bleu_score"], modes=["rag"],
+                           judge_sanity_pairs=0)
+
+    def dead_device(self: Any, batch: Any, *args: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(HFChatBackend, "_generate", dead_device)
+    with pytest.raises(TooManyFailures, match=r"eval answers of base \(rag\): 3 of 3 failed .*illegal memory access"):
+        evaluate.run(config, run, [])
+    rows = read_jsonl(run.answers("base", "rag"))
+    assert len(rows) == 3 and all(r["error"] and r["answer"] is None for r in rows)
+    monkeypatch.undo()
+    facts = evaluate.run(config, run, [])
+    assert facts["timings"]["generation"]["base"]["rag"]["generated"] == 3
+    assert all(r["error"] is None for r in read_jsonl(run.answers("base", "rag")))
 
 
 def test_missing_questions_file_says_what_to_run(evaluated: dict[str, Any], tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
-"""The teacher-answer gates (data_prep/gates.py): hand-written cases from the 10-K's wording, then real answers
+"""The teacher-answer gates (ragtune/core/gates.py): hand-written cases from the 10-K's wording, then real answers
 of the embedded teacher (SmolLM2-135M-Instruct) on real chunks of the excerpt."""
 
 from __future__ import annotations
 
 import pytest
-from ragtune.data_prep import gates
+from ragtune.core import gates
 from ragtune.core import grounding as words
-from ragtune.data_prep.gates import Verdict, check_answer
+from ragtune.core.gates import Verdict, check_answer
 
 SEGMENTS = ("As of December 31, 2021, we had three operating segments: Mobility, Delivery and Freight. "
             "Mobility connects consumers with a wide range of transportation modalities, such as ridesharing.")

@@ -48,6 +48,47 @@ def test_batched_generation_equals_one_by_one_greedy(smollm2_backend):
     assert all(c.text for c in batched)
 
 
+def test_out_of_memory_halves_the_batch_and_still_answers_every_conversation(smollm2_dir, smollm2_backend):
+    """A device that holds at most two conversations at once (the fault is injected; generation is real): the batch
+    is halved until it fits, later batches start at the size that fitted, and the answers are the unsplit ones."""
+    import torch
+
+    backend = HFChatBackend(str(smollm2_dir), batch_size=8, max_new_tokens=32)
+    generate, sizes = backend._generate, []
+
+    def two_fit(batch, *args):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(batch, *args)
+
+    backend._generate = two_fit
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:7]]
+    answers = backend.chat(conversations)
+    assert [a.text for a in answers] == [a.text for a in smollm2_backend.chat(conversations)]
+    assert all(a.error is None for a in answers) and backend.batch_size == 2
+    assert sizes == [7, 4, 2, 2, 3, 2, 1]
+    assert [a.error is None for a in backend.chat(conversations[:3])] == [True] * 3 and sizes[7:] == [2, 1]
+    # one conversation that does not fit alone is that row's recorded error, not a crash
+    def nothing_fits(batch, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    backend._generate = nothing_fits
+    [failed] = backend.chat(conversations[:1])
+    assert failed.text is None and failed.error.startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_inference_roles_go_to_the_gpu_when_there_is_one_else_the_cpu(smollm2_backend):
+    import torch
+
+    from ragtune.core.models import inference_device_map
+
+    assert inference_device_map("cpu") == "cpu" and inference_device_map("cuda:1") == "cuda:1"
+    expected = "auto" if torch.cuda.is_available() else None
+    assert inference_device_map(None) == expected and inference_device_map("auto") == expected
+    assert smollm2_backend.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_json_schema_output_is_valid_by_construction(smollm2_backend):
     schema = {"title": "Verdict", "type": "object",
               "properties": {"reason": {"type": "string", "maxLength": 40}, "verdict": {"type": "integer"}},

@@ -74,4 +74,7 @@ def test_dry_run_checks_without_running(write_config, tiny_llama_dir):
     result = _ragtune("run", str(config), "--dry-run")
     assert "[ok   ] config" in result.stdout
     assert "plan for" in result.stdout and "prep    run" in result.stdout
+    # where each role runs, by the one device policy (this machine has no GPU)
+    assert "[ok   ] device: teacher answers through in-process on the CPU" in result.stdout
+    assert "device: merge on the CPU" in result.stdout
     assert not (config.parent / "run" / "data").exists()

@@ -5,6 +5,7 @@ non-LLM metrics, then report.html rendered in headless Chromium."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from conftest import untied_tiny_model
 from ragtune.config import load_config
 from ragtune.core.artifacts import read_jsonl, write_json
 from ragtune.core.grounding import final_answer, grounding
-from ragtune.core.run_dir import RunDir
+from ragtune.core.run_dir import Manifest, RunDir
 from ragtune.eval import evaluate, report
 from ragtune.eval.score import load_scores
 from ragtune.eval.stats import MIN_GAP
@@ -45,7 +46,9 @@ FACTS = [  # (chunk id, chunk text, question, teacher-style answer)
 
 
 def _write_prep_outputs(config: Any, run: RunDir) -> None:
-    """What prep leaves: chunks, a persisted LlamaIndex index, held-out questions, train.jsonl and stats.json."""
+    """What prep leaves: chunks, a persisted LlamaIndex index, held-out questions, train.jsonl with the teacher's
+    usage (counted with its tokenizer and chat template, as the hf backend counts), rejected answers, the question
+    generations, and stats.json."""
     from llama_index.core import Settings, VectorStoreIndex
     from llama_index.core.schema import TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
@@ -65,9 +68,25 @@ def _write_prep_outputs(config: Any, run: RunDir) -> None:
     index = VectorStoreIndex([TextNode(id_=c["id"], text=c["text"], metadata=c["metadata"]) for c in chunks],
                              embed_model=HuggingFaceEmbedding(model_name=resolve_embedding("all-minilm-l6-v2")))
     index.storage_context.persist(persist_dir=str(run.index))
-    rows = [{"messages": [*build_rag_messages(q, [text], config.data_prep), {"role": "assistant", "content": a}],
-             "meta": {"question_id": f"t{i}", "mode": "rag"}} for i, (_, text, q, a) in enumerate(FACTS * 2)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher.model)
+    rows = []
+    for i, (_, text, q, a) in enumerate(FACTS * 2):
+        messages = build_rag_messages(q, [text], config.data_prep)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        usage = {"prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                 "completion_tokens": len(tokenizer(a)["input_ids"]) + 1}  # + the end-of-turn token
+        rows.append({"messages": [*messages, {"role": "assistant", "content": a}],
+                     "meta": {"question_id": f"t{i}", "mode": "rag", "candidates": 1, "usage": usage}})
     run.train_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.answers_rejected.write_text("".join(json.dumps(
+        {"id": f"r{i}", "question_id": f"r{i}", "question": q, "reason": "ungrounded", "context_ids": [cid],
+         "candidates": [{"text": "It is not stated in the context at all.", "reason": "ungrounded"}] * 2}) + "\n"
+        for i, (cid, _, q, _) in enumerate(FACTS[:3])))
+    run.questions_raw.write_text("".join(json.dumps(
+        {"chunk_id": cid, "split": "train", "completion": f"Question: {q}", "candidates": [{"question": q}]}) + "\n"
+        for cid, _, q, _ in FACTS))
     describe(config, run, {"documents": 1, "pages": 8, "chunks": 6, "questions_train": 12, "questions_eval": 6,
                            "questions_rejected": {"near-duplicate": 3, "degenerate": 1}, "train_rows": 12})
     stats = json.loads(run.stats.read_text())
@@ -97,16 +116,23 @@ def reported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                   "eval_steps": 2, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
                   "validation_split": 0.2, "learning_rate": 1e-3},
         "eval": {"metrics": METRICS, "tuned_models": ["adapter"], "max_new_tokens": 16, "n_resamples": 500},
+        "cost": {"price_per_cpu_hour": 0.5},
     }, sort_keys=False))
-    config = load_config(path)
+    # the teacher as a priced API: $30 / $60 per million tokens in / out
+    teacher_prices = ["teacher.price_per_million_input_tokens=30", "teacher.price_per_million_output_tokens=60"]
+    config = load_config(path, teacher_prices)
     _write_prep_outputs(config, run)
-    sft.run(config, run)
+    manifest = Manifest(run)  # what `ragtune train` / `ragtune eval` record: the config, each stage's time and facts
+    manifest.record_run(config.resolved(), {})
+    with manifest.timed_stage("train") as facts:
+        facts.update(sft.run(config, run))
     tokens = run.data_stats
     if not tokens.exists():  # the train stage's token statistics, computed by its own function
         write_json(tokens, describe_rows(config, run.train_jsonl))
-    evaluate.run(config, run, [])
+    with manifest.timed_stage("eval") as facts:
+        facts.update(evaluate.run(config, run, []))
     out = report.run([run.root])
-    return {"config": config, "run": run, "summary": json.loads(run.summary.read_text()), "out": out}
+    return {"config": config, "path": path, "run": run, "summary": json.loads(run.summary.read_text()), "out": out}
 
 
 def _chromium() -> str:
@@ -203,7 +229,8 @@ def test_new_sections_render_in_headless_chromium(reported: dict[str, Any], tmp_
     dom = subprocess.run([*command, "--dump-dom", run.report_html.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
     boxes = dict(re.findall(r'data-check="([a-z-]+)"[^>]*?data-box="(\d+x\d+)"', dom))
-    for section in ("verdicts", "side-by-side", "data-counts", "data-rejected", "data-tokens", "loss-plot"):
+    for section in ("verdicts", "side-by-side", "data-counts", "data-rejected", "data-tokens", "loss-plot", "cost",
+                    "cost-per-query", "break-even"):
         width, height = map(int, boxes[section].split("x"))  # laid out by the browser with a real size
         assert width > 100 and height > 40, (section, boxes[section])
     side = dom.split('data-check="side-by-side"')[1].split("</table>")[0]
@@ -219,3 +246,84 @@ def test_new_sections_render_in_headless_chromium(reported: dict[str, Any], tmp_
 
     colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 20  # not a blank page
+
+
+# --- cost and benefit ---------------------------------------------------------------------------
+
+
+def test_cost_and_benefit_from_the_runs_own_files(reported: dict[str, Any]) -> None:
+    """Every number traced to its file: prep's usage, the manifest's stage times and prices, eval's timings and the
+    teacher's token counts; the break-even is where the student's fixed cost is paid back by its cheaper queries."""
+    run, summary, cost = reported["run"], reported["summary"], reported["out"]["cost_benefit"]
+    assert json.loads(run.manifest.read_text())["stages"]["report"]["cost_benefit"] == json.loads(json.dumps(cost))
+    assert cost["prices"] == {"teacher_input_per_million": 30.0, "teacher_output_per_million": 60.0,
+                              "gpu_hour": None, "cpu_hour": 0.5} and cost["missing"] == []
+
+    kept = cost["teacher"]["answers_kept"]
+    usage = [r["meta"]["usage"] for r in read_jsonl(run.train_jsonl)]
+    assert (kept["calls"], kept["counted"]) == (12, "exact")
+    assert kept["tokens_in"] == sum(u["prompt_tokens"] for u in usage) > 12 * 30
+    assert kept["usd"] == pytest.approx((kept["tokens_in"] * 30 + kept["tokens_out"] * 60) / 1e6, abs=1e-4)
+    rejected, questions = cost["teacher"]["answers_rejected"], cost["teacher"]["questions"]
+    assert rejected["calls"] == 6 and rejected["counted"].startswith("estimated")
+    assert rejected["tokens_in"] == round(6 * kept["tokens_in"] / 12)  # the kept rows' prompt per call
+    assert questions["calls"] == len(FACTS) and questions["tokens_in"] > questions["tokens_out"] > 0
+    total = cost["teacher"]["total"]
+    assert total["tokens_in"] == kept["tokens_in"] + rejected["tokens_in"] + questions["tokens_in"]
+
+    stages = json.loads(run.manifest.read_text())["stages"]
+    train = cost["train"]
+    assert (train["device"], train["priced_as"], train["seconds"]) == ("cpu", "CPU-hours", stages["train"]["seconds"])
+    assert train["usd"] == pytest.approx(train["seconds"] / 3600 * 0.5, abs=1e-4)
+    assert train["training_tokens"] == json.loads(run.data_stats.read_text())["training_tokens"] > 0
+    assert cost["eval_seconds"] == stages["eval"]["seconds"]
+
+    teacher_rows = read_jsonl(run.answers("teacher", "rag"))
+    teacher = cost["per_query"]["teacher"]
+    assert teacher["tokens_in"] == pytest.approx(sum(r["prompt_tokens"] for r in teacher_rows) / len(teacher_rows), abs=0.05)
+    assert teacher["usd_per_1k"] == pytest.approx((teacher["tokens_in"] * 30 + teacher["tokens_out"] * 60) / 1000)
+    measured = summary["timings"]["generation"]["adapter"]["rag"]
+    student = cost["per_query"]["student"]
+    assert student["model"] == "adapter" and student["seconds_per_query"] == pytest.approx(
+        measured["seconds"] / measured["generated"], abs=1e-3)
+    assert student["usd_per_1k"] == pytest.approx(measured["seconds"] / measured["generated"] * 1000 / 3600 * 0.5)
+
+    even = cost["break_even"]
+    saving = (teacher["usd_per_1k"] - student["usd_per_1k"]) / 1000
+    assert saving > 0 and even["queries"] == math.ceil(even["fixed_usd"] / saving)
+    assert even["fixed_usd"] == pytest.approx(total["usd"] + train["usd"])
+    for row in even["table"]:
+        assert (row["student_usd"] < row["teacher_usd"]) == (row["queries"] >= even["queries"])
+    md = run.report_md.read_text()
+    section = md.split("### Cost and benefit")[1].split("### Retrieval")[0]
+    assert f"Break-even: after {even['queries']:,} queries" in section
+    assert "| teacher: answers kept | 12 |" in section and "| tuned student | adapter |" in section
+    assert "| queries | teacher API with RAG | tuned student (tuning + serving) | cheaper |" in section
+    assert 'data-check="break-even"' in run.report_html.read_text()
+
+
+def test_unpriced_costs_are_named_and_the_cli_prices_a_finished_run(reported: dict[str, Any], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from ragtune.cli import main
+
+    run = RunDir(tmp_path / "unpriced")
+    shutil.copytree(reported["run"].root, run.root)
+    unpriced = {"teacher_input_per_million": None, "teacher_output_per_million": None, "gpu_hour": None, "cpu_hour": None}
+    cost = report.run([run.root], prices=unpriced)["cost_benefit"]
+    assert cost["teacher"]["total"]["usd"] is None and cost["break_even"]["table"] == []
+    assert any("teacher.price_per_million_input_tokens" in m for m in cost["missing"])
+    assert any("cost.price_per_cpu_hour is not set" in m for m in cost["missing"])
+    section = run.report_md.read_text().split("### Cost and benefit")[1].split("### Retrieval")[0]
+    assert "not priced" in section and "Break-even: not computed" in section
+    assert cost["teacher"]["total"]["tokens_in"] == reported["out"]["cost_benefit"]["teacher"]["total"]["tokens_in"]
+
+    priced = tmp_path / "priced.yaml"  # the run's own config plus prices: `ragtune report --config` uses these
+    priced.write_text(yaml.safe_dump({**yaml.safe_load(reported["path"].read_text()),
+                                      "teacher": {**yaml.safe_load(reported["path"].read_text())["teacher"],
+                                                  "price_per_million_input_tokens": 30,
+                                                  "price_per_million_output_tokens": 60}}))
+    assert main(["report", str(run.root), "--config", str(priced)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"Break-even: after [\d,]+ queries the tuned student", printed)
+    recorded = json.loads(run.manifest.read_text())["stages"]["report"]["cost_benefit"]
+    assert recorded["prices"]["cpu_hour"] == 0.5 and recorded["break_even"]["queries"] is not None

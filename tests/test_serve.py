@@ -246,3 +246,151 @@ def test_sigterm_stops_the_server_within_seconds_mid_generation(tiny_llama_dir: 
         request.close()
         if process.poll() is None:
             stop_server(process)
+
+
+# --- streaming and --rag ------------------------------------------------------------------------
+
+FACTS = [  # (chunk id, text): the run's index for --rag
+    ("c1", "Uber operates a ridesharing platform connecting riders with drivers in over 70 countries."),
+    ("c2", "Uber Eats lets consumers order food from restaurants and have it delivered by couriers."),
+    ("c3", "Uber Freight connects shippers with carriers and provides logistics services for trucking."),
+    ("c4", "In 2021 Uber's revenue was 17.5 billion dollars, up 57 percent year over year."),
+]
+EATS = "What does Uber Eats let consumers do?"
+
+
+def openai_client(url: str):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def stream_chunks(url: str, **body: object) -> list[object]:
+    """Every chunk of a streamed answer, read with the openai SDK."""
+    return list(openai_client(url).chat.completions.create(model="served", stream=True, **body))
+
+
+@pytest.fixture(scope="module")
+def rag_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A run folder whose index prep's own `build_index` persisted, its config, and an untied tiny student (a tied
+    random model echoes newlines: every answer would be empty)."""
+    import yaml
+    from llama_index.core.schema import TextNode
+
+    from conftest import EXCERPT_PDF, untied_tiny_model
+    from ragtune.config import load_config
+    from ragtune.core.rag import build_index, embedding_model
+    from ragtune.core.run_dir import RunDir
+
+    root = tmp_path_factory.mktemp("rag_run")
+    student = untied_tiny_model(tiny_llama_dir, root / "student", seed=0)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "serve-rag", "output_dir": str(root / "run"), "documents": [str(EXCERPT_PDF)],
+        "teacher": {"backend": "hf", "model": str(student)}, "student": {"model": str(student)},
+        "judge": {"backend": "hf", "model": str(student)}, "data_prep": {"similarity_top_k": 2},
+    }))
+    config = load_config(path)
+    nodes = [TextNode(id_=cid, text=text, metadata={"file": "uber.pdf", "page": i + 1})
+             for i, (cid, text) in enumerate(FACTS)]
+    build_index(nodes, embedding_model(config.embedding), RunDir(config.output_dir).index)
+    return {"config": config, "path": path, "student": student}
+
+
+@pytest.fixture(scope="module")
+def rag_server(rag_run: dict[str, object]) -> Iterator[tuple[subprocess.Popen, str]]:
+    process, url = start_server(rag_run["student"], "--config", str(rag_run["path"]), "--rag", "--step-tokens", "8")
+    yield process, url
+    stop_server(process)
+
+
+def test_plain_server_streams_with_finish_reason_and_usage(server):
+    """Without --rag: the same server as before, now with `stream: true` (it answered 400 before)."""
+    _, url = server
+    chunks = stream_chunks(url, messages=HELLO, max_tokens=5, stream_options={"include_usage": True})
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(getattr(c, "retrieved", None) is None for c in chunks)  # no RAG, no chunks named
+    raw = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2, "stream": True},
+                     timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_rag_prompt_is_the_training_prompt_and_names_its_chunks(rag_run, rag_server):
+    """The last user message is the query; earlier turns and the client's system prompt are not sent: the prompt
+    is `build_rag_messages` over the retrieved chunks, token for token."""
+    from transformers import AutoTokenizer
+
+    from ragtune.core.rag import build_rag_messages
+
+    _, url = rag_server
+    history = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi there."},
+               {"role": "assistant", "content": "Ahoy."}, {"role": "user", "content": EATS}]
+    response = openai_client(url).chat.completions.create(model="served", messages=history, max_tokens=4)
+    retrieved = response.retrieved  # the extra field; the SDK keeps unknown fields
+    assert retrieved[0]["id"] == "c2" and len(retrieved) == 2
+    assert retrieved[0]["text"] == FACTS[1][1] and retrieved[0]["metadata"]["page"] == 2
+    assert retrieved[0]["score"] >= retrieved[1]["score"]
+    tokenizer = AutoTokenizer.from_pretrained(rag_run["student"])
+    prompt = tokenizer.apply_chat_template(build_rag_messages(EATS, [c["text"] for c in retrieved],
+                                                              rag_run["config"].data_prep),
+                                           add_generation_prompt=True, tokenize=False)
+    assert response.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 4
+
+
+def test_rag_stream_is_the_plain_answer_token_by_token(rag_server):
+    """Greedy: the streamed text is the non-streamed answer, sent in several pieces within rounds of 8 tokens; the
+    first chunk names the retrieved chunks, the last choice says `length`, the usage chunk counts the tokens."""
+    _, url = rag_server
+    question = [{"role": "user", "content": EATS}]
+    whole = openai_client(url).chat.completions.create(model="served", messages=question, max_tokens=24)
+    chunks = stream_chunks(url, messages=question, max_tokens=24, stream_options={"include_usage": True})
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert whole.choices[0].message.content and "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) > 1
+    assert [c["id"] for c in chunks[0].retrieved] == [c["id"] for c in whole.retrieved]
+    assert all(getattr(c, "retrieved", None) is None for c in chunks[1:])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_rag_stream_says_stop_when_the_model_ends(rag_server):
+    """A JSON schema ends the answer with EOS before max_tokens: the streamed finish_reason is `stop`."""
+    _, url = rag_server
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    chunks = stream_chunks(url, messages=[{"role": "user", "content": EATS}], max_tokens=40,
+                           response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert set(json.loads(text)) == {"ok"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_rag_needs_a_config_and_an_index(rag_run, tmp_path: Path, capsys):
+    import yaml
+
+    from ragtune.cli import main
+
+    assert main(["serve", "--rag", "--model", str(rag_run["student"])]) == 2
+    assert "--rag retrieves from a run's index: pass --config CONFIG" in capsys.readouterr().err
+    bare = yaml.safe_load(rag_run["path"].read_text()) | {"output_dir": str(tmp_path / "no-prep")}
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
+    assert main(["serve", "--config", str(tmp_path / "bare.yaml"), "--rag"]) == 2
+    assert "no persisted index. Run `ragtune prep CONFIG` first." in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_streaming_client_that_hangs_up_stops_its_generation(server):
+    process, url = server
+    request = open_request(url, max_tokens=LONG, stream=True)
+    wait_busy(process.pid)
+    assert request.recv(64).startswith(b"HTTP/1.1 200")  # the stream had begun
+    request.close()
+    time.sleep(1.5)
+    idle = cpu_over(process.pid, 3.0)
+    print(f"server CPU after the streaming client left: {idle / 3:.2f} s/s")
+    assert idle / 3 < 0.05

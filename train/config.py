@@ -19,7 +19,7 @@ import tempfile
 import typing
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["lora", "qlora", "dora", "full", "prompt_tuning", "prefix_tuning"]
 
@@ -70,6 +70,38 @@ SFT_DEFAULTS: dict[str, Any] = {
 }
 
 
+class DistillationConfig(BaseModel):
+    """`train.distillation`: soft-label distillation, the student also matches the teacher's next-token distribution
+    on the answer, not only its text. Teacher and student must share a tokenizer (checked before training).
+
+    offline (default): prep stores the teacher's top-k log-probs per answer token (`data_prep.teacher_top_logprobs:
+    k`, data/teacher_logprobs.jsonl) and the loss adds `alpha * temperature**2 * KL(teacher || student)` over those
+    k tokens, both renormalised over them at `temperature` (axolotl's kd plugin; no teacher in training memory).
+    online: TRL's `GKDTrainer` with the teacher (`teacher.model`) loaded next to the student; `gkd` holds
+    GKDConfig's own keys (`lmbda`, `beta`, `max_new_tokens`, `seq_kd`, `temperature`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["offline", "online"] = "offline"
+    alpha: float = Field(0.5, ge=0)  # weight of the KL term next to the SFT loss (1.0: as much as the text)
+    # 1.0 keeps the teacher's distribution as stored; higher flattens both, teaching the ranking of unlikely tokens
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)  # the first top_k of the stored log-probs (None: all prep stored)
+    # the teacher's tokenizer (Hugging Face id or folder) when `teacher.model` is an endpoint's served name
+    teacher_tokenizer: str | None = None
+    gkd: dict[str, Any] = Field(default_factory=dict)  # online only: GKDConfig keys
+
+    @model_validator(mode="after")
+    def _keys_of_the_mode(self) -> "DistillationConfig":
+        offline_only = sorted({"alpha", "temperature", "top_k"} & self.model_fields_set)
+        if self.mode == "online" and offline_only:
+            raise ValueError(f"{', '.join(offline_only)}: offline keys (the stored top-k log-probs); online "
+                             "distillation is TRL's GKD: set its keys under `gkd` (lmbda, beta, temperature, ...)")
+        if self.mode == "offline" and self.gkd:
+            raise ValueError("`gkd` configures TRL's GKDTrainer: set `mode: online` to use it, or remove `gkd`")
+        return self
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -88,6 +120,8 @@ class TrainConfig(BaseModel):
     # `method: qlora` without a working bitsandbytes 4-bit backend is an error; `lora` trains LoRA instead,
     # recorded in the manifest (facts `qlora_fallback`, `warnings`).
     qlora_fallback: Literal["lora"] | None = None
+    # soft-label distillation (DistillationConfig); left out of the dump when unset, so no fingerprint changes
+    distillation: DistillationConfig | None = Field(None, exclude_if=lambda value: value is None)
 
     def sft_kwargs(self) -> dict[str, Any]:
         """The keys that go to `SFTConfig`: ragtune's defaults overlaid with the YAML's keys."""
@@ -192,6 +226,42 @@ def library_key_errors(train: TrainConfig) -> list[tuple[str, str]]:
         errors.extend(_check_keys("train.peft.", train.peft, _dataclass_fields(peft_cls), peft_cls.__name__))
     if train.method == "qlora":
         errors.extend(_check_keys("train.quantization.", train.quantization, _init_params(BitsAndBytesConfig), "BitsAndBytesConfig"))
+    errors.extend(distillation_errors(train))
+    return errors
+
+
+def gkd_config_fields() -> dict[str, Any]:
+    """GKDConfig's own keys (the rest are SFTConfig's, set under `train:`), less the teacher's: ragtune loads the
+    teacher of the `teacher:` section."""
+    from trl.experimental.gkd import GKDConfig
+
+    ours = set(sft_config_fields()) | {"teacher_model_name_or_path", "teacher_model_init_kwargs"}
+    return {k: v for k, v in _dataclass_fields(GKDConfig).items() if k not in ours}
+
+
+def distillation_errors(train: TrainConfig) -> list[tuple[str, str]]:
+    """What the distillation modes cannot train with: GKD's keys checked against GKDConfig; offline distillation
+    aligns the stored teacher tokens row by row, so rows must stay apart (no packing), and scores the answer tokens
+    itself with the plain token loss (the student's own logits: not prompt or prefix tuning)."""
+    distillation = train.distillation
+    if distillation is None:
+        return []
+    errors = []
+    if distillation.mode == "online":
+        errors.extend(_check_keys("train.distillation.gkd.", distillation.gkd, gkd_config_fields(), "GKDConfig"))
+        return errors
+    extra = train.model_extra or {}
+    if train.method in ("prompt_tuning", "prefix_tuning"):
+        errors.append(("train.method", f"offline distillation adds its KL term to the token loss of a LoRA or full "
+                                       f"model; {train.method} is not supported. Use lora, or mode: online."))
+    if extra.get("loss_type", "nll") != "nll" or extra.get("label_smoothing_factor"):
+        key = "loss_type" if extra.get("loss_type", "nll") != "nll" else "label_smoothing_factor"
+        errors.append((f"train.{key}", "offline distillation adds its KL term to the plain token loss (loss_type "
+                                       "nll, no label smoothing): remove the key, or remove train.distillation."))
+    for key in ("packing", "padding_free"):
+        if (train.model_extra or {}).get(key):
+            errors.append((f"train.{key}", f"distillation compares each row with its teacher's tokens; {key} joins "
+                                           "rows. Remove it, or remove train.distillation."))
     return errors
 
 

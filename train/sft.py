@@ -17,6 +17,10 @@ The recipe, top to bottom (alignment-handbook `sft.py` style):
    and the end-of-turn token; one example is printed with trained tokens in `[[...]]`.
 6. Train (resuming from the latest checkpoint when `auto_resume`), then save `adapter/` (adapter +
    tokenizer) and the loss curve (`logs/loss_curve.json`).
+
+`train.distillation` (soft labels, `DistillationConfig`): offline, each training row's stored teacher top-k
+log-probs (data/teacher_logprobs.jsonl) are matched to its trained tokens by token id and the loss adds
+alpha * T^2 * KL(teacher || student) on them (`top_k_kl`, logged as `kd_loss`); online, TRL's GKDTrainer.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from trl import SFTTrainer
 from ragtune.core import precision
 from ragtune.core.artifacts import ArtifactError, iter_jsonl, write_json
 from ragtune.core.errors import UserFacingError
+from ragtune.core.llm import check_same_tokenizer
 from ragtune.core.models import dense_copy, load_causal_lm, load_tokenizer, resolve_model
 from ragtune.core.run_dir import RunDir, sha256_file
-from ragtune.train.config import peft_config_class
+from ragtune.train.config import DistillationConfig, peft_config_class
 from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
@@ -224,8 +229,13 @@ def training_precision(config: Any, method: str) -> dict[str, Any]:
 
 def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) -> Any:
     """`SFTConfig` from the `train:` keys, placed in the run directory, with the choices they imply
-    (`bf16`: the resolved `train.bf16`, see `training_precision`)."""
+    (`bf16`: the resolved `train.bf16`, see `training_precision`). Online distillation: TRL's `GKDConfig` (an
+    SFTConfig) with `train.distillation.gkd` too."""
     from trl import SFTConfig
+
+    distillation = config.train.distillation
+    if distillation is not None and distillation.mode == "online":
+        from trl.experimental.gkd import GKDConfig as SFTConfig  # SFTConfig's fields, plus GKD's
 
     train = config.train
     given = set(train.model_extra or {})
@@ -255,6 +265,8 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) 
             if kwargs.get("eval_steps"):
                 kwargs["save_steps"] = kwargs["eval_steps"]
     kwargs.pop("resume_from_checkpoint", None)
+    if distillation is not None and distillation.mode == "online":
+        kwargs.update(distillation.gkd)
     return SFTConfig(output_dir=str(run_dir.checkpoints), **kwargs)
 
 
@@ -276,6 +288,8 @@ def resume_point(config: Any, run_dir: RunDir, method: str, accelerator: Any) ->
     """
     key = {"train_jsonl": sha256_file(run_dir.train_jsonl), "student": config.student.model, "method": method,
            "peft": config.train.peft_kwargs(), "validation": [config.train.validation_split, config.train.validation_file]}
+    if config.train.distillation is not None:  # another loss: its checkpoints are another training
+        key["distillation"] = config.train.distillation.model_dump(mode="json")
     marker = run_dir.checkpoints / "ragtune_resume_key.json"
     with accelerator.main_process_first():
         latest = latest_checkpoint(run_dir.checkpoints)
@@ -303,23 +317,44 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     transformers' own `logits_to_keep` (a boolean mask) compacts the same way inside the model's forward, so
     DDP/FSDP/PEFT wrappers stay on the call path. The loss and the logged metrics keep TRL's definitions.
     Used only where TRL's path is not already compact and nothing else needs full logits.
+
+    With `distillation` (offline) and `teacher_logprobs` (prep's records by row `source`), the training rows get
+    their teacher's top-k (`attach_teacher_logprobs`) and the loss adds the KL term on every device; `eval_loss`
+    stays the plain SFT loss, comparable with runs without distillation.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, distillation: DistillationConfig | None = None,
+                 teacher_logprobs: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         peft_config = getattr(self.model, "active_peft_config", None)
-        self.score_labelled_only = (
-            self.args.device.type not in ("cuda", "xpu")
-            and self.args.loss_type == "nll"
+        compact = (
+            self.args.loss_type == "nll"
             and self.compute_loss_func is None
             and self.label_smoother is None
             and not self.aux_loss_enabled
             and self.accelerator.parallelism_config is None
             and not getattr(peft_config, "is_prompt_learning", False)
         )
+        self.score_labelled_only = compact and self.args.device.type not in ("cuda", "xpu")
+        self.distillation = distillation
+        self.distillation_facts: dict[str, Any] = {}
+        if distillation is not None and teacher_logprobs is not None:
+            if not compact:
+                raise UserFacingError("train.distillation scores the student on the answer tokens itself: it needs "
+                                      "loss_type nll, no label smoothing and a LoRA/full method (not prompt or prefix "
+                                      "tuning, not context parallelism).")
+            self.train_dataset, self.distillation_facts = attach_teacher_logprobs(
+                self.train_dataset, teacher_logprobs, self.processing_class, distillation.top_k)
+            self.data_collator = TeacherLogprobsCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "distillation", None) is not None and self._signature_columns is not None:
+            self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        if not self.score_labelled_only or return_outputs:
+        teacher = {key: inputs.pop(key) for key in TEACHER_COLUMNS if key in inputs}
+        if return_outputs or not (self.score_labelled_only or teacher):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
@@ -331,6 +366,8 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
         logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits.float()
         num_tokens = targets.numel() if num_items_in_batch is None else num_items_in_batch
         loss = F.cross_entropy(logits, targets, reduction="sum") / torch.as_tensor(num_tokens).clamp(min=1)
+        if teacher:
+            loss = loss + self._distillation_loss(logits, teacher, targets.numel(), num_tokens, mode)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks, as in TRL
 
@@ -350,6 +387,163 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
             self._total_train_tokens += gather(seen).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+    def _distillation_loss(self, logits: torch.Tensor, teacher: dict[str, torch.Tensor], trained: int,
+                           num_tokens: Any, mode: str) -> torch.Tensor:
+        """alpha * T^2 * KL summed over the trained tokens that have a teacher, over the SFT loss's token count;
+        logs the mean KL per such token as `kd_loss` (T^2 keeps the gradient's scale at any temperature, as in
+        Hinton et al.)."""
+        ids, logprobs = teacher["teacher_ids"], teacher["teacher_logprobs"]
+        if ids.shape[0] != trained:
+            raise RuntimeError(f"the batch has {trained} trained tokens but {ids.shape[0]} teacher positions: the "
+                               "teacher columns no longer follow TRL's labels (a collator or truncation change?)")
+        temperature = self.distillation.temperature
+        kl_sum, positions = top_k_kl(logits, ids, logprobs, temperature)
+        gather = self.accelerator.gather_for_metrics
+        kl_total, positions_total = gather(kl_sum.detach()).sum(), gather(positions).sum()
+        if positions_total > 0:
+            self._metrics[mode]["kd_loss"].append((kl_total / positions_total).item())
+        return self.distillation.alpha * temperature**2 * kl_sum / torch.as_tensor(num_tokens).clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+
+TEACHER_COLUMNS = ("teacher_ids", "teacher_logprobs")
+
+
+def top_k_kl(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || student) at `temperature` over the teacher's top-k tokens, summed over the positions that have
+    a teacher (a row of -inf has none), and the number of those positions. As axolotl's kd plugin: the teacher's
+    top-k are renormalised over themselves, the student's log-probs are over the whole vocabulary (so mass it puts
+    outside the teacher's top-k costs too). `logits`: [N, vocab]; `teacher_*`: [N, k], -inf where there is none."""
+    has = torch.isfinite(teacher_logprobs).any(-1)
+    valid = torch.isfinite(teacher_logprobs[has])
+    student = (logits[has] / temperature).log_softmax(-1).gather(-1, teacher_ids[has])
+    teacher = (teacher_logprobs[has].float() / temperature).log_softmax(-1)
+    kl = torch.where(valid, teacher.exp() * (teacher - student), torch.zeros_like(student))
+    return kl.sum(), has.sum()
+
+
+class TeacherLogprobsCollator:
+    """TRL's collator, plus the rows' teacher top-k as `teacher_ids`/`teacher_logprobs` tensors of shape [trained
+    tokens of the batch, k] in the order of the labels (-inf: no teacher at that token). Rows without the
+    columns (validation, the label check) collate as before."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_COLUMNS} for e in examples])
+        if not all(TEACHER_COLUMNS[0] in e for e in examples):
+            return batch
+        ids = [position for e in examples for position in e["teacher_ids"]]
+        logprobs = [position for e in examples for position in e["teacher_logprobs"]]
+        k = max((len(position) for position in ids), default=1) or 1
+        batch["teacher_ids"] = torch.zeros(len(ids), k, dtype=torch.long)
+        batch["teacher_logprobs"] = torch.full((len(ids), k), float("-inf"))
+        for row, (position_ids, position_logprobs) in enumerate(zip(ids, logprobs)):
+            batch["teacher_ids"][row, : len(position_ids)] = torch.tensor(position_ids, dtype=torch.long)
+            batch["teacher_logprobs"][row, : len(position_logprobs)] = torch.tensor(position_logprobs)
+        return batch
+
+
+def teacher_logprobs_path(run_dir: RunDir) -> Path:
+    """What prep writes with `data_prep.teacher_top_logprobs` (one record per RAG row: id, tokens, top-k)."""
+    return run_dir.data / "teacher_logprobs.jsonl"
+
+
+def load_teacher_logprobs(run_dir: RunDir) -> dict[str, dict[str, Any]]:
+    """Prep's teacher records by the `source` (`train.jsonl:line`) of the row they belong to."""
+    path = teacher_logprobs_path(run_dir)
+    if not path.is_file():
+        raise TrainDataError(f"{path}: not found. Offline train.distillation learns from the teacher's top-k "
+                             "log-probs that prep stores: set data_prep.teacher_top_logprobs (e.g. 20) and run prep "
+                             "again (its teacher answers are redone), or use train.distillation.mode: online.")
+    try:
+        by_id = {record["id"]: record for _, record in iter_jsonl(path)}
+        return {f"{run_dir.train_jsonl}:{number}": by_id[row["id"]] for number, row in iter_jsonl(run_dir.train_jsonl)
+                if row.get("id") in by_id}
+    except (ArtifactError, KeyError) as err:
+        raise TrainDataError(f"{path}: unreadable teacher log-probs ({err}). Run prep again.") from None
+
+
+def _token_id(token: int | str, vocab: dict[str, int], tokenizer: Any) -> int | None:
+    """A stored teacher token as an id: ids as they are; an endpoint's token text through the vocabulary, or when
+    it encodes to exactly one token."""
+    if isinstance(token, int):
+        return token
+    if token in vocab:
+        return vocab[token]
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def teacher_targets(trained: list[int], record: dict[str, Any], stop_ids: set[int], top_k: int | None,
+                    vocab: dict[str, int], tokenizer: Any) -> tuple[list[list[int]], list[list[float]]] | None:
+    """Per trained token of a row, its teacher's top-k ids and log-probs, where the teacher generated that very
+    token at that place: the teacher's tokens must equal the row's trained tokens (by id) at least up to the
+    answer's end-of-turn token. None when they do not (another tokenization of the text, a cut answer). Prep strips
+    the answer's text, so a first teacher token that differs only by its whitespace (" The" for "The") is allowed,
+    without a teacher there."""
+    tokens = [_token_id(t, vocab, tokenizer) for t in record["tokens"]]
+    start = 0
+    if (trained and tokens and tokens[0] is not None and trained[0] != tokens[0]
+            and tokenizer.decode([tokens[0]]).strip() == tokenizer.decode([trained[0]]).strip()):
+        start = 1
+    common = start
+    while common < min(len(trained), len(tokens)) and trained[common] == tokens[common]:
+        common += 1
+    answer = next((i for i, t in enumerate(trained) if t in stop_ids), len(trained))
+    if common < answer:
+        return None
+    ids, logprobs = [], []
+    for position in range(len(trained)):
+        pairs = []
+        if start <= position < common:
+            top = zip(record["top_tokens"][position][:top_k], record["top_logprobs"][position][:top_k])
+            pairs = [(i, lp) for i, lp in ((_token_id(t, vocab, tokenizer), lp) for t, lp in top) if i is not None]
+        ids.append([i for i, _ in pairs])
+        logprobs.append([lp for _, lp in pairs])
+    return ids, logprobs
+
+
+def attach_teacher_logprobs(dataset: Any, records: dict[str, dict[str, Any]], tokenizer: Any, top_k: int | None
+                            ) -> tuple[Any, dict[str, Any]]:
+    """TRL's tokenized training rows with `teacher_ids`/`teacher_logprobs` columns (one entry per trained token),
+    and counts: rows whose teacher tokens do not align are trained without the KL term and named, never dropped
+    silently; with none aligned, distillation has nothing to learn from and stops."""
+    stop_ids, vocab = end_of_turn_ids(tokenizer), tokenizer.get_vocab()
+    ids_column, logprobs_column = [], []
+    aligned, misaligned, without, positions = 0, [], 0, 0
+    for row in dataset:
+        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        record = records.get(row["source"])
+        targets = teacher_targets(trained, record, stop_ids, top_k, vocab, tokenizer) if record else None
+        if record is None:
+            without += 1
+        elif targets is None:
+            misaligned.append(row["source"])
+        else:
+            aligned += 1
+            positions += sum(1 for ids in targets[0] if ids)
+        ids, logprobs = targets or ([[] for _ in trained], [[] for _ in trained])
+        ids_column.append(ids)
+        logprobs_column.append(logprobs)
+    facts = {"rows": len(ids_column), "aligned_rows": aligned, "misaligned_rows": len(misaligned),
+             "rows_without_logprobs": without, "teacher_positions": positions, "misaligned": misaligned[:20]}
+    if misaligned:
+        log.warning("distillation: %d of %d rows' teacher tokens do not match their tokenized answers (trained "
+                    "without the KL term): %s", len(misaligned), len(ids_column), ", ".join(misaligned[:5]))
+    if without:
+        log.info("distillation: %d rows have no teacher log-probs (closed-book rows, or prep without them)", without)
+    if not aligned:
+        raise TrainDataError(f"train.distillation: no training row's teacher tokens align with its tokenized answer "
+                             f"({len(misaligned)} misaligned, {without} without log-probs, e.g. "
+                             f"{(misaligned or ['-'])[0]}). Check that prep ran with this teacher and "
+                             "data_prep.teacher_top_logprobs, then run prep again.")
+    dataset = dataset.add_column(TEACHER_COLUMNS[0], ids_column).add_column(TEACHER_COLUMNS[1], logprobs_column)
+    return dataset, facts
 
 
 # ---------------------------------------------------------------------------------------------- label check
@@ -452,6 +646,12 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
         validation_file = config.config_path.parent / validation_file
     rows = load_rows(run_dir.train_jsonl)
     train_rows, eval_rows = split_rows(rows, train.validation_split, validation_file, config.seed)
+    distillation, teacher_logprobs = train.distillation, None
+    if distillation is not None:  # before any model loads: a wrong teacher or missing log-probs fail in seconds
+        check_same_tokenizer(distillation.teacher_tokenizer or config.teacher.model, config.student.model,
+                             config.student.trust_remote_code)
+        if distillation.mode == "offline":
+            teacher_logprobs = load_teacher_logprobs(run_dir)
 
     facts: dict[str, Any] = {"requested_method": train.method, "warnings": []}
     method, method_facts = resolve_method(train.method, train.qlora_fallback)
@@ -461,6 +661,8 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
                                  "train.qlora_fallback: lora, so this run trains lora")
         log.warning(facts["warnings"][-1])
     facts.update(method=method, **method_facts)
+    if training_device(train.sft_kwargs()) == "cpu":  # before the probe: its cache is keyed by the thread count
+        facts["cpu_threads"] = precision.set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     facts["precision"] = training_precision(config, method)
     log.info("precision: %s", facts["precision"]["choice"])
 
@@ -470,6 +672,12 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     model = load_student(config, method, args.activation_checkpointing, facts["precision"]["torch_dtype"])
     tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
     callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
+    if distillation is not None and distillation.mode == "online":
+        trainer = gkd_trainer(config, args, model, tokenizer, train_rows, eval_rows, peft_config(method, train.peft_kwargs()),
+                              callbacks)
+        facts.update(distillation={"mode": "online", **distillation.gkd}, train_rows=len(train_rows),
+                     eval_rows=len(eval_rows), loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
+        return trainer, facts, {"train": train_rows, "eval": eval_rows}
     trainer = LabelledPositionsSFTTrainer(
         model=model,
         args=args,
@@ -478,10 +686,32 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
         processing_class=tokenizer,
         peft_config=peft_config(method, train.peft_kwargs()),
         callbacks=callbacks,
+        distillation=distillation,
+        teacher_logprobs=teacher_logprobs,
     )
+    if distillation is not None:
+        facts["distillation"] = {**distillation.model_dump(mode="json", exclude={"gkd"}), **trainer.distillation_facts}
     facts.update(train_rows=len(train_rows), eval_rows=len(eval_rows),
                  loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
     return trainer, facts, {"train": train_rows, "eval": eval_rows}
+
+
+def gkd_trainer(config: Any, args: Any, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+                eval_rows: list[dict[str, Any]], peft: Any, callbacks: list[Any]) -> Any:
+    """TRL's GKDTrainer (online distillation) with the teacher of the `teacher:` section loaded in-process next to the
+    student. It takes chat rows (`messages`) and tokenizes them itself in its collator (DataCollatorForChatML)."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDTrainer
+
+    teacher = config.teacher
+    teacher_model = load_causal_lm(teacher.model, dtype=teacher.torch_dtype, device_map=teacher.device_map,
+                                   trust_remote_code=teacher.trust_remote_code)
+
+    def chats(rows: list[dict[str, Any]]) -> Any:
+        return Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows]) if rows else None
+
+    return GKDTrainer(model=model, teacher_model=teacher_model, args=args, train_dataset=chats(train_rows),
+                      eval_dataset=chats(eval_rows), processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
 
 
 def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any]:
@@ -491,8 +721,10 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
     """
     trainer, facts, rows = build_trainer(config, run_dir)
-    label_check = check_labels(trainer, rows)  # first: it names the row whose answer or end of turn is lost
-    facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
+    distillation = config.train.distillation
+    if distillation is None or distillation.mode == "offline":  # GKD tokenizes in its collator: nothing to check
+        label_check = check_labels(trainer, rows)  # first: it names the row whose answer or end of turn is lost
+        facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
     facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero())
     if check_only:
         return facts

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
@@ -29,22 +29,57 @@ log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 FinishReason = Literal["stop", "length"]
+# A generated token: its id (hf; vLLM with `return_tokens_as_token_ids`) or its text (other endpoints).
+Token = int | str
 
 
 @dataclass
 class Completion:
     """One conversation's answer. `finish_reason` is "stop" (EOS or a stop condition), "length" (cut at
-    max_new_tokens) or None for a failed request, as in the OpenAI API."""
+    max_new_tokens) or None for a failed request, as in the OpenAI API. With `chat(top_logprobs=k)`, `tokens` are
+    the generated tokens and `logprobs[i]` the k most likely tokens at token i with their log-probabilities, best
+    first (the teacher's distribution for soft-label distillation); `text` may end before `tokens` do (a sentence
+    cut, `ragtune.core.rag.cut_sentences`)."""
 
     text: str | None
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    tokens: list[Token] | None = None
+    logprobs: list[list[tuple[Token, float]]] | None = None
 
     @property
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+class TokenizerMismatch(UserFacingError, ValueError):
+    """Teacher and student do not share a tokenizer, so the teacher's token log-probabilities mean nothing to the
+    student (soft-label distillation)."""
+
+
+def check_same_tokenizer(teacher: str, student: str, trust_remote_code: bool = False) -> None:
+    """Raise TokenizerMismatch unless `teacher` and `student` (model ids, paths or ragtune aliases) have the same
+    vocabulary: every token string maps to the same id, added tokens included."""
+    from ragtune.core.models import load_tokenizer
+
+    try:
+        teacher_vocab = load_tokenizer(teacher, trust_remote_code).get_vocab()
+    except Exception as err:  # noqa: BLE001 - any load failure means "cannot check"
+        raise TokenizerMismatch(
+            f"soft-label distillation needs the teacher's tokenizer to check it is the student's, and the tokenizer "
+            f"of {teacher!r} does not load ({type(err).__name__}: {err}). Set train.distillation.teacher_tokenizer "
+            "to the teacher's Hugging Face id or folder (an endpoint's served name is not one).") from None
+    student_vocab = load_tokenizer(student, trust_remote_code).get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    differ = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[:3]
+    raise TokenizerMismatch(
+        f"the teacher {teacher!r} and the student {student!r} do not share a tokenizer ({len(teacher_vocab)} vs "
+        f"{len(student_vocab)} tokens; e.g. {', '.join(f'{t!r}={i}' for t, i in differ)} is in one only): the "
+        "teacher's token log-probabilities cannot teach this student. Use a teacher of the student's family (e.g. "
+        "a larger model of the same series), or remove train.distillation and train on the teacher's text alone.")
 
 
 class BackendUnavailable(UserFacingError):
@@ -68,10 +103,12 @@ class ChatBackend(Protocol):
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
         stop_when: Callable[[str], bool] | None = None,
+        top_logprobs: int | None = None,
     ) -> list[Completion]:
         """One Completion per conversation. `stop_when(text_so_far)` lets a backend end a conversation early
         once the caller has what it needs; a caller must parse the full text the same way (hf honours it,
-        an endpoint cannot and generates until its own stop)."""
+        an endpoint cannot and generates until its own stop). `top_logprobs=k` fills `Completion.tokens` and
+        `Completion.logprobs`."""
         ...
 
 
@@ -104,6 +141,7 @@ def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | N
         timeout=role.timeout, max_retries=role.max_retries, max_consecutive_failures=role.max_consecutive_failures,
         max_new_tokens=role.max_new_tokens, temperature=role.temperature,
         structured_output=role.structured_output, unavailable_hint=unavailable_hint,
+        token_ids_in_logprobs=role.backend == "vllm",
     )
 
 
@@ -134,7 +172,7 @@ class HFChatBackend:
         trust_remote_code: bool = False,
         model_name: str | None = None,
     ):
-        from ragtune.core.models import load_causal_lm, load_tokenizer
+        from ragtune.core.models import inference_device_map, load_causal_lm, load_tokenizer
 
         self.model_name = model_name or (f"{model}+{adapter}" if adapter else model)
         self.batch_size = batch_size
@@ -142,7 +180,8 @@ class HFChatBackend:
         self.temperature = temperature
         # the base model's tokenizer: a PEFT adapter folder has no config.json, so resolve_model rejects it
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self.model = load_causal_lm(model, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model, dtype=torch_dtype, device_map=inference_device_map(device_map),
+                                    trust_remote_code=trust_remote_code)
         if adapter:
             from peft import PeftModel
 
@@ -172,22 +211,43 @@ class HFChatBackend:
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
         stop_when: Callable[[str], bool] | None = None,
+        top_logprobs: int | None = None,
     ) -> list[Completion]:
         results: list[Completion] = []
-        for start in range(0, len(conversations), self.batch_size):
+        start = 0
+        while start < len(conversations):  # batch_size may shrink on the way (out of memory)
             batch = conversations[start : start + self.batch_size]
+            start += len(batch)
             try:
-                results.extend(self._generate(batch, max_new_tokens or self.max_new_tokens,
-                                              self.temperature if temperature is None else temperature, json_schema,
-                                              stop_when))
+                results.extend(self._generate_fitting(batch, max_new_tokens or self.max_new_tokens,
+                                                      self.temperature if temperature is None else temperature,
+                                                      json_schema, stop_when, top_logprobs))
             except Exception as err:  # a failed batch is recorded per conversation, never dropped
                 log.warning("generation failed for %d conversations: %s", len(batch), err)
                 results.extend(Completion(None, f"{type(err).__name__}: {err}") for _ in batch)
         return results
 
+    def _generate_fitting(self, batch: list[list[Message]], *args: Any) -> list[Completion]:
+        """`_generate`, halving the batch on an out-of-memory error until it fits (one conversation that does not
+        fit alone is the error); later batches start at the size that fitted."""
+        import torch
+
+        try:
+            return self._generate(batch, *args)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (len(batch) + 1) // 2
+            self.batch_size = min(self.batch_size, half)
+            log.warning("out of memory at batch %d: retrying as %d + %d (batch_size now %d)", len(batch), half,
+                        len(batch) - half, self.batch_size)
+            return self._generate_fitting(batch[:half], *args) + self._generate_fitting(batch[half:], *args)
+
     def _generate(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
-                  json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None = None
-                  ) -> list[Completion]:
+                  json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None = None,
+                  top_logprobs: int | None = None) -> list[Completion]:
         import torch
         from transformers import StoppingCriteriaList
 
@@ -203,11 +263,39 @@ class HFChatBackend:
         if stop_when is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [StopWhen(self.tokenizer, inputs["input_ids"].shape[1], stop_when)])
+        if top_logprobs:
+            # the model's own logits, before sampling's temperature or any processor reshapes them
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         with self._lock, torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
+            top = self._top_logprobs(output.logits, top_logprobs) if top_logprobs else None
+        sequences = output.sequences if top_logprobs else output
         prompt_len = inputs["input_ids"].shape[1]
-        return [self._completion(row[prompt_len:], int(mask.sum()), max_new_tokens, json_schema, stop_when)
-                for row, mask in zip(output, inputs["attention_mask"])]
+        completions = [self._completion(row[prompt_len:], int(mask.sum()), max_new_tokens, json_schema, stop_when)
+                       for row, mask in zip(sequences, inputs["attention_mask"])]
+        if top is None:
+            return completions
+        return [self._with_logprobs(c, row[prompt_len:].tolist(), [step[b] for step in top])
+                for b, (c, row) in enumerate(zip(completions, sequences))]
+
+    @staticmethod
+    def _top_logprobs(logits: tuple[Any, ...], k: int) -> list[list[list[tuple[int, float]]]]:
+        """Per generation step, per row: the k most likely tokens and their log-probabilities (full softmax)."""
+        steps = []
+        for step_logits in logits:
+            values, ids = step_logits.float().log_softmax(-1).topk(k, dim=-1)
+            steps.append([list(zip(row_ids, row_values)) for row_ids, row_values
+                          in zip(ids.tolist(), [[round(v, 5) for v in row] for row in values.tolist()])])
+        return steps
+
+    def _with_logprobs(self, completion: Completion, tokens: list[int],
+                       top: list[list[tuple[int, float]]]) -> Completion:
+        """The row's generated tokens up to and including its first EOS (later ones are padding) with their top-k."""
+        end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_token_ids), len(tokens))
+        pad = self.tokenizer.pad_token_id
+        while end > 0 and tokens[end - 1] == pad and pad not in self.eos_token_ids:
+            end -= 1
+        return replace(completion, tokens=tokens[:end], logprobs=top[:end])
 
     def _completion(self, new_tokens: Any, prompt_tokens: int, max_new_tokens: int,
                     json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None) -> Completion:
@@ -339,6 +427,7 @@ class OpenAIChatBackend:
         temperature: float = 0.0,
         structured_output: bool = True,
         unavailable_hint: Callable[[], str] | None = None,
+        token_ids_in_logprobs: bool = False,
     ):
         import openai
 
@@ -350,6 +439,9 @@ class OpenAIChatBackend:
         self.temperature = temperature
         self.structured_output = structured_output
         self.unavailable_hint = unavailable_hint
+        # vLLM's `return_tokens_as_token_ids`: log-prob tokens come as "token_id:123", not as text (other endpoints
+        # reject the unknown parameter)
+        self.token_ids_in_logprobs = token_ids_in_logprobs
         api_key = "unused"  # the SDK insists on a key; a local server without --api-key ignores it
         if api_key_env:
             api_key = os.environ.get(api_key_env) or ""
@@ -390,6 +482,7 @@ class OpenAIChatBackend:
         temperature: float | None = None,
         json_schema: dict[str, Any] | None = None,
         stop_when: Callable[[str], bool] | None = None,
+        top_logprobs: int | None = None,
     ) -> list[Completion]:
         if not self._probed:
             self.probe()
@@ -398,6 +491,10 @@ class OpenAIChatBackend:
             "max_tokens": max_new_tokens or self.max_new_tokens,
             "temperature": self.temperature if temperature is None else temperature,
         }
+        if top_logprobs:  # vLLM allows up to its --max-logprobs (20 by default); OpenAI up to 20
+            params.update(logprobs=True, top_logprobs=top_logprobs)
+            if self.token_ids_in_logprobs:
+                params["extra_body"] = {"return_tokens_as_token_ids": True}
         if json_schema is not None and self.structured_output:
             params["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": json_schema.get("title", "response"), "schema": json_schema}}
@@ -449,6 +546,7 @@ class OpenAIChatBackend:
         stream = self.client.chat.completions.create(messages=messages, stream=True,
                                                      stream_options={"include_usage": True}, **params)
         parts: list[str] = []
+        token_logprobs: list[Any] = []
         finish, usage, chunks = None, None, 0
         with stream:
             for chunk in stream:
@@ -457,6 +555,8 @@ class OpenAIChatBackend:
                     continue
                 choice = chunk.choices[0]
                 finish = choice.finish_reason or finish
+                if getattr(choice, "logprobs", None) is not None and choice.logprobs.content:
+                    token_logprobs.extend(choice.logprobs.content)
                 if choice.delta is not None and choice.delta.content:
                     parts.append(choice.delta.content)
                     chunks += 1
@@ -465,7 +565,8 @@ class OpenAIChatBackend:
                         break
         text = "".join(parts).strip()
         prompt_tokens, completion_tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, chunks)
-        return Completion(text, None, prompt_tokens, completion_tokens, "length" if finish == "length" else "stop")
+        return Completion(text, None, prompt_tokens, completion_tokens, "length" if finish == "length" else "stop",
+                          *self._logprobs(token_logprobs if "logprobs" in params else None))
 
     def _completion(self, response: Any, params: dict[str, Any]) -> Completion:
         """The first choice as a Completion; a body without one is recorded as malformed, never raised."""
@@ -479,7 +580,22 @@ class OpenAIChatBackend:
             return Completion(None, f"malformed response ({type(err).__name__}: {err}): {str(response)[:200]}")
         finish = finish_reason if finish_reason in ("stop", "length") else "stop"
         error = json_error(text, finish, params["max_tokens"]) if "response_format" in params else None
-        return Completion(text if error is None else None, error, prompt_tokens or 0, completion_tokens or 0, finish)
+        logprobs = getattr(choice, "logprobs", None)
+        content = (logprobs.content or []) if logprobs is not None else []
+        return Completion(text if error is None else None, error, prompt_tokens or 0, completion_tokens or 0, finish,
+                          *self._logprobs(content if "logprobs" in params else None))
+
+    @staticmethod
+    def _logprobs(content: list[Any] | None) -> tuple[list[Token] | None, list[list[tuple[Token, float]]] | None]:
+        """`choices[0].logprobs.content` as (tokens, top-k per token); vLLM's "token_id:123" becomes the id 123."""
+        if content is None:
+            return None, None
+
+        def token(text: str) -> Token:
+            return int(text[9:]) if text.startswith("token_id:") and text[9:].isdigit() else text
+
+        return ([token(c.token) for c in content],
+                [[(token(t.token), round(t.logprob, 5)) for t in (c.top_logprobs or [])] for c in content])
 
     @staticmethod
     def _cause(err: BaseException) -> str:

@@ -114,8 +114,8 @@ def _read_holder(path: Path) -> dict[str, Any]:
             time.sleep(0.05)
 
 
-# What a killed writer leaves: write_json's `name.<pid>.tmp`, write_jsonl/report's `name.tmp`, the index's
-# `index.tmp/`, and safetensors' `.tmpXXXXXX` (Rust tempfile, renamed into place when complete; merged/ and
+# What a killed writer leaves: `tmp_path`'s `name.<random>.<pid>.tmp` (JSON, JSONL, the report's CSV, the index
+# folder), an older version's `name.tmp`, and safetensors' `.tmpXXXXXX` (Rust tempfile, renamed into place when complete; merged/ and
 # adapter/ saves write through it, a kill during merge leaves a 538 MB one).
 _PID_TMP = re.compile(r"\.(\d+)\.tmp$")
 _SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")

@@ -128,6 +128,17 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def inference_device_map(device_map: str | None) -> str | None:
+    """Where an inference role's model loads (eval's students, an hf teacher or judge, serve): unset or `auto` puts
+    it on the GPUs when CUDA is present (transformers' `device_map="auto"`: the first GPU, spilling onto the next
+    for big models), else on the CPU; any other value (`cpu`, `cuda:1`, a dict's name) is passed as given."""
+    if device_map not in (None, "auto"):
+        return device_map
+    import torch
+
+    return "auto" if torch.cuda.is_available() else None
+
+
 def load_causal_lm(
     ref: str,
     *,

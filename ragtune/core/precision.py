@@ -208,3 +208,55 @@ def choose_dtype(device: str | None = None, model_config: Any = None) -> str:
         return "float32"
     shapes = linear_shapes(model_config) if model_config is not None else list(DEFAULT_SHAPES)
     return "bfloat16" if pick(probe(shapes, (FP32, BF16_WEIGHTS), backward=False)["gflops"]) == BF16_WEIGHTS else "float32"
+
+
+# --- threads -----------------------------------------------------------------------------------------
+
+
+def busy_cores(window: float = 0.5) -> float:
+    """How many cores other jobs keep busy now: /proc/stat's non-idle share over `window` seconds while this process
+    sleeps (the load average lags by a minute: right after prep's generation it still counts prep), else the
+    1-minute load average."""
+    import os
+
+    def snapshot() -> tuple[float, float]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            ticks = [float(x) for x in handle.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total, idle = snapshot()
+        time.sleep(window)
+        total2, idle2 = snapshot()
+    except (OSError, IndexError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / max(total2 - total, 1e-9))
+
+
+def free_cpu_threads(processes: int = 1, busy: float | None = None) -> int:
+    """Intra-op threads for this process: the cores other jobs leave free (`busy_cores`), shared among the
+    `processes` of a launch, at least 1. Measured on a 2-core AVX2 EPYC with other jobs at load 5-10
+    (scripts/bench_train.py, 4 rows): torch's default of 2 threads trained at 2.4 tokens/s, 1 thread at 18.5: a
+    thread waiting at an OpenMP barrier for a core another job holds spins instead of computing. On an idle
+    machine every core is used."""
+    import os
+
+    cores = os.cpu_count() or 1
+    busy = busy_cores() if busy is None else busy
+    return max(1, round(max(cores - busy, 0)) // max(processes, 1))
+
+
+def set_cpu_threads(processes: int = 1) -> dict[str, Any]:
+    """Set torch's intra-op threads to `free_cpu_threads` unless the user fixed them (OMP_NUM_THREADS); the facts
+    say what was chosen and from what."""
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {"threads": torch.get_num_threads(), "choice": "OMP_NUM_THREADS"}
+    busy = busy_cores()
+    threads = free_cpu_threads(processes, busy)
+    torch.set_num_threads(threads)
+    return {"threads": threads, "choice": "free cores", "cores": os.cpu_count(), "busy_cores": round(busy, 2),
+            "processes": processes}

@@ -13,6 +13,7 @@ from pathlib import Path
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from ragtune.core.artifacts import tmp_path
 from ragtune.core.errors import UserFacingError
 from ragtune.core.grounding import first_sentences, repetition
 
@@ -58,8 +59,7 @@ def build_index(nodes: list["BaseNode"], embed_model: "HuggingFaceEmbedding", pe
 
     Settings.llm = MockLLM()  # retrieval only: never resolve LlamaIndex's default (OpenAI) LLM
     index = VectorStoreIndex(nodes, embed_model=embed_model, show_progress=True)
-    tmp = persist_dir.with_name(persist_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_path(persist_dir)
     index.storage_context.persist(persist_dir=str(tmp))
     shutil.rmtree(persist_dir, ignore_errors=True)
     tmp.rename(persist_dir)
@@ -133,6 +133,7 @@ class TeacherStyle(Protocol):
     teacher_instruction: str | None
     teacher_max_sentences: int | None
     raft: Any
+    answer_gates: Any
 
 
 def teacher_extra(prep: TeacherStyle) -> str:
@@ -177,3 +178,29 @@ def ask_teacher(backend: Any, views: list[list[dict[str, str]]], prep: TeacherSt
     one call for prep's answers and eval's references."""
     completions = backend.chat(views, stop_when=teacher_stop_when(prep, loops), **chat_kwargs)
     return [cut_sentences(c, prep) for c in completions]
+
+
+def teacher_candidates(backend: Any, views: list[list[dict[str, str]]], prep: TeacherStyle, role: Any,
+                       top_logprobs: int | None = None) -> list[list[Any]]:
+    """Per view, the teacher's best-of-N candidates as prep draws them: the answer at `role.temperature`, then
+    `role.num_candidates - 1` samples at `role.candidate_temperature` (sent after the greedy batch: on vLLM their
+    prompts are prefix-cache hits), and, with the answer gates on, a longer second try of the first answer when
+    every candidate was cut at max_new_tokens. Prep gates them into training rows; eval into its references.
+    `top_logprobs=k` (soft-label distillation) asks every call for the teacher's top-k log-probs per token."""
+    gates = prep.answer_gates
+    logprobs = {"top_logprobs": top_logprobs} if top_logprobs else {}
+    answers = ask_teacher(backend, views, prep, loops=gates.enabled, temperature=role.temperature, **logprobs)
+    per_view = [[answer] for answer in answers]
+    extra = role.num_candidates - 1
+    if extra > 0:
+        samples = ask_teacher(backend, [v for v in views for _ in range(extra)], prep, loops=gates.enabled,
+                              temperature=role.candidate_temperature, **logprobs)
+        for k, candidates in enumerate(per_view):
+            candidates.extend(samples[k * extra : (k + 1) * extra])
+    retry = [k for k, cands in enumerate(per_view) if gates.enabled and all(c.finish_reason == "length" for c in cands)]
+    if retry:
+        again = ask_teacher(backend, [views[k] for k in retry], prep, loops=gates.enabled, temperature=role.temperature,
+                            max_new_tokens=gates.retry_max_new_tokens or 2 * role.max_new_tokens, **logprobs)
+        for k, answer in zip(retry, again):
+            per_view[k][0] = answer
+    return per_view

@@ -137,6 +137,19 @@ def pick_best(candidates: Sequence[Verdict]) -> int | None:
     return max(ok, key=lambda i: (candidates[i].grounding, -i)) if ok else None
 
 
+def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: Any, *, oracle_in_context: bool,
+                    chain_of_thought: bool, question: str) -> list[Verdict]:
+    """The verdict on each of one question's candidate completions under the `answer_gates` settings (with the gates
+    off, every non-empty answer passes and still carries its grounding score)."""
+    verdicts = [check_answer(c.text, c.finish_reason, contexts, oracle_in_context=oracle_in_context,
+                             chain_of_thought=chain_of_thought, min_grounding=gates.min_grounding, question=question)
+                if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
+    if not gates.enabled:
+        verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal)
+                    for c, v in zip(candidates, verdicts)]
+    return verdicts
+
+
 # --- questions ------------------------------------------------------------------------------------
 
 
