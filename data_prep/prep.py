@@ -331,7 +331,7 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
                                  "teacher_instruction", "teacher_top_logprobs",
                                  "closed_book_rows", "closed_book_system_prompt"}),
     )
-    logprobs_path = teacher_logprobs_path(run_dir)
+    logprobs_path = run_dir.teacher_logprobs
     if state.is_done("answers", fingerprint, run_dir.train_jsonl):
         return state.facts("answers")
     if prep.teacher_top_logprobs:  # before any teacher call: log-probs of another vocabulary teach nothing
@@ -377,12 +377,6 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
         return facts  # not finished: the next run retries the failed questions
     state.finish("answers", **facts)
     return facts
-
-
-def teacher_logprobs_path(run_dir: RunDir) -> Path:
-    """data/teacher_logprobs.jsonl: per RAG training row (by `id`), the teacher's answer tokens and top-k log-probs
-    (`data_prep.teacher_top_logprobs`); the train stage reads it for `train.distillation`."""
-    return run_dir.data / "teacher_logprobs.jsonl"
 
 
 def choose_contexts(question: dict[str, Any], hits: list[dict[str, Any]], prep: DataPrepConfig, seed: int,

@@ -55,7 +55,6 @@ def teacher_rows(smollm2_dir: Path, tiny_llama_dir: Path, excerpt_pdf: Path, tmp
     from ragtune.core.rag import build_rag_messages
     from ragtune.data_prep.answers import AnswerJob, answer_all
     from ragtune.data_prep.documents import load_documents
-    from ragtune.data_prep.prep import teacher_logprobs_path
     from ragtune.data_prep.state import LazyBackend
 
     root = tmp_path_factory.mktemp("kd_prep")
@@ -74,7 +73,7 @@ def teacher_rows(smollm2_dir: Path, tiny_llama_dir: Path, excerpt_pdf: Path, tmp
     with JsonlAppender(run_dir.train_jsonl, key="id") as rows, \
             JsonlAppender(run_dir.answers_rejected, key="id") as rejected, \
             JsonlAppender(run_dir.teacher_failures, key="id") as failures, \
-            JsonlAppender(teacher_logprobs_path(run_dir), key="id") as logprobs:
+            JsonlAppender(run_dir.teacher_logprobs, key="id") as logprobs:
         answer_all(jobs, config, teacher, LazyBackend(lambda: None), rows, rejected, failures, logprobs)
     return run_dir.data
 

@@ -448,14 +448,9 @@ class TeacherLogprobsCollator:
         return batch
 
 
-def teacher_logprobs_path(run_dir: RunDir) -> Path:
-    """What prep writes with `data_prep.teacher_top_logprobs` (one record per RAG row: id, tokens, top-k)."""
-    return run_dir.data / "teacher_logprobs.jsonl"
-
-
 def load_teacher_logprobs(run_dir: RunDir) -> dict[str, dict[str, Any]]:
     """Prep's teacher records by the `source` (`train.jsonl:line`) of the row they belong to."""
-    path = teacher_logprobs_path(run_dir)
+    path = run_dir.teacher_logprobs
     if not path.is_file():
         raise TrainDataError(f"{path}: not found. Offline train.distillation learns from the teacher's top-k "
                              "log-probs that prep stores: set data_prep.teacher_top_logprobs (e.g. 20) and run prep "

@@ -71,6 +71,12 @@ class RunDir:
         return self.data / "teacher_failures.jsonl"
 
     @property
+    def teacher_logprobs(self) -> Path:
+        """Per RAG training row (by `id`), the teacher's answer tokens and top-k log-probs
+        (`data_prep.teacher_top_logprobs`); the train stage reads it for `train.distillation`."""
+        return self.data / "teacher_logprobs.jsonl"
+
+    @property
     def answers_rejected(self) -> Path:
         """Every teacher answer the gates rejected, with its reason and raw text (nothing is lost)."""
         return self.data / "answers.rejected.jsonl"
