@@ -211,6 +211,36 @@ def test_merged_and_adapter_load_in_plain_libraries_and_agree(make_config):
     assert (merged_logits - base_logits).abs().max() > 1e-2
 
 
+def test_merge_refuses_an_adapter_saved_without_its_weights(make_config):
+    """What FSDP's save gave on the H200 box: a valid adapter folder whose weights file holds no tensor. PEFT loads
+    it with a warning and merged/ would be the base model, verified against itself; merge must stop instead."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train import merge
+
+    config = make_config()
+    run_dir = RunDir(config.output_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(config.student.model), LoraConfig(target_modules="all-linear"))
+    model.save_pretrained(str(run_dir.adapter), state_dict={})
+    assert (run_dir.adapter / "adapter_model.safetensors").exists()
+    with pytest.raises(merge.MergeError, match="holds no adapter weights"):
+        merge.run(config, run_dir)
+    assert not run_dir.merged.exists()
+
+
+def test_defaults_take_the_installed_transformers_name_for_activation_checkpointing(make_config, monkeypatch):
+    """transformers 5.17 (the H200 image) has only `gradient_checkpointing`; ragtune's default must not be an
+    unknown key there, and a user's own key still wins."""
+    from ragtune.train import config as train_config
+
+    fields = {k: v for k, v in train_config.sft_config_fields().items() if k != "activation_checkpointing"}
+    monkeypatch.setattr(train_config, "sft_config_fields", lambda: fields)
+    kwargs = make_config().train.sft_kwargs()
+    assert kwargs["gradient_checkpointing"] is False and "activation_checkpointing" not in kwargs
+    assert make_config(gradient_checkpointing=True).train.sft_kwargs()["gradient_checkpointing"] is True
+
+
 def test_qlora_runs_4bit_on_cpu_and_merges_onto_full_precision(make_config):
     from ragtune.train import merge, sft
 

@@ -68,6 +68,9 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "report_to": ["tensorboard"],
 }
+# Defaults whose SFTConfig name changed: transformers before `activation_checkpointing` (5.17, the image of the
+# H200 box scripts/gpu_check ran on) only knows `gradient_checkpointing`.
+OLD_SFT_NAMES = {"activation_checkpointing": "gradient_checkpointing"}
 
 
 class DistillationConfig(BaseModel):
@@ -124,8 +127,11 @@ class TrainConfig(BaseModel):
     distillation: DistillationConfig | None = Field(None, exclude_if=lambda value: value is None)
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The keys that go to `SFTConfig`: ragtune's defaults overlaid with the YAML's keys."""
-        return {**SFT_DEFAULTS, **coerce_floats(dict(self.model_extra or {}), sft_config_fields())}
+        """The keys that go to `SFTConfig`: ragtune's defaults (named as the installed transformers names them)
+        overlaid with the YAML's keys."""
+        fields = sft_config_fields()
+        defaults = {key if key in fields else OLD_SFT_NAMES.get(key, key): value for key, value in SFT_DEFAULTS.items()}
+        return {**defaults, **coerce_floats(dict(self.model_extra or {}), fields)}
 
     def peft_kwargs(self) -> dict[str, Any]:
         """The kwargs for the method's PEFT config class (empty for `full`)."""

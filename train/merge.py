@@ -19,7 +19,12 @@ from typing import Any
 
 from ragtune.core.artifacts import iter_jsonl
 from ragtune.core.errors import UserFacingError
-from ragtune.core.models import dense_copy, load_causal_lm, resolve_model
+from ragtune.core.models import (
+    adapter_weight_names,
+    dense_copy,
+    load_causal_lm,
+    resolve_model,
+)
 from ragtune.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,9 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         return {"merged": False, "reason": f"{peft_type.lower()} adds virtual tokens at inference and has no weights "
                 "to merge; use base + adapter/ (PeftModel.from_pretrained)."}
 
+    if not adapter_weight_names(run_dir.adapter):
+        raise MergeError(f"{run_dir.adapter / 'adapter_model.safetensors'} holds no adapter weights, so merged/ would "
+                         "equal the base model. Train again (`ragtune train CONFIG`); under FSDP, see the train log.")
     student = config.student
     dtype = merge_dtype(student.torch_dtype)
     # The tokenizer saved with the adapter is the one training used (chat template included).

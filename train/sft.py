@@ -34,16 +34,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ragtune.train.config import DistillationConfig, peft_config_class
+from ragtune.train.data_stats import describe_rows
 from trl import SFTTrainer
 
 from ragtune.core import precision
 from ragtune.core.artifacts import ArtifactError, iter_jsonl, write_json
 from ragtune.core.errors import UserFacingError
 from ragtune.core.llm import check_same_tokenizer
-from ragtune.core.models import dense_copy, load_causal_lm, load_tokenizer, resolve_model
+from ragtune.core.models import (
+    adapter_weight_names,
+    dense_copy,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
 from ragtune.core.run_dir import RunDir, sha256_file
-from ragtune.train.config import DistillationConfig, peft_config_class
-from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,33 @@ def bnb_4bit_works() -> str | None:
     except Exception as err:  # any failure here means "no working 4-bit backend"
         return f"{type(err).__name__}: {err}"
     return None
+
+
+class AdapterSaveError(UserFacingError, RuntimeError):
+    """adapter/ was written without the trained weights."""
+
+
+def save_adapter(trainer: SFTTrainer, run_dir: RunDir, method: str) -> None:
+    """adapter/ as one loadable folder, checked to hold the trained weights before merge trusts it.
+
+    Under FSDP the checkpoints stay sharded (fast, resumable); adapter/ gathers the full state dict on rank 0 and
+    hands it to PEFT's `save_pretrained`, which keeps the adapter's keys. On the H200 box `trainer.save_model`
+    wrote an adapter file without a single LoRA tensor there (scripts/gpu_check, FSDP step), so the keys are
+    counted, and named in the error when none reached the file."""
+    gathered = ""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(run_dir.adapter))
+    else:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+        if trainer.is_world_process_zero():
+            adapter_keys = [k for k in state_dict if "lora_" in k or "prompt_embeddings" in k]
+            gathered = (f" FSDP gathered {len(state_dict)} tensors, {len(adapter_keys)} of them adapter tensors; first "
+                        f"keys {list(state_dict)[:3]}, first adapter keys {adapter_keys[:3]}.")
+            log.info("fsdp state dict:%s", gathered)
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(run_dir.adapter), state_dict=state_dict)
+    if method != "full" and trainer.is_world_process_zero() and not adapter_weight_names(run_dir.adapter):
+        raise AdapterSaveError(f"{run_dir.adapter / 'adapter_model.safetensors'} was written without the trained "
+                               f"adapter weights; the checkpoints under {run_dir.checkpoints} still hold them.{gathered}")
 
 
 class QLoRAUnavailableError(UserFacingError, RuntimeError):
@@ -235,7 +268,9 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) 
 
     distillation = config.train.distillation
     if distillation is not None and distillation.mode == "online":
-        from trl.experimental.gkd import GKDConfig as SFTConfig  # SFTConfig's fields, plus GKD's
+        from trl.experimental.gkd import (
+            GKDConfig as SFTConfig,  # SFTConfig's fields, plus GKD's
+        )
 
     train = config.train
     given = set(train.model_extra or {})
@@ -664,7 +699,10 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     args = sft_config(config, run_dir, has_eval=bool(eval_rows), bf16=facts["precision"]["bf16"])
     # TensorBoard's writer reads its folder from this variable (transformers' TensorBoardCallback).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tensorboard")
-    model = load_student(config, method, args.activation_checkpointing, facts["precision"]["torch_dtype"])
+    checkpointing = getattr(args, "activation_checkpointing", None)
+    if checkpointing is None:  # transformers before the rename (train.config.OLD_SFT_NAMES)
+        checkpointing = args.gradient_checkpointing
+    model = load_student(config, method, checkpointing, facts["precision"]["torch_dtype"])
     tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
     callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
     if distillation is not None and distillation.mode == "online":
@@ -732,11 +770,7 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     facts["resumed_from"] = resume
     result = trainer.train(resume_from_checkpoint=resume)
 
-    if trainer.is_fsdp_enabled:
-        # Checkpoints stay sharded (fast, resumable); adapter/ must be one loadable file for merge, as TRL's
-        # FSDP guide does before `save_model`.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(run_dir.adapter))
+    save_adapter(trainer, run_dir, facts["method"])
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(run_dir.adapter))
         write_loss_curve(trainer.state.log_history, run_dir.loss_curve)

@@ -128,6 +128,19 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def adapter_weight_names(adapter_dir: Path) -> list[str]:
+    """The tensor names in a PEFT adapter folder's weights file; empty when it holds none. A save that lost the
+    trained weights (PEFT keeps only the adapter's keys of the state dict it is handed) still writes a valid file,
+    and `PeftModel.from_pretrained` only warns about the missing keys: merged would equal the base."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.exists():
+        return []
+    with safe_open(str(weights), "pt") as handle:
+        return list(handle.keys())
+
+
 def inference_device_map(device_map: str | None) -> str | None:
     """Where an inference role's model loads (eval's students, an hf teacher or judge, serve): unset or `auto` puts
     it on the GPUs when CUDA is present (transformers' `device_map="auto"`: the first GPU, spilling onto the next
