@@ -149,6 +149,29 @@ def test_stop_when_hangs_up_where_the_hf_stopping_criterion_stops(server, hf):
     assert any(len(r.text.split()) >= 6 for r in remote)  # stopped by the predicate (the others ended at EOS)
 
 
+def test_teacher_top_logprobs_come_back_as_token_ids_that_agree_with_the_hf_backend(server, hf):
+    """Soft labels for offline distillation from the real engine (`data_prep.teacher_top_logprobs`): token ids, not
+    strings (`return_tokens_as_token_ids`), best first, the greedy token on top, and the same distribution as the
+    hf backend reads from the model's logits."""
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=24))
+    conversations = [_rag(c, q) for c, q in FACTS[:5]]
+    remote = backend.chat(conversations, top_logprobs=5)
+    local = hf.chat(conversations, top_logprobs=5, max_new_tokens=24)
+    compared = 0
+    for r, h in zip(remote, local):
+        assert r.error is None and r.tokens and len(r.tokens) == len(r.logprobs) == r.completion_tokens
+        assert all(isinstance(t, int) for t in r.tokens)
+        for token, top in zip(r.tokens, r.logprobs):
+            assert len(top) == 5 and all(isinstance(t, int) for t, _ in top)
+            assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True) and top[0][1] <= 0
+            assert top[0][0] == token  # greedy: the generated token is the most likely one
+        if r.tokens == h.tokens:
+            compared += 1
+            for top_r, top_h in zip(r.logprobs, h.logprobs):
+                assert top_r[0][0] == top_h[0][0] and abs(top_r[0][1] - top_h[0][1]) < 0.15
+    assert compared >= 3, [(r.text, h.text) for r, h in zip(remote, local)]
+
+
 def test_judge_schema_maps_to_response_format(server):
     backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=64))
     schema = {"title": "Verdict", "type": "object",
