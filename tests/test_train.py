@@ -229,6 +229,72 @@ def test_merge_refuses_an_adapter_saved_without_its_weights(make_config):
     assert not run_dir.merged.exists()
 
 
+FSDP_SAVE = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
+from transformers import AutoModelForCausalLM
+from ragtune.core.models import adapter_weight_names
+from ragtune.train.sft import save_fsdp_adapter
+
+class OneProcessFSDP:
+    # what accelerate's Accelerator does for FSDP1 in get_state_dict and unwrap_model, on one gloo process
+    is_main_process = True
+    def get_state_dict(self, model):
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            return model.state_dict()
+    def unwrap_model(self, model):
+        return model.module
+
+student, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(student), LoraConfig(target_modules="all-linear", r=8))
+with torch.no_grad():
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.normal_(0, 0.02)
+trained = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=False, auto_wrap_policy=fsdp_auto_wrap_policy(model))
+nested_before = sum("_fsdp_wrapped_module" in n for n, _ in wrapped.module.named_modules())
+said = save_fsdp_adapter(OneProcessFSDP(), wrapped, out)
+reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), out).state_dict()
+print(json.dumps({"said": said, "trained": len(trained), "saved": len(adapter_weight_names(out)),
+                  "equal": sum(torch.equal(v, reloaded[k]) for k, v in trained.items()),
+                  "nested_before": nested_before,
+                  "nested_after": sum("_fsdp_wrapped_module" in n for n, _ in wrapped.module.named_modules())}))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_adapter_save_keeps_every_lora_tensor(tiny_llama_dir, tmp_path):
+    """FSDP1 with PEFT's per-layer wrap policy (what the Trainer picks for a PEFT model), on CPU with gloo: the
+    gathered state dict holds the LoRA tensors, but PEFT matched none of them to the wrapped module names and saved
+    an empty adapter (seen on the H200 box). adapter/ must hold every trained tensor, equal after a reload."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp_save.py"
+    script.write_text(FSDP_SAVE, encoding="utf-8")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), str(tmp_path / "adapter")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["trained"] > 0 and facts["saved"] == facts["equal"] == facts["trained"], facts
+    assert facts["nested_before"] > 0 and facts["nested_after"] == facts["nested_before"]  # the wrappers are back
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_defaults_take_the_installed_transformers_name_for_activation_checkpointing(make_config, monkeypatch):
     """transformers 5.17 (the H200 image) has only `gradient_checkpointing`; ragtune's default must not be an
     unknown key there, and a user's own key still wins."""

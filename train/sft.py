@@ -25,10 +25,12 @@ alpha * T^2 * KL(teacher || student) on them (`top_k_kl`, logged as `kd_loss`); 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,27 +141,60 @@ class AdapterSaveError(UserFacingError, RuntimeError):
     """adapter/ was written without the trained weights."""
 
 
-def save_adapter(trainer: SFTTrainer, run_dir: RunDir, method: str) -> None:
-    """adapter/ as one loadable folder, checked to hold the trained weights before merge trusts it.
+_WRAPPERS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
-    Under FSDP the checkpoints stay sharded (fast, resumable); adapter/ gathers the full state dict on rank 0 and
-    hands it to PEFT's `save_pretrained`, which keeps the adapter's keys. On the H200 box `trainer.save_model`
-    wrote an adapter file without a single LoRA tensor there (scripts/gpu_check, FSDP step), so the keys are
-    counted, and named in the error when none reached the file."""
+
+@contextlib.contextmanager
+def nested_wrappers_spliced_out(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model`'s module tree without the FSDP units and activation-checkpoint wrappers nested inside it, for the
+    block; put back afterwards. Only the parents' `_modules` entries change, no parameter.
+
+    PEFT (0.21) picks an adapter's keys out of a state dict by module names, and strips a wrapper's name only
+    where it leads: FSDP's per-layer units (PEFT's own `fsdp_auto_wrap_policy`) put `_fsdp_wrapped_module.`
+    inside every name under a decoder layer, so none of the gathered keys matched and `save_pretrained` wrote an
+    adapter file without a tensor (on the H200 box, and on CPU with gloo: 0 of 56 LoRA tensors kept)."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            inner = child
+            while (wrapper := next((w for w in _WRAPPERS if w in getattr(inner, "_modules", {})), None)) is not None:
+                inner = inner._modules[wrapper]
+            if inner is not child:
+                swapped.append((parent, name, child))
+                parent._modules[name] = inner
+    try:
+        yield model
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
+
+
+def save_fsdp_adapter(accelerator: Any, model: Any, adapter_dir: Path) -> str:
+    """Gather the full state dict (a collective: every rank calls this) and save the adapter from rank 0; returns
+    what was gathered, in words, for the manifest and for an error."""
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return ""
+    adapter_keys = [k for k in state_dict if "lora_" in k or "prompt_embeddings" in k]
+    peft_model = accelerator.unwrap_model(model)
+    with nested_wrappers_spliced_out(peft_model):
+        peft_model.save_pretrained(str(adapter_dir), state_dict=state_dict)
+    return f"FSDP gathered {len(state_dict)} tensors, {len(adapter_keys)} of them adapter tensors"
+
+
+def save_adapter(trainer: SFTTrainer, run_dir: RunDir, method: str) -> None:
+    """adapter/ as one loadable folder, checked to hold the trained weights before merge trusts it. Under FSDP the
+    checkpoints stay sharded (fast); adapter/ is gathered on rank 0 (`save_fsdp_adapter`)."""
     gathered = ""
-    if not trainer.is_fsdp_enabled:
-        trainer.save_model(str(run_dir.adapter))
+    if trainer.is_fsdp_enabled:
+        gathered = save_fsdp_adapter(trainer.accelerator, trainer.model, run_dir.adapter)
+        log.info("adapter: %s", gathered)
     else:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
-        if trainer.is_world_process_zero():
-            adapter_keys = [k for k in state_dict if "lora_" in k or "prompt_embeddings" in k]
-            gathered = (f" FSDP gathered {len(state_dict)} tensors, {len(adapter_keys)} of them adapter tensors; first "
-                        f"keys {list(state_dict)[:3]}, first adapter keys {adapter_keys[:3]}.")
-            log.info("fsdp state dict:%s", gathered)
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(run_dir.adapter), state_dict=state_dict)
+        trainer.save_model(str(run_dir.adapter))
     if method != "full" and trainer.is_world_process_zero() and not adapter_weight_names(run_dir.adapter):
         raise AdapterSaveError(f"{run_dir.adapter / 'adapter_model.safetensors'} was written without the trained "
-                               f"adapter weights; the checkpoints under {run_dir.checkpoints} still hold them.{gathered}")
+                               f"adapter weights ({gathered or 'trainer.save_model'}); nothing to merge. Please report "
+                               "it with the versions of torch, transformers, peft and accelerate.")
 
 
 class QLoRAUnavailableError(UserFacingError, RuntimeError):
@@ -763,7 +798,13 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
         return facts
 
     resume = (config.train.model_extra or {}).get("resume_from_checkpoint")
-    if resume is None and config.train.auto_resume:
+    if resume is None and config.train.auto_resume and trainer.is_fsdp_enabled and facts["method"] != "full":
+        # The same PEFT name matching saves the sharded checkpoints' adapter state (accelerate's save_fsdp_model,
+        # adapter_only): 0 adapter keys on CPU with gloo. Resuming would restore no adapter, so start over.
+        facts["warnings"].append("auto_resume is off under FSDP with a PEFT adapter: its checkpoints hold no adapter "
+                                 "weights (PEFT's key matching misses nested FSDP units); training starts over")
+        log.warning(facts["warnings"][-1])
+    elif resume is None and config.train.auto_resume:
         resume = resume_point(config, run_dir, facts["method"], trainer.accelerator)
     if resume:
         log.info("resuming from %s", resume)
