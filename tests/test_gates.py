@@ -158,6 +158,11 @@ def test_check_answer_keeps_a_grounded_finished_answer() -> None:
     ("Mobility, Delivery and Freight.", "stop", {"chain_of_thought": True}, "missing_answer_tag"),
     ("##begin_quote##we had four segments##end_quote## <ANSWER>: Four.", "stop", {"chain_of_thought": True}, "bad_quote"),
     ("##begin_quote##three operating segments##end_quote## <ANSWER>:", "stop", {"chain_of_thought": True}, "empty"),
+    # real SmolLM2 teacher answers that a whole-filing demo run kept and trained on (2026-11-30)
+    ("Uber had three operating segments: Mobility, Delivery and Freight.\n\nQuestion: What are Uber's segments?",
+     "stop", {}, "prompt_echo"),
+    ("Context information: Uber had three operating segments.", "stop", {}, "prompt_echo"),
+    ("Uber had three operating segments: Mobility, Delivery and Freight.\n\nAnswer:", "stop", {}, "prompt_echo"),
 ])
 def test_check_answer_rejects_with_a_reason(text: str | None, finish: str, kwargs: dict, reason: str) -> None:
     verdict = check_answer(text, finish, CONTEXTS, **kwargs)
@@ -168,6 +173,14 @@ def test_refusal_is_kept_only_without_the_oracle() -> None:
     refusal = "The context does not say how many employees Uber has."
     assert check_answer(refusal, "stop", CONTEXTS, oracle_in_context=False) == Verdict(True, None, 0.0, True)
     assert check_answer(refusal, "stop", CONTEXTS, oracle_in_context=True).reason == "refusal_with_oracle"
+
+
+def test_prompt_labels_inside_words_or_raft_tags_are_not_echoes() -> None:
+    assert gates.prompt_echo("Uber had three operating segments: Mobility, Delivery and Freight.") is None
+    assert gates.prompt_echo("The questionnaire: Administrative Questionnaire.") is None
+    assert gates.prompt_echo("##begin_quote##three operating segments##end_quote## <ANSWER>: Three.") is None
+    assert check_answer("##begin_quote##three operating segments##end_quote## <ANSWER>: Three operating segments.",
+                        "stop", CONTEXTS, chain_of_thought=True).ok
 
 
 def test_chain_of_thought_answer_is_graded_on_its_final_answer() -> None:

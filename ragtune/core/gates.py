@@ -19,7 +19,7 @@ from ragtune.core.grounding import ANSWER_TAG, final_answer, grounding, normaliz
 BEGIN_QUOTE, END_QUOTE = "##begin_quote##", "##end_quote##"
 
 Reason = Literal["truncated", "ungrounded", "bad_quote", "missing_answer_tag", "repetition", "refusal_with_oracle",
-                 "empty", "unfaithful"]
+                 "empty", "unfaithful", "prompt_echo"]
 
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)(?:" + re.escape(END_QUOTE) + r"|$)", re.DOTALL)
 
@@ -35,6 +35,19 @@ _REFUSAL = re.compile("|".join([
     r"\bi (?:do not|don't) know\b",
     r"\b(?:insufficient|not enough) (?:information|context)\b",
 ]), re.IGNORECASE)
+
+
+# A RAG prompt's own labels in an answer: the teacher wrote the next turn of the template ("... posted publicly on
+# a\n\nQuestion: What is the context of the incident?") or labelled its answer with it ("Context information: The
+# context is given by ..."). 3 of the 105 answers kept in a whole-filing demo run (2026-11-30) had one, each
+# trained as a finished answer; the `<ANSWER>:` tag of RAFT's chain of thought is not one of them.
+_PROMPT_ECHO = re.compile(r"(?<![<\w])(?:question|query|answer|context information)\s*:", re.IGNORECASE)
+
+
+def prompt_echo(answer: str) -> str | None:
+    """The prompt label an answer repeats (`Question:`, `Query:`, `Answer:`, `Context information:`), or None."""
+    match = _PROMPT_ECHO.search(answer)
+    return match.group(0) if match else None
 
 
 def is_refusal(answer: str) -> bool:
@@ -128,6 +141,9 @@ def _first_failure(text: str, answer: str, finish_reason: str | None, contexts: 
         return "bad_quote", f"not in the contexts: {quote[:80]!r}"
     if not answer:
         return "empty", f"nothing after {ANSWER_TAG}"
+    echo = prompt_echo(answer)
+    if echo is not None:
+        return "prompt_echo", f"repeats the prompt's {echo!r}"
     return None, None
 
 
