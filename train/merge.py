@@ -19,12 +19,7 @@ from typing import Any
 
 from ragtune.core.artifacts import iter_jsonl
 from ragtune.core.errors import UserFacingError
-from ragtune.core.models import (
-    adapter_weight_names,
-    dense_copy,
-    load_causal_lm,
-    resolve_model,
-)
+from ragtune.core.models import adapter_weight_names, dense_copy, load_causal_lm, resolve_model
 from ragtune.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)

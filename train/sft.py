@@ -36,22 +36,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ragtune.train.config import DistillationConfig, peft_config_class
-from ragtune.train.data_stats import describe_rows
 from trl import SFTTrainer
 
 from ragtune.core import precision
 from ragtune.core.artifacts import ArtifactError, iter_jsonl, write_json
 from ragtune.core.errors import UserFacingError
 from ragtune.core.llm import check_same_tokenizer
-from ragtune.core.models import (
-    adapter_weight_names,
-    dense_copy,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model,
-)
+from ragtune.core.models import adapter_weight_names, dense_copy, load_causal_lm, load_tokenizer, resolve_model
 from ragtune.core.run_dir import RunDir, sha256_file
+from ragtune.train.config import DistillationConfig, peft_config_class
+from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
 
@@ -798,14 +792,16 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
         return facts
 
     resume = (config.train.model_extra or {}).get("resume_from_checkpoint")
-    if resume is None and config.train.auto_resume and trainer.is_fsdp_enabled and facts["method"] != "full":
-        # The same PEFT name matching saves the sharded checkpoints' adapter state (accelerate's save_fsdp_model,
-        # adapter_only): 0 adapter keys on CPU with gloo. Resuming would restore no adapter, so start over.
-        facts["warnings"].append("auto_resume is off under FSDP with a PEFT adapter: its checkpoints hold no adapter "
-                                 "weights (PEFT's key matching misses nested FSDP units); training starts over")
-        log.warning(facts["warnings"][-1])
-    elif resume is None and config.train.auto_resume:
-        resume = resume_point(config, run_dir, facts["method"], trainer.accelerator)
+    if resume is None and config.train.auto_resume:
+        if trainer.is_fsdp_enabled and facts["method"] != "full":
+            # The same PEFT name matching saves the sharded checkpoints' adapter state (accelerate's save_fsdp_model,
+            # adapter_only): 0 adapter keys on CPU with gloo. Resuming would restore no adapter, so start over.
+            facts["warnings"].append("auto_resume is off under FSDP with a PEFT adapter: its checkpoints hold no "
+                                     "adapter weights (PEFT's key matching misses nested FSDP units); training "
+                                     "starts over")
+            log.warning(facts["warnings"][-1])
+        else:
+            resume = resume_point(config, run_dir, facts["method"], trainer.accelerator)
     if resume:
         log.info("resuming from %s", resume)
     facts["resumed_from"] = resume
