@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,13 @@ atexit.register(shutil.rmtree, os.environ["RAGTUNE_CACHE_DIR"], ignore_errors=Tr
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 EXCERPT_PDF = TESTS / "data" / "uber_10k_excerpt.pdf"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's server or a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

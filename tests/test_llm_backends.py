@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import free_port
 from ragtune.core.llm import BackendUnavailable, HFChatBackend, OpenAIChatBackend, make_backend
 from ragtune.config import LLMRole
 
@@ -99,12 +100,6 @@ def test_json_schema_output_is_valid_by_construction(smollm2_backend):
     assert set(parsed) == {"reason", "verdict"} and isinstance(parsed["verdict"], int)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(model_dir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port),
@@ -115,7 +110,7 @@ def _start_server(model_dir: Path, port: int) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path):
-    port = _free_port()
+    port = free_port()
     process = _start_server(smollm2_dir, port)
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 180
@@ -160,7 +155,7 @@ def test_openai_backend_structured_output_through_serve(server):
 def test_openai_backend_retries_until_a_late_server_is_up(smollm2_dir):
     """With the breaker set high, the SDK's retries (0.5 s doubling to 8 s, 12 retries: ~55-70 s) wait out a
     server that starts late."""
-    port = _free_port()
+    port = free_port()
     backend = OpenAIChatBackend(model="student", base_url=f"http://127.0.0.1:{port}/v1", max_retries=12,
                                 max_consecutive_failures=20, max_new_tokens=8)
     results: list = []
@@ -177,7 +172,7 @@ def test_openai_backend_retries_until_a_late_server_is_up(smollm2_dir):
 
 
 def test_openai_backend_reports_one_clear_error_when_server_stays_down():
-    port = _free_port()
+    port = free_port()
     backend = OpenAIChatBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=10)
     with pytest.raises(BackendUnavailable) as err:
         backend.chat([[{"role": "user", "content": "Hi"}]] * 3)

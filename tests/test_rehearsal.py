@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from ragtune.core import engine
 from ragtune.core.artifacts import read_jsonl
 from ragtune.core.run_dir import RunDir
@@ -73,9 +73,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
     [log] = run_dir.logs.glob("vllm-*.log")  # one server for teacher and judge: the same model
     assert "Application startup complete" in log.read_text()
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     _run(str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
          "--main_process_port", port, "-m", "ragtune.train", str(config))
     train = json.loads(run_dir.manifest.read_text())["stages"]["train"]

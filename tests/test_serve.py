@@ -17,20 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
+
 HELLO = [{"role": "user", "content": "Say hello."}]
 # The tiny Llama's context (tests/conftest.py): every long request below asks for nearly all of it.
 CONTEXT = 2048
 LONG = 1900
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     log = Path(tempfile.mkdtemp(prefix="ragtune-serve-")) / "server.log"  # a pipe nobody reads could fill up
     with log.open("w") as handle:
         process = subprocess.Popen(

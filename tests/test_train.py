@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import free_port
 from ragtune.config import ConfigError, load_config
 from ragtune.core.run_dir import RunDir
 
@@ -278,21 +279,13 @@ def test_fsdp_adapter_save_keeps_every_lora_tensor(tiny_llama_dir, tmp_path):
 
     script = tmp_path / "fsdp_save.py"
     script.write_text(FSDP_SAVE, encoding="utf-8")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), str(tmp_path / "adapter")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     assert facts["trained"] > 0 and facts["saved"] == facts["equal"] == facts["trained"], facts
     assert facts["nested_before"] > 0 and facts["nested_after"] == facts["nested_before"]  # the wrappers are back
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_defaults_take_the_installed_transformers_name_for_activation_checkpointing(make_config, monkeypatch):
@@ -374,15 +367,12 @@ def test_prompt_tuning_trains_and_merge_says_there_is_nothing_to_merge(make_conf
 def test_two_process_cpu_ddp_really_runs_two_ranks(make_config):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: gloo group of 2, each rank takes half the steps."""
     import os
-    import socket
     import subprocess
     import sys
 
     config = make_config(validation_split=0.0, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
                          save_strategy="no")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
@@ -558,7 +548,6 @@ def cuda_devices() -> int:
 def test_fsdp_saves_a_full_adapter_that_merges(make_config):
     """`accelerate launch` with configs/accelerate/fsdp_qlora.yaml on 2 GPUs: adapter/ holds the LoRA weights."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -568,9 +557,7 @@ def test_fsdp_saves_a_full_adapter_that_merges(make_config):
 
     config = make_config(validation_split=0.0, max_steps=2, save_strategy="no")
     config.config_path.write_text(config.config_path.read_text().replace("student:\n", "student:\n  torch_dtype: bfloat16\n"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     repo = Path(__file__).parent.parent
     done = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(repo / "configs/accelerate/fsdp_qlora.yaml"),
