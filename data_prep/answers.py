@@ -62,7 +62,8 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
             batch = order[start : start + batch_size]
             views = [teacher_view(job.messages, config.data_prep) for job in batch]
             per_job = teacher_candidates(teacher.get(), views, config.data_prep, config.teacher,
-                                         top_logprobs=config.data_prep.teacher_top_logprobs)
+                                         top_logprobs=config.data_prep.teacher_top_logprobs,
+                                         contexts=[job.contexts for job in batch])
             verdicts = [gate(job, candidates, config.data_prep) for job, candidates in zip(batch, per_job)]
             if config.data_prep.answer_gates.llm_faithfulness:
                 _judge_faithfulness(batch, per_job, verdicts, judge)

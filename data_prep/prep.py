@@ -328,7 +328,8 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
         config.teacher.max_new_tokens, config.teacher.temperature, config.teacher.num_candidates,
         config.teacher.candidate_temperature, config.seed,
         prep.model_dump(include={"similarity_top_k", "system_prompt", "text_qa_template", "raft", "answer_gates",
-                                 "teacher_instruction", "teacher_top_logprobs",
+                                 "teacher_instruction", "teacher_max_sentences", "teacher_answer",
+                                 "teacher_top_logprobs",
                                  "closed_book_rows", "closed_book_system_prompt"}),
     )
     logprobs_path = run_dir.teacher_logprobs

@@ -207,6 +207,8 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     engine = config.eval.backend if spec.kind != "teacher" else None
     if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`), its rag reference gated as a row is
         prompt += [teacher_extra(prep), prep.teacher_max_sentences, config.teacher.max_new_tokens]
+        if prep.teacher_answer != "generate":  # left out at its default: references made before it stay valid
+            prompt.append(prep.teacher_answer)
         if mode == "rag":
             teacher = config.teacher
             prompt += [teacher.num_candidates, teacher.temperature, teacher.candidate_temperature,
@@ -321,7 +323,8 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
         answers = ask_teacher(backend, views, prep, temperature=0.0, max_new_tokens=config.teacher.max_new_tokens)
         return answers, [{} for _ in answers]
     chosen, facts = [], []
-    for question, ctx, candidates in zip(questions, contexts, teacher_candidates(backend, views, prep, config.teacher)):
+    per_question = teacher_candidates(backend, views, prep, config.teacher, contexts=contexts)
+    for question, ctx, candidates in zip(questions, contexts, per_question):
         verdicts = gate_candidates(candidates, ctx, prep.answer_gates, oracle_in_context=True,
                                    chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
                                    question=question["question"])

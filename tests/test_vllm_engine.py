@@ -18,7 +18,9 @@ import pytest
 
 from ragtune.core import engine
 from ragtune.core.llm import BackendUnavailable, HFChatBackend, make_backend
+from ragtune.core.rag import build_rag_messages, context_sentences, teacher_candidates, teacher_view
 from ragtune.core.roles import LLMRole
+from ragtune.data_prep.config import DataPrepConfig
 
 MODEL = "smollm2-135m-instruct"
 
@@ -182,6 +184,22 @@ def test_judge_schema_maps_to_response_format(server):
     for result in results:
         parsed = json.loads(result.text)
         assert set(parsed) == {"reason", "verdict"} and isinstance(parsed["verdict"], int)
+
+
+def test_extractive_teacher_chooses_through_structured_outputs_as_the_hf_backend_does(server, hf):
+    """`teacher_answer: extract` on the engine: one enum schema per request (`response_format`), each answer a
+    sentence of its own contexts, the same greedy choice as xgrammar on the hf backend."""
+    prep = DataPrepConfig(teacher_answer="extract",
+                          teacher_instruction="\n\nAnswer with the one sentence of the context that answers the query.")
+    role = LLMRole(backend="vllm", model=MODEL, max_new_tokens=96)
+    contexts = [[FACTS[i][0], FACTS[i + 1][0]] for i in range(0, 10, 2)]
+    views = [teacher_view(build_rag_messages(FACTS[i][1], c, prep), prep) for i, c in zip(range(0, 10, 2), contexts)]
+    remote = teacher_candidates(make_backend(role), views, prep, role, contexts=contexts)
+    local = teacher_candidates(hf, views, prep, role, contexts=contexts)
+    for (answer,), context in zip(remote, contexts):
+        assert answer.error is None and answer.text in context_sentences(context, 300)
+    assert sum(r[0].text == h[0].text for r, h in zip(remote, local)) >= 4, [(r[0].text, h[0].text)
+                                                                            for r, h in zip(remote, local)]
 
 
 def test_finish_reason_length_when_cut(server):

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragtune.core.grounding import ANSWER_TAG, final_answer, grounding, normalize, repetition
+from ragtune.core.grounding import ANSWER_TAG, final_answer, grounding, lexical_overlap, normalize, repetition
 
 BEGIN_QUOTE, END_QUOTE = "##begin_quote##", "##end_quote##"
 
 Reason = Literal["truncated", "ungrounded", "bad_quote", "missing_answer_tag", "repetition", "refusal_with_oracle",
-                 "empty", "unfaithful", "prompt_echo"]
+                 "empty", "unfaithful", "prompt_echo", "off_topic"]
 
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)(?:" + re.escape(END_QUOTE) + r"|$)", re.DOTALL)
 
@@ -86,6 +86,8 @@ class Verdict:
     grounding: float = 0.0
     refusal: bool = False
     detail: str | None = None
+    # the share of the question's content words in the answer: best-of-N's second key, after grounding
+    on_topic: float = 0.0
 
 
 # Keeps 4 of 5 hand-labelled grounded answers and 1 of 17 invented ones (a loop, rejected anyway), and 1 of 24
@@ -105,7 +107,8 @@ def finish_reason_of(completion: Any, max_new_tokens: int) -> str:
 
 
 def check_answer(text: str | None, finish_reason: str | None, contexts: Sequence[str], *, oracle_in_context: bool = True,
-                 chain_of_thought: bool = False, min_grounding: float = MIN_GROUNDING, question: str = "") -> Verdict:
+                 chain_of_thought: bool = False, min_grounding: float = MIN_GROUNDING, question: str = "",
+                 min_question_overlap: float = 0.0) -> Verdict:
     """Every gate on one teacher answer; the verdict carries the first failed gate, and the grounding score and
     refusal label of the answer (the final answer in chain-of-thought mode) whatever the outcome.
 
@@ -116,12 +119,16 @@ def check_answer(text: str | None, finish_reason: str | None, contexts: Sequence
     text = (text or "").strip()
     answer = final_answer(text) if chain_of_thought else text
     score, refusal = grounding(answer, contexts, question), is_refusal(answer)
+    on_topic = lexical_overlap(question, answer) if question else 0.0
     reason, detail = _first_failure(text, answer, finish_reason, contexts, chain_of_thought)
     if reason is None and refusal and oracle_in_context:
         reason, detail = "refusal_with_oracle", "refused although the oracle chunk was shown"
     elif reason is None and not refusal and score < min_grounding:
         reason, detail = "ungrounded", f"grounding {score:.2f} < min_grounding {min_grounding}"
-    return Verdict(reason is None, reason, score, refusal, detail)
+    elif reason is None and not refusal and on_topic < min_question_overlap:
+        reason, detail = "off_topic", (f"{on_topic:.2f} of the question's words in the answer "
+                                       f"< min_question_overlap {min_question_overlap}")
+    return Verdict(reason is None, reason, score, refusal, detail, on_topic)
 
 
 def _first_failure(text: str, answer: str, finish_reason: str | None, contexts: Sequence[str],
@@ -148,9 +155,11 @@ def _first_failure(text: str, answer: str, finish_reason: str | None, contexts: 
 
 
 def pick_best(candidates: Sequence[Verdict]) -> int | None:
-    """Best-of-N: the index of the ok candidate with the highest grounding (the first on a tie), None if none is ok."""
+    """Best-of-N: the index of the ok candidate with the highest grounding, then the most on topic (an extractive
+    teacher's sentences are all grounded: the one about the question's words wins), then the first; None if none
+    is ok."""
     ok = [i for i, verdict in enumerate(candidates) if verdict.ok]
-    return max(ok, key=lambda i: (candidates[i].grounding, -i)) if ok else None
+    return max(ok, key=lambda i: (candidates[i].grounding, candidates[i].on_topic, -i)) if ok else None
 
 
 def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: Any, *, oracle_in_context: bool,
@@ -158,10 +167,12 @@ def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: A
     """The verdict on each of one question's candidate completions under the `answer_gates` settings (with the gates
     off, every non-empty answer passes and still carries its grounding score)."""
     verdicts = [check_answer(c.text, c.finish_reason, contexts, oracle_in_context=oracle_in_context,
-                             chain_of_thought=chain_of_thought, min_grounding=gates.min_grounding, question=question)
+                             chain_of_thought=chain_of_thought, min_grounding=gates.min_grounding, question=question,
+                             min_question_overlap=gates.min_question_overlap)
                 if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
     if not gates.enabled:
-        verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal)
+        verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal,
+                            on_topic=v.on_topic)
                     for c, v in zip(candidates, verdicts)]
     return verdicts
 

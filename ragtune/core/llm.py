@@ -31,6 +31,10 @@ Message = dict[str, str]
 FinishReason = Literal["stop", "length"]
 # A generated token: its id (hf; vLLM with `return_tokens_as_token_ids`) or its text (other endpoints).
 Token = int | str
+# A JSON schema for every conversation of a `chat` call, or a list of them, one per conversation (prep's extractive
+# teacher chooses among each question's own context sentences).
+Schema = dict[str, Any]
+Schemas = Schema | list[Schema]
 
 
 @dataclass
@@ -101,11 +105,12 @@ class ChatBackend(Protocol):
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
-        json_schema: dict[str, Any] | None = None,
+        json_schema: Schemas | None = None,
         stop_when: Callable[[str], bool] | None = None,
         top_logprobs: int | None = None,
     ) -> list[Completion]:
-        """One Completion per conversation. `stop_when(text_so_far)` lets a backend end a conversation early
+        """One Completion per conversation; `json_schema` constrains every answer (one schema) or each its own
+        (a list, one per conversation). `stop_when(text_so_far)` lets a backend end a conversation early
         once the caller has what it needs; a caller must parse the full text the same way (hf honours it,
         an endpoint cannot and generates until its own stop). `top_logprobs=k` fills `Completion.tokens` and
         `Completion.logprobs`."""
@@ -209,7 +214,7 @@ class HFChatBackend:
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
-        json_schema: dict[str, Any] | None = None,
+        json_schema: Schemas | None = None,
         stop_when: Callable[[str], bool] | None = None,
         top_logprobs: int | None = None,
     ) -> list[Completion]:
@@ -217,11 +222,12 @@ class HFChatBackend:
         start = 0
         while start < len(conversations):  # batch_size may shrink on the way (out of memory)
             batch = conversations[start : start + self.batch_size]
+            schema = json_schema[start : start + len(batch)] if isinstance(json_schema, list) else json_schema
             start += len(batch)
             try:
                 results.extend(self._generate_fitting(batch, max_new_tokens or self.max_new_tokens,
                                                       self.temperature if temperature is None else temperature,
-                                                      json_schema, stop_when, top_logprobs))
+                                                      schema, stop_when, top_logprobs))
             except Exception as err:  # a failed batch is recorded per conversation, never dropped
                 log.warning("generation failed for %d conversations: %s", len(batch), err)
                 results.extend(Completion(None, f"{type(err).__name__}: {err}") for _ in batch)
@@ -243,10 +249,13 @@ class HFChatBackend:
             self.batch_size = min(self.batch_size, half)
             log.warning("out of memory at batch %d: retrying as %d + %d (batch_size now %d)", len(batch), half,
                         len(batch) - half, self.batch_size)
-            return self._generate_fitting(batch[:half], *args) + self._generate_fitting(batch[half:], *args)
+            max_new_tokens, temperature, schema, *rest = args
+            halves = (schema[:half], schema[half:]) if isinstance(schema, list) else (schema, schema)
+            return (self._generate_fitting(batch[:half], max_new_tokens, temperature, halves[0], *rest)
+                    + self._generate_fitting(batch[half:], max_new_tokens, temperature, halves[1], *rest))
 
     def _generate(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
-                  json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None = None,
+                  json_schema: Schemas | None, stop_when: Callable[[str], bool] | None = None,
                   top_logprobs: int | None = None) -> list[Completion]:
         import torch
         from transformers import StoppingCriteriaList
@@ -298,7 +307,7 @@ class HFChatBackend:
         return replace(completion, tokens=tokens[:end], logprobs=top[:end])
 
     def _completion(self, new_tokens: Any, prompt_tokens: int, max_new_tokens: int,
-                    json_schema: dict[str, Any] | None, stop_when: Callable[[str], bool] | None) -> Completion:
+                    json_schema: Schemas | None, stop_when: Callable[[str], bool] | None) -> Completion:
         """A row of generate()'s output as a Completion. A row that ended early holds EOS or met `stop_when`
         (generation then pads it); one that did neither ran into max_new_tokens."""
         tokens = new_tokens.tolist()
@@ -310,10 +319,15 @@ class HFChatBackend:
         error = json_error(text, finish_reason, max_new_tokens) if json_schema is not None else None
         return Completion(text if error is None else None, error, prompt_tokens, n_new, finish_reason)
 
-    def _json_logits_processor(self, schema: dict[str, Any]) -> Any:
-        """xgrammar constrains decoding so the output is valid JSON for `schema` by construction."""
-        import xgrammar as xgr
+    def _json_logits_processor(self, schema: Schemas) -> Any:
+        """xgrammar constrains decoding so the output is valid JSON for `schema` (or each row's) by construction."""
         from xgrammar.contrib.hf import LogitsProcessor
+
+        return LogitsProcessor([self._grammar(s) for s in schema] if isinstance(schema, list) else self._grammar(schema))
+
+    def _grammar(self, schema: Schema) -> Any:
+        """The compiled grammar of one schema, cached: a judge sends the same few schemas thousands of times."""
+        import xgrammar as xgr
 
         if self._grammar_compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
@@ -322,7 +336,7 @@ class HFChatBackend:
         if key not in self._grammars:
             # Compile the schema as given: property order is generation order (a `reason` before its `verdict`).
             self._grammars[key] = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-        return LogitsProcessor(self._grammars[key])
+        return self._grammars[key]
 
 
 class StopWhen:
@@ -480,7 +494,7 @@ class OpenAIChatBackend:
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
-        json_schema: dict[str, Any] | None = None,
+        json_schema: Schemas | None = None,
         stop_when: Callable[[str], bool] | None = None,
         top_logprobs: int | None = None,
     ) -> list[Completion]:
@@ -495,11 +509,9 @@ class OpenAIChatBackend:
             params.update(logprobs=True, top_logprobs=top_logprobs)
             if self.token_ids_in_logprobs:
                 params["extra_body"] = {"return_tokens_as_token_ids": True}
-        if json_schema is not None and self.structured_output:
-            params["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": json_schema.get("title", "response"), "schema": json_schema}}
-        streamed = stop_when if "response_format" not in params else None
-        futures = [self._pool.submit(self._request, c, params, streamed) for c in conversations]
+        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
+        futures = [self._pool.submit(self._request, c, self._with_schema(params, schema), stop_when)
+                   for c, schema in zip(conversations, schemas)]
         done: list[Completion | None] = []
         failure: BackendUnavailable | None = None
         for future in futures:
@@ -516,12 +528,19 @@ class OpenAIChatBackend:
             raise BackendUnavailable(str(failure), done)
         return [c for c in done if c is not None]
 
+    def _with_schema(self, params: dict[str, Any], schema: Schema | None) -> dict[str, Any]:
+        """`params` with `response_format` json_schema (vLLM's structured outputs), when the endpoint has them."""
+        if schema is None or not self.structured_output:
+            return params
+        return {**params, "response_format": {"type": "json_schema", "json_schema": {
+            "name": schema.get("title", "response"), "schema": schema}}}
+
     def _request(self, messages: list[Message], params: dict[str, Any],
                  stop_when: Callable[[str], bool] | None = None) -> Completion:
         import openai
 
         try:
-            if stop_when is not None:
+            if stop_when is not None and "response_format" not in params:  # a constrained answer is never streamed
                 return self._streamed(messages, params, stop_when)
             response = self.client.chat.completions.create(messages=messages, **params)
         except openai.APIStatusError as err:
