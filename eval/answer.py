@@ -206,9 +206,7 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
     engine = config.eval.backend if spec.kind != "teacher" else None
     if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`), its rag reference gated as a row is
-        prompt += [teacher_extra(prep), prep.teacher_max_sentences, config.teacher.max_new_tokens]
-        if prep.teacher_answer != "generate":  # left out at its default: references made before it stay valid
-            prompt.append(prep.teacher_answer)
+        prompt += [teacher_extra(prep), prep.teacher_max_sentences, prep.teacher_answer, config.teacher.max_new_tokens]
         if mode == "rag":
             teacher = config.teacher
             prompt += [teacher.num_candidates, teacher.temperature, teacher.candidate_temperature,

@@ -73,7 +73,7 @@ def test_hf_backend_constrains_each_conversation_by_its_own_schema(smollm2_dir: 
 
 def test_extractive_teacher_answers_with_a_sentence_of_its_own_contexts(smollm2_dir: Path) -> None:
     prep = _prep()
-    role = load_config_role(smollm2_dir)
+    role = _teacher_role(smollm2_dir)
     backend = HFChatBackend(str(smollm2_dir), batch_size=4, max_new_tokens=role.max_new_tokens)
     contexts = [[DEFINITION, RISKS], [TAKE_RATE, BULLETS], [TABLE, BULLETS]]
     questions = ["What does GAAP mean?", "How is Take Rate defined?", "What were the lease payments in 2022?"]
@@ -149,7 +149,7 @@ def _prep() -> Any:
     return DataPrepConfig(teacher_answer="extract", teacher_instruction=INSTRUCTION)
 
 
-def load_config_role(smollm2_dir: Path) -> Any:
+def _teacher_role(smollm2_dir: Path) -> Any:
     from ragtune.core.roles import LLMRole
 
     return LLMRole(backend="hf", model=str(smollm2_dir), max_new_tokens=96)

@@ -37,6 +37,11 @@ Schema = dict[str, Any]
 Schemas = Schema | list[Schema]
 
 
+def schema_rows(schema: Schemas | None, start: int, stop: int) -> Schemas | None:
+    """The schema(s) of conversations `start:stop`: a per-conversation list is sliced, one schema stands for all."""
+    return schema[start:stop] if isinstance(schema, list) else schema
+
+
 @dataclass
 class Completion:
     """One conversation's answer. `finish_reason` is "stop" (EOS or a stop condition), "length" (cut at
@@ -222,7 +227,7 @@ class HFChatBackend:
         start = 0
         while start < len(conversations):  # batch_size may shrink on the way (out of memory)
             batch = conversations[start : start + self.batch_size]
-            schema = json_schema[start : start + len(batch)] if isinstance(json_schema, list) else json_schema
+            schema = schema_rows(json_schema, start, start + len(batch))
             start += len(batch)
             try:
                 results.extend(self._generate_fitting(batch, max_new_tokens or self.max_new_tokens,
@@ -233,13 +238,14 @@ class HFChatBackend:
                 results.extend(Completion(None, f"{type(err).__name__}: {err}") for _ in batch)
         return results
 
-    def _generate_fitting(self, batch: list[list[Message]], *args: Any) -> list[Completion]:
+    def _generate_fitting(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
+                          json_schema: Schemas | None, *args: Any) -> list[Completion]:
         """`_generate`, halving the batch on an out-of-memory error until it fits (one conversation that does not
         fit alone is the error); later batches start at the size that fitted."""
         import torch
 
         try:
-            return self._generate(batch, *args)
+            return self._generate(batch, max_new_tokens, temperature, json_schema, *args)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -249,10 +255,10 @@ class HFChatBackend:
             self.batch_size = min(self.batch_size, half)
             log.warning("out of memory at batch %d: retrying as %d + %d (batch_size now %d)", len(batch), half,
                         len(batch) - half, self.batch_size)
-            max_new_tokens, temperature, schema, *rest = args
-            halves = (schema[:half], schema[half:]) if isinstance(schema, list) else (schema, schema)
-            return (self._generate_fitting(batch[:half], max_new_tokens, temperature, halves[0], *rest)
-                    + self._generate_fitting(batch[half:], max_new_tokens, temperature, halves[1], *rest))
+            return (self._generate_fitting(batch[:half], max_new_tokens, temperature,
+                                           schema_rows(json_schema, 0, half), *args)
+                    + self._generate_fitting(batch[half:], max_new_tokens, temperature,
+                                             schema_rows(json_schema, half, len(batch)), *args))
 
     def _generate(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
                   json_schema: Schemas | None, stop_when: Callable[[str], bool] | None = None,

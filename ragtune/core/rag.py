@@ -195,19 +195,21 @@ def teacher_candidates(backend: Any, views: list[list[dict[str, str]]], prep: Te
     With `teacher_answer: extract`, each candidate is one sentence of the view's `contexts` (`extract_answers`)."""
     gates = prep.answer_gates
     logprobs = {"top_logprobs": top_logprobs} if top_logprobs else {}
+    if prep.teacher_answer == "extract" and contexts is None:
+        raise ValueError("teacher_answer: extract needs the contexts of every view")
 
-    def ask(asked: list[list[dict[str, str]]], temperature: float, repeat: int = 1) -> list[Any]:
+    def ask(temperature: float, repeat: int = 1) -> list[Any]:
+        """Every view `repeat` times in a row, answered as `teacher_answer` says."""
+        asked = [v for v in views for _ in range(repeat)]
         if prep.teacher_answer == "extract":
-            if contexts is None:
-                raise ValueError("teacher_answer: extract needs the contexts of every view")
             return extract_answers(backend, asked, [c for c in contexts for _ in range(repeat)], role.max_new_tokens,
                                    temperature=temperature)
         return ask_teacher(backend, asked, prep, loops=gates.enabled, temperature=temperature, **logprobs)
 
-    per_view = [[answer] for answer in ask(views, role.temperature)]
+    per_view = [[answer] for answer in ask(role.temperature)]
     extra = role.num_candidates - 1
     if extra > 0:
-        samples = ask([v for v in views for _ in range(extra)], role.candidate_temperature, repeat=extra)
+        samples = ask(role.candidate_temperature, repeat=extra)
         for k, candidates in enumerate(per_view):
             candidates.extend(samples[k * extra : (k + 1) * extra])
     retry = [k for k, cands in enumerate(per_view) if gates.enabled and prep.teacher_answer == "generate"
