@@ -112,6 +112,13 @@ class DataPrepConfig(BaseModel):
     # questions of one split more similar than this to an earlier kept one are dropped as near-duplicates: on 111
     # generated questions every pair above 0.85 was a duplicate, about 10 of 17 pairs at 0.80-0.85 were not
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    # round-trip consistency (Promptagator, Dai et al. 2022): keep a question only if retrieving for it ranks its
+    # source chunk in the top `roundtrip_top_k` (0: off), searching as its split is answered: train questions among
+    # train-region chunks, eval questions in the whole index. A question the retriever cannot trace to its source is
+    # too vague to have one answer: on the demo's eval questions the source was among the top 2 for 11 of 30, and
+    # no model could agree with the teacher's reference (written from the source) on the other 19
+    roundtrip_top_k: int = Field(0, ge=0)
+    roundtrip_splits: list[Literal["train", "eval"]] = ["train", "eval"]
     # teacher answers through the RAG pipeline (the same messages eval sends to the student)
     similarity_top_k: int = Field(2, ge=1)
     # prep stops non-zero when more than this share of the training questions got no answer from the teacher

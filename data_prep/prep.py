@@ -48,7 +48,7 @@ from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
 from ragtune.data_prep.questions import (
     answerable_verdicts, drop_leakage, drop_near_duplicates, enough_questions, normalize_question, parse_questions,
-    question_prompt, select_questions,
+    question_prompt, roundtrip_verdicts, select_questions,
 )
 from ragtune.data_prep.state import LazyBackend, StepState
 
@@ -100,7 +100,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     ################
     # 4. Questions
     ################
-    question_facts = make_questions(config, run_dir, state, chunks, split, teacher_backend, embed_model)
+    question_facts = make_questions(config, run_dir, state, chunks, split, teacher_backend, embed_model, index)
 
     ################
     # 5. Teacher answers
@@ -207,7 +207,8 @@ def split_regions(chunks: list[dict[str, Any]], prep: DataPrepConfig, seed: int)
 
 
 def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, chunks: list[dict[str, Any]],
-                   split: dict[str, set[str]], teacher: LazyBackend, embed_model: Any) -> dict[str, Any]:
+                   split: dict[str, set[str]], teacher: LazyBackend, embed_model: Any,
+                   index: "VectorStoreIndex") -> dict[str, Any]:
     """Generate, parse and filter questions per split; write questions.{train,eval}.jsonl and the rejects."""
     prep = config.data_prep
     fingerprint = short_hash(
@@ -216,6 +217,7 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
         prep.model_dump(include={"train_fraction", "split_unit", "num_questions_per_chunk", "num_train_questions",
                                  "num_eval_questions", "question_prompt", "answerable_check", "min_lexical_overlap",
                                  "leakage_threshold", "near_duplicate_threshold"}),
+        *([prep.roundtrip_top_k, prep.roundtrip_splits, state.fingerprint("index")] if prep.roundtrip_top_k else []),
     )
     outputs = [run_dir.questions_raw, run_dir.questions_train, run_dir.questions_eval, run_dir.questions_rejected]
     if state.is_done("questions", fingerprint, run_dir.questions_train):
@@ -223,7 +225,7 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
     state.start("questions", fingerprint, outputs)
 
     targets = {"train": prep.num_train_questions, "eval": prep.num_eval_questions}
-    raw_rows = _raw_questions(config, run_dir, chunks, split, targets, teacher)
+    raw_rows = _raw_questions(config, run_dir, chunks, split, targets, teacher, index)
     selected, rejected = _filter_questions(raw_rows, chunks, targets, prep, embed_model)
     if not selected["train"]:
         raise PrepError(
@@ -249,7 +251,7 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
 
 
 def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[str, Any]], split: dict[str, set[str]],
-                   targets: dict[str, int], teacher: LazyBackend) -> dict[str, dict[str, Any]]:
+                   targets: dict[str, int], teacher: LazyBackend, index: "VectorStoreIndex") -> dict[str, dict[str, Any]]:
     """The teacher's questions per chunk (data/questions.raw.jsonl, resumed), chunks in a seeded order per split."""
     prep = config.data_prep
     with JsonlAppender(run_dir.questions_raw, key="chunk_id") as raw, \
@@ -258,7 +260,10 @@ def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[s
             order = [c for c in chunks if region_of(c, prep.split_unit) in split[split_name]]
             random.Random(f"{config.seed}:{split_name}").shuffle(order)
             need = targets[split_name] + math.ceil(QUESTION_SLACK * targets[split_name])
-            _generate_questions(split_name, order, need, prep, teacher, raw, failures)
+            # the round-trip check searches as the split is answered: train rows among train chunks, eval everywhere
+            roundtrip = (index, sorted(c["id"] for c in order) if split_name == "train" else None) \
+                if prep.roundtrip_top_k and split_name in prep.roundtrip_splits else None
+            _generate_questions(split_name, order, need, prep, teacher, raw, failures, roundtrip)
         return {row["chunk_id"]: row for row in raw.rows}
 
 
@@ -284,8 +289,10 @@ def _filter_questions(raw_rows: dict[str, dict[str, Any]], chunks: list[dict[str
 
 
 def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int, prep: DataPrepConfig,
-                        teacher: "LazyBackend", raw: JsonlAppender, failures: JsonlAppender) -> None:
-    """Ask the teacher for questions, chunk batch by chunk batch, until `need` usable ones exist."""
+                        teacher: "LazyBackend", raw: JsonlAppender, failures: JsonlAppender,
+                        roundtrip: tuple["VectorStoreIndex", list[str] | None] | None) -> None:
+    """Ask the teacher for questions, chunk batch by chunk batch, until `need` usable ones exist; `roundtrip` is
+    the index and chunk ids the round-trip check searches (None: no check)."""
     def usable() -> int:
         rows = [r for r in raw.rows if r["split"] == split_name]
         return len({normalize_question(c["question"]) for r in rows for c in r["candidates"] if not c.get("reason")})
@@ -302,6 +309,9 @@ def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int,
             completions = backend.chat(prompts, stop_when=lambda text: enough_questions(text, prep.num_questions_per_chunk))
             parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
             verdicts = answerable_verdicts(batch, parsed, completions, prep, backend)
+            if roundtrip is not None:
+                index, node_ids = roundtrip
+                roundtrip_verdicts(batch, parsed, verdicts, index, prep.roundtrip_top_k, node_ids)
             for chunk, completion, (kept, dropped), verdict in zip(batch, completions, parsed, verdicts):
                 if completion.error is not None:
                     failures.append({"id": f"questions:{chunk['id']}:{time.time_ns()}", "step": "questions",

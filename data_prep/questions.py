@@ -11,6 +11,8 @@ from ragtune.core.grounding import lexical_overlap
 from ragtune.data_prep.config import DataPrepConfig
 
 if TYPE_CHECKING:
+    from llama_index.core import VectorStoreIndex
+
     from ragtune.core.llm import ChatBackend
 
 
@@ -125,6 +127,22 @@ def answerable_verdicts(batch: list[dict[str, Any]], parsed: list[tuple[list[str
         elif not answerable:
             verdicts[i][j] = "unanswerable: the teacher says the source chunk does not answer it"
     return verdicts
+
+
+def roundtrip_verdicts(batch: list[dict[str, Any]], parsed: list[tuple[list[str], list[tuple[str, str]]]],
+                       verdicts: list[list[str | None]], index: "VectorStoreIndex", top_k: int,
+                       node_ids: list[str] | None) -> None:
+    """Mark each still-kept question whose source chunk is not among the top `top_k` chunks retrieved for it
+    (from `node_ids`, or the whole index) as "not retrievable", in place."""
+    from ragtune.core.rag import retrieve
+
+    pairs = [(i, j, q) for i, (kept, _) in enumerate(parsed) for j, q in enumerate(kept) if verdicts[i][j] is None]
+    if not pairs:
+        return
+    where = "its split's chunks" if node_ids is not None else "the whole index"
+    for (i, j, _), found in zip(pairs, retrieve(index, [q for _, _, q in pairs], top_k, node_ids=node_ids)):
+        if batch[i]["id"] not in [hit["id"] for hit in found]:
+            verdicts[i][j] = f"not retrievable: its source chunk is not in the top {top_k} of {where} (roundtrip_top_k)"
 
 
 def select_questions(raw_rows: list[dict[str, Any]], chunk_by_id: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -202,6 +202,11 @@ def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
     if any(m in RETRIEVAL_METRICS for m in config.eval.metrics):
         out.append("Context precision/recall measure the retriever, which is the same for every model: they are "
                    "scored once per question, against the teacher's answer and the question's source chunk.")
+    prep = config.data_prep
+    if prep.roundtrip_top_k and "eval" in prep.roundtrip_splits:
+        out.append(f"Held-out questions were kept only where retrieval ranks their source chunk in the top "
+                   f"{prep.roundtrip_top_k} (data_prep.roundtrip_top_k): context recall is high by construction; "
+                   "data/questions.rejected.jsonl counts the questions left out as 'not retrievable'.")
     return out
 
 

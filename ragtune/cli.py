@@ -104,6 +104,10 @@ def _setup_logging(verbosity: int) -> None:
     if verbosity == 0:
         import warnings
 
+        # on an avx512_bf16 CPU bitsandbytes tries the hub's kernels-community 4-bit kernel at import and warns when it
+        # cannot (offline, or `kernels` not installed), then uses its own: nothing for the user to do
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
         try:

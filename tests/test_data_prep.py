@@ -119,6 +119,37 @@ def test_leakage_check_drops_near_duplicates_with_reason() -> None:
     assert [q["id"] for q in leaked] == ["e0"] and "to train question t0" in leaked[0]["reason"]
 
 
+def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_path: Path) -> None:
+    """Promptagator's round-trip filter on a real LlamaIndex index: a specific question finds its chunk, one
+    closer to another chunk (or whose chunk the split's search leaves out) is "not retrievable"; earlier rejects stay."""
+    from llama_index.core.schema import TextNode
+
+    from ragtune.config import EmbeddingConfig
+    from ragtune.core.rag import build_index, embedding_model
+    from ragtune.data_prep.questions import roundtrip_verdicts
+
+    texts = {"p1-c0": "Uber's Mobility segment connects consumers with Drivers who provide rides in a variety of "
+                      "vehicles, such as cars, auto rickshaws, motorbikes, minibuses, or taxis.",
+             "p2-c0": "Freight connects carriers with shippers on our platform, and gives carriers upfront, "
+                      "transparent pricing and the ability to book a shipment.",
+             "p3-c0": "Delivery allows consumers to search for and discover local commerce, order a meal or other "
+                      "items, and either pick up at the restaurant or have it delivered."}
+    index = build_index([TextNode(id_=i, text=t) for i, t in texts.items()], embedding_model(EmbeddingConfig()),
+                        tmp_path / "index")
+    batch = [{"id": "p2-c0"}, {"id": "p3-c0"}]
+    parsed = [(["How does Freight connect carriers with shippers?", "What kinds of vehicles do Drivers use?"], []),
+              (["Can consumers pick up a meal at the restaurant?", "What is a minibus?"], [])]
+    verdicts: list[list[str | None]] = [[None, None], [None, "unanswerable: lexical overlap 0.00"]]
+    roundtrip_verdicts(batch, parsed, verdicts, index, 1, None)
+    assert verdicts[0][0] is None and verdicts[1][0] is None
+    assert verdicts[0][1].startswith("not retrievable: its source chunk is not in the top 1 of the whole index")
+    assert verdicts[1][1] == "unanswerable: lexical overlap 0.00"
+    only_others = [[None, None], [None, None]]
+    roundtrip_verdicts(batch[:1], parsed[:1], only_others, index, 2, ["p1-c0", "p3-c0"])
+    assert only_others[0] == [
+        "not retrievable: its source chunk is not in the top 2 of its split's chunks (roundtrip_top_k)"] * 2
+
+
 def test_prompt_builders() -> None:
     prep = DataPrepConfig()
     messages = build_rag_messages("Where is Uber based?", ["Chunk one {x}.", "Chunk two."], prep)

@@ -55,6 +55,25 @@ def test_context_sentences_are_the_complete_sentences_of_the_contexts() -> None:
     assert context_sentences([TABLE, BULLETS], max_chars=300) == []
 
 
+def test_list_items_and_abbreviations_keep_their_sentences_whole() -> None:
+    """A list marker is not part of the item's sentence, and punkt's split after "U.S." is not a sentence end (both
+    are real 10-K text from eval contexts that offered no sentence, or half of one, in a demo run)."""
+    cash = ("Cash and cash equivalents consist of cash held in checking and savings accounts as well as investments in "
+            "money market funds, commercial paper, U.S. government and agency securities, and corporate bonds.")
+    items = ("(e) The Revolving Loans comprising each SIBOR Borrowing shall bear interest at SIBOR for the Interest "
+             "Period in effect for such Borrowing plus the Applicable Rate.\n\n• The Transition RSU Award will fully "
+             "vest on May 8, 2022 if the Non-Employee Director is in service on that date.\n\n(e) (d) Benchmark "
+             "Unavailability Period.\n\n(ii) the Borrower shall pay such amounts;")
+    assert context_sentences([cash, items], max_chars=300) == [
+        cash,
+        "The Revolving Loans comprising each SIBOR Borrowing shall bear interest at SIBOR for the Interest Period in "
+        "effect for such Borrowing plus the Applicable Rate.",
+        "The Transition RSU Award will fully vest on May 8, 2022 if the Non-Employee Director is in service on that "
+        "date.",
+    ]  # a heading after its markers is still a heading; an item that is a clause is still not a sentence
+    assert context_sentences(["commercial paper, U.S. government and agency securities, and corporate bonds."], 300) == []
+
+
 def test_hf_backend_constrains_each_conversation_by_its_own_schema(smollm2_dir: Path) -> None:
     """One batch, a schema per row (xgrammar matcher per row): each answer is one of its own row's sentences, and
     the same as when the row is generated alone."""

@@ -231,6 +231,10 @@ MIN_SENTENCE_WORDS = 4
 # or brackets allowed): a chunk's first and last pieces, cut mid-sentence by the splitter, are not answers. Not a
 # digit: in a demo run the teacher chose "000 units of such currency and ..." (a chunk cut inside "100,000").
 COMPLETE_SENTENCE = re.compile(r"""^["'“‘(]?[A-Z].*[.!?]["'”’)]?$""", re.DOTALL)
+# List markers before an item ("• ", "(e) ", "(ii) ", "(1) ", "(e) (d) "): the item itself may be a complete sentence.
+# In a demo run 14 of the 28 pieces of the 8 eval contexts that offered no sentence were such items, as were most
+# sentences of the credit agreement's sections.
+LIST_MARKER = re.compile(r"^(?:(?:[•●▪◦*–-]|\((?:[a-z]{1,2}|[ivx]{1,5}|\d{1,2})\))\s+)+")
 
 
 @lru_cache(maxsize=1)
@@ -248,12 +252,26 @@ def context_sentences(contexts: list[str], max_chars: int) -> list[str]:
     found: list[str] = []
     for context in contexts:
         for paragraph in re.split(r"\n\s*\n", context):
-            for piece in split(paragraph):
-                sentence = " ".join(piece.split())
+            for sentence in _joined(split(paragraph)):
+                sentence = LIST_MARKER.sub("", sentence)
                 if (len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence) <= max_chars
                         and COMPLETE_SENTENCE.match(sentence) and sentence not in found):
                     found.append(sentence)
     return found
+
+
+def _joined(pieces: list[str]) -> list[str]:
+    """The tokenizer's pieces, whitespace collapsed, each piece that starts in lower case joined to the one before:
+    punkt ends a sentence at some abbreviations ("… commercial paper, U.S." | "government and agency securities …"
+    in a demo reference), and a sentence never starts in lower case. A paragraph's first piece stays apart (a
+    chunk cut mid-sentence)."""
+    joined: list[str] = []
+    for piece in (" ".join(p.split()) for p in pieces):
+        if joined and piece[:1].islower():
+            joined[-1] += " " + piece
+        elif piece:
+            joined.append(piece)
+    return joined
 
 
 def sentence_schema(sentences: list[str]) -> dict[str, Any]:
