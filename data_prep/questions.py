@@ -22,7 +22,7 @@ def question_prompt(context: str, prep: DataPrepConfig) -> str:
 
 
 _LIST_MARKER = re.compile(
-    r"^\s*(?:[-*•>#]+\s*|\(?\d{1,2}[.):]\s+|\(?[a-zA-Z][.)]\s+|Q\d*\s*[.:)]\s*|(?:the\s+)?question\s*\d*\s*[.:)-]\s*)",
+    r"^\s*(?:[-*•>#]+\s*|\(?\d{1,2}[.):]\s+|\(?[a-zA-Z][.)]\s+|Q\d*\s*[.:)]\s*|(?:the\s+)?question\s*\d*\s*[.:)-]\s*|(?:teacher|student|user|assistant)\s*:\s*)",
     re.IGNORECASE,
 )
 _PREAMBLE = re.compile(r"^(sure|certainly|of course|here (is|are)|okay|ok\b|great|below|the following)", re.IGNORECASE)
@@ -30,8 +30,8 @@ _ANSWER = re.compile(r"^(answer|a\d*|solution|explanation)\s*[:.)-]", re.IGNOREC
 
 
 def parse_questions(text: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Questions from a teacher's reply: (kept, [(dropped, reason)]). Strips numbering and `Question:`
-    prefixes, drops preambles, answers, non-questions, fragments and degenerate repetitions."""
+    """Questions from a teacher's reply: (kept, [(dropped, reason)]). Strips numbering, `Question:` and speaker
+    (`TEACHER:`, one of 30 demo eval questions) prefixes, drops preambles, answers, non-questions, fragments and degenerate repetitions."""
     kept: list[str] = []
     dropped: list[tuple[str, str]] = []
     pieces = [p for line in text.splitlines() for p in re.split(r"(?<=\?)\s+", line)]

@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--similarity-top-k", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="ragtune's teacher backend")
+    parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights of both sides (the teacher role's torch_dtype: vLLM's --dtype)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as work:
         print(json.dumps(bench(args, Path(work)), indent=2))
@@ -94,7 +96,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config_path.write_text(yaml.safe_dump({
         "name": "bench", "output_dir": str(work / "run"), "documents": [args.documents],
         "teacher": {"backend": args.backend, "model": args.model, "max_new_tokens": args.max_new_tokens,
-                    "batch_size": args.batch_size, "max_concurrency": args.batch_size},
+                    "batch_size": args.batch_size, "max_concurrency": args.batch_size,
+                    "torch_dtype": args.torch_dtype},
         "student": {"model": args.model}, "judge": {"model": args.model},
         "data_prep": {"chunk_size": args.chunk_size, "similarity_top_k": args.similarity_top_k,
                       "answer_gates": {"enabled": False}},
@@ -113,7 +116,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # every page is a training page here: both sides retrieve from the whole index
     split = {"train": {region_of(c, config.data_prep.split_unit) for c in chunks}, "eval": set()}
 
-    hf = HFChatBackend(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    hf = HFChatBackend(args.model, torch_dtype=args.torch_dtype, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens)
     hf.chat([[{"role": "user", "content": "Hello"}]], max_new_tokens=4)  # warm-up
     started = time.perf_counter()
     teacher = hf if args.backend == "hf" else make_backend(config.teacher)
@@ -138,7 +142,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     answers = [rows[f"bench-q{i:02d}"]["messages"][-1]["content"] for i in range(len(questions))]
 
     result = {
-        "model": args.model, "backend": args.backend, "questions": len(questions),
+        "model": args.model, "backend": args.backend, "torch_dtype": args.torch_dtype, "questions": len(questions),
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "similarity_top_k": args.similarity_top_k, "chunks": len(chunks), "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),

@@ -41,6 +41,7 @@ def test_parse_questions_strips_numbering_and_drops_non_questions() -> None:
         "What is what what what what what what what what?\n"
         "Why?\n"
         "- how many countries does Uber operate in ?\n"
+        "TEACHER: What does the TIBOR Rate mean for a Borrowing?\n"
         "The question: What is the name of the freight"
     )
     kept, dropped = parse_questions(reply, limit=3)
@@ -53,6 +54,7 @@ def test_parse_questions_strips_numbering_and_drops_non_questions() -> None:
     assert reasons["What is what what what what what what what what?"].startswith("degenerate")
     assert reasons["Why?"] == "too short"
     assert reasons["how many countries does Uber operate in ?"] == "duplicate"
+    assert reasons["What does the TIBOR Rate mean for a Borrowing?"] == "over num_questions_per_chunk"
     assert reasons["What is the name of the freight"].startswith("not a question: no question mark")
 
 

@@ -72,6 +72,8 @@ def test_list_items_and_abbreviations_keep_their_sentences_whole() -> None:
         "date.",
     ]  # a heading after its markers is still a heading; an item that is a clause is still not a sentence
     assert context_sentences(["commercial paper, U.S. government and agency securities, and corporate bonds."], 300) == []
+    revenue = "Revenue was $17.5 billion, up 57% year-over-year."
+    assert context_sentences([f"Effective income tax rate (0.5)% 2.8 % 48.\n\n{revenue}"], 300) == [revenue]
 
 
 def test_hf_backend_constrains_each_conversation_by_its_own_schema(smollm2_dir: Path) -> None:

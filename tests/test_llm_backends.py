@@ -416,3 +416,21 @@ def test_slow_server_that_still_answers_models_fails_rows_not_the_stage():
         server.close()
     assert [r.text for r in results] == [None] * 3
     assert all("ReadTimeout" in r.error and "raise `timeout`" in r.error for r in results)
+
+
+def test_managed_vllm_auto_dtype_on_cpu_is_the_precision_probes_choice(smollm2_dir: Path) -> None:
+    """`torch_dtype: auto` starts a CPU vLLM server in the format the probe measured faster for this model's shapes
+    (vLLM's own `auto` would take the checkpoint's dtype whatever the CPU); on a GPU vLLM's `auto` is kept."""
+    from transformers import AutoConfig
+
+    from ragtune.core import engine
+    from ragtune.core.precision import BF16_WEIGHTS, FP32, linear_shapes, pick, probe
+
+    def dtype_arg(on_cpu: bool) -> str:
+        args = engine.VLLMServer("smollm2-135m-instruct", dtype="auto").command("python", str(smollm2_dir), on_cpu=on_cpu)
+        return args[args.index("--dtype") + 1]
+
+    shapes = linear_shapes(AutoConfig.from_pretrained(smollm2_dir))
+    measured = pick(probe(shapes, (FP32, BF16_WEIGHTS), backward=False)["gflops"])
+    assert dtype_arg(on_cpu=True) == ("bfloat16" if measured == BF16_WEIGHTS else "float32")
+    assert dtype_arg(on_cpu=False) == "auto"

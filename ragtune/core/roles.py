@@ -26,7 +26,8 @@ class LLMRole(Strict):
 
     backend: Literal["hf", "openai", "vllm"] = "hf"
     model: str
-    # hf backend (torch_dtype is also the managed vLLM server's --dtype)
+    # hf backend (torch_dtype is also the managed vLLM server's --dtype; its `auto` on CPU is the faster of fp32 and
+    # bf16 as ragtune's precision probe measures this machine: engine.cpu_dtype)
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device_map: str | None = None
     trust_remote_code: bool = False
