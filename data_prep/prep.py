@@ -260,9 +260,10 @@ def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[s
             order = [c for c in chunks if region_of(c, prep.split_unit) in split[split_name]]
             random.Random(f"{config.seed}:{split_name}").shuffle(order)
             need = targets[split_name] + math.ceil(QUESTION_SLACK * targets[split_name])
-            # the round-trip check searches as the split is answered: train rows among train chunks, eval everywhere
-            roundtrip = (index, sorted(c["id"] for c in order) if split_name == "train" else None) \
-                if prep.roundtrip_top_k and split_name in prep.roundtrip_splits else None
+            roundtrip = None
+            if prep.roundtrip_top_k and split_name in prep.roundtrip_splits:
+                # the check searches as the split is answered: train rows among train chunks, eval everywhere
+                roundtrip = (index, sorted(c["id"] for c in order) if split_name == "train" else None)
             _generate_questions(split_name, order, need, prep, teacher, raw, failures, roundtrip)
         return {row["chunk_id"]: row for row in raw.rows}
 

@@ -31,7 +31,8 @@ _ANSWER = re.compile(r"^(answer|a\d*|solution|explanation)\s*[:.)-]", re.IGNOREC
 
 def parse_questions(text: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
     """Questions from a teacher's reply: (kept, [(dropped, reason)]). Strips numbering, `Question:` and speaker
-    (`TEACHER:`, one of 30 demo eval questions) prefixes, drops preambles, answers, non-questions, fragments and degenerate repetitions."""
+    (`TEACHER:`, one of 30 demo eval questions) prefixes, drops preambles, answers, non-questions, fragments and
+    degenerate repetitions."""
     kept: list[str] = []
     dropped: list[tuple[str, str]] = []
     pieces = [p for line in text.splitlines() for p in re.split(r"(?<=\?)\s+", line)]

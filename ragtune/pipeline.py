@@ -253,12 +253,11 @@ def release_freed_memory() -> None:
     """Hand the memory a finished stage freed back to the OS (glibc's `malloc_trim`; elsewhere nothing): without it
     ragtune kept merge's 4.46 GB peak through eval, beside eval's vLLM server (demo, 2026-12-01)."""
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc's among them: no library search
     except (OSError, AttributeError):
         pass
 

@@ -254,8 +254,8 @@ def context_sentences(contexts: list[str], max_chars: int) -> list[str]:
         for paragraph in re.split(r"\n\s*\n", context):
             for sentence in _joined(split(paragraph)):
                 sentence = LIST_MARKER.sub("", sentence)
-                if (len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence) <= max_chars and _mostly_words(sentence)
-                        and COMPLETE_SENTENCE.match(sentence) and sentence not in found):
+                if (len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence) <= max_chars
+                        and _mostly_words(sentence) and COMPLETE_SENTENCE.match(sentence) and sentence not in found):
                     found.append(sentence)
     return found
 
