@@ -13,7 +13,8 @@ Both sides use the same persisted index, the same questions, the same weights, g
 Prints one JSON object: `ratio` is ragtune rows/s over baseline rows/s (target >= 4), `identical` the share
 of questions where both sides' answers are the same text. The vLLM server's start is timed apart.
 
-    python scripts/bench_teacher.py --questions 16 --max-new-tokens 64 --backend vllm
+    python scripts/bench_teacher.py                      # the demo's prep settings (configs/demo.yaml)
+    python scripts/bench_teacher.py --config configs/gpu-qlora.yaml --model <local copy of its teacher>
 """
 
 from __future__ import annotations
@@ -64,17 +65,31 @@ QUESTIONS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"),
+                        help="the run whose prep stage is measured: its teacher's max_new_tokens and max_concurrency, "
+                             "its data_prep's chunk_size, chunk_overlap and similarity_top_k (the flags below win)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="teacher model (HF id, folder or alias)")
     parser.add_argument("--documents", default=str(REPO / "tests" / "data" / "uber_10k_excerpt.pdf"))
-    parser.add_argument("--questions", type=int, default=16, help=f"at most {len(QUESTIONS)}")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--similarity-top-k", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--questions", type=int, default=len(QUESTIONS), help=f"at most {len(QUESTIONS)}")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--batch-size", type=int, help="ragtune's requests in flight (the teacher's max_concurrency)")
+    parser.add_argument("--similarity-top-k", type=int)
+    parser.add_argument("--chunk-size", type=int)
+    parser.add_argument("--chunk-overlap", type=int)
     parser.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="ragtune's teacher backend")
     parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights of both sides (the teacher role's torch_dtype: vLLM's --dtype)")
+                        help="weights of both sides (the teacher role's torch_dtype: vLLM's --dtype); fp32 by default, "
+                             "where vLLM's kernels and HF's agree token for token")
     args = parser.parse_args()
+    run = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    teacher, prep = run.get("teacher", {}), run.get("data_prep", {})
+    for name, value in (("max_new_tokens", teacher.get("max_new_tokens", 256)),
+                        ("batch_size", teacher.get("max_concurrency", 8)),
+                        ("similarity_top_k", prep.get("similarity_top_k", 2)),
+                        ("chunk_size", prep.get("chunk_size", 512)),
+                        ("chunk_overlap", prep.get("chunk_overlap", 64))):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as work:
         print(json.dumps(bench(args, Path(work)), indent=2))
 
@@ -99,7 +114,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "batch_size": args.batch_size, "max_concurrency": args.batch_size,
                     "torch_dtype": args.torch_dtype},
         "student": {"model": args.model}, "judge": {"model": args.model},
-        "data_prep": {"chunk_size": args.chunk_size, "similarity_top_k": args.similarity_top_k,
+        "data_prep": {"chunk_size": args.chunk_size, "chunk_overlap": args.chunk_overlap,
+                      "similarity_top_k": args.similarity_top_k,
                       "answer_gates": {"enabled": False}},
     }), encoding="utf-8")
     config = load_config(config_path)
@@ -143,8 +159,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     result = {
         "model": args.model, "backend": args.backend, "torch_dtype": args.torch_dtype, "questions": len(questions),
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "similarity_top_k": args.similarity_top_k, "chunks": len(chunks), "torch_threads": torch.get_num_threads(),
+        "config": args.config, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size, "similarity_top_k": args.similarity_top_k, "chunks": len(chunks),
+        "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "baseline": {"rows": len(baseline_answers), "seconds": round(baseline_seconds, 2),
                      "rows_per_s": round(len(baseline_answers) / baseline_seconds, 3)},

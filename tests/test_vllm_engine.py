@@ -269,6 +269,26 @@ def test_shutdown_all_leaves_no_process(server, log_dir):
     assert engine._servers == {}
 
 
+
+def test_one_managed_server_at_a_time_and_a_replaced_one_comes_back(smollm2_dir, log_dir):
+    """Starting another model's server stops the running one (eval answers its models one after another; two
+    servers split the machine: on a GPU each vLLM claims 90% of its memory); the first model's backend starts
+    its server again at its next call, with the same greedy answer."""
+    question = [[{"role": "user", "content": "What is the capital of France?"}]]
+    teacher = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=16), log_dir=log_dir)
+    first = engine.get_server(MODEL, log_dir=log_dir)
+    [before] = teacher.chat(question)
+    other = make_backend(LLMRole(backend="vllm", model=str(smollm2_dir), max_new_tokens=16), log_dir=log_dir)
+    assert not _wait_gone(first.process.pid, 5) and list(engine._servers) == [str(smollm2_dir)]
+    assert "another model's" in first.describe_failure()
+    [after] = teacher.chat(question)
+    assert after.error is None and after.text == before.text and "Paris" in after.text
+    assert list(engine._servers) == [MODEL]
+    assert engine.get_server(MODEL, log_dir=log_dir).process.pid != first.process.pid
+    assert other.base_url != teacher.base_url
+    engine.shutdown_all()
+
+
 CHILD = """
 import json, sys, time
 from ragtune.core import engine

@@ -1,8 +1,10 @@
 """The managed vLLM server behind `backend: vllm`: started on 127.0.0.1, shared, and always stopped.
 
 vLLM's OpenAI-compatible server gives continuous batching, prefix caching, guided JSON and LoRA adapters
-served next to their base. ragtune runs one server per model for a whole `ragtune run` (a process-wide
-registry: `get_server`), talks to it through `OpenAIChatBackend`, and stops it with `shutdown_all()`.
+served next to their base. ragtune runs one server at a time (a process-wide registry: `get_server`), reused
+by every call for its model until another model's server replaces it or the stage ends; it talks to it
+through `OpenAIChatBackend` (`llm.ManagedServerBackend` starts it again after a replacement) and stops it
+with `shutdown_all()`.
 Nothing outlives ragtune: the server runs in its own process group, which `stop()` ends (SIGTERM, then
 SIGKILL); `shutdown_all` runs at exit and on SIGTERM/SIGHUP (Ctrl-C exits through atexit); and if ragtune
 is killed outright, a watchdog thread inside the server process sees its parent gone and ends the group.
@@ -38,6 +40,10 @@ API_SERVER = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails: the CPU
 STARTUP_TIMEOUT = 900.0  # s; SmolLM2-135M measured 50 s idle, 170 s on a loaded 2-core CPU; 70B on a GPU: minutes
 STOP_GRACE = 15.0  # s between SIGTERM and SIGKILL; vLLM measured to exit in ~2 s here
 KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE on CPU: 1 GiB holds ~23k tokens of SmolLM2-135M; peak RSS ~4 GB
+# vLLM on CPU keeps one core off its OpenMP threads for its scheduler. On a 2-core Xeon that halves the model's
+# threads: 16 teacher answers took 42.0 s with the core reserved, 26.1 s without (scripts/bench_teacher.py).
+# Machines of at most this many cores reserve none; larger ones keep vLLM's choice (one core of many).
+RESERVE_NO_CPU_UP_TO = 4
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 REPO_ENGINE = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
@@ -117,6 +123,7 @@ class VLLMServer:
         self.log_path = folder / f"vllm-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.log"
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self.handed_over = False  # stopped by ragtune for another model's server: a backend may start it again
 
     @property
     def base_url(self) -> str:
@@ -156,6 +163,8 @@ class VLLMServer:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
         if on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
+            if len(os.sched_getaffinity(0)) <= RESERVE_NO_CPU_UP_TO:
+                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if Path(model_path).is_dir():  # a local folder needs no hub; vLLM would still ask it
             env["HF_HUB_OFFLINE"] = "1"
         with self.log_path.open("a", encoding="utf-8") as log_file:
@@ -227,6 +236,8 @@ class VLLMServer:
         """For BackendUnavailable: whether the managed server died (with its log) or is up but silent."""
         if self.process is None:
             return "The managed vLLM server was never started."
+        if self.handed_over:
+            return "ragtune stopped this managed vLLM server to start another model's (one runs at a time)."
         if not self.alive:
             return (f"The managed vLLM server (pid {self.process.pid}) exited with code {self.process.returncode}; "
                     f"the next run starts a new one. Log {self.log_path}:\n{self.log_tail(10)}")
@@ -276,7 +287,9 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
 
     A live server is reused when its settings match; missing LoRA adapters are loaded into it at runtime
     when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
-    A server that died (killed, crashed) is replaced by a new one.
+    A server that died (killed, crashed) is replaced by a new one. Starting one stops the others: each takes
+    the whole machine (vLLM claims 90% of a GPU's memory; on CPU its KV cache and every core), and eval runs
+    its models one after another (the demo's eval held two servers, 9.2 GB of 2-core CPU RAM, at once).
     """
     wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
     settings = (dtype, max_model_len, trust_remote_code)
@@ -292,6 +305,10 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
                     server.load_lora(name, path)
                 return server
             wanted = {**server.lora_modules, **wanted}
+        for other in [name for name in _servers if name != model]:
+            log.info("stopping vLLM for %s before starting %s: one managed server at a time", other, model)
+            _servers[other].handed_over = True
+            _servers.pop(other).stop()
         if server is not None:
             server.stop()
         server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,

@@ -135,11 +135,32 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None) -> ChatBacken
     if role.backend == "vllm" and not role.base_url:
         from ragtune.core.engine import get_server
 
-        server = get_server(role.model, log_dir=log_dir, dtype=role.torch_dtype, max_model_len=role.max_model_len,
-                            trust_remote_code=role.trust_remote_code)
-        return openai_backend(role, model=server.served_model_name, base_url=server.base_url,
-                              unavailable_hint=server.describe_failure)
+        return ManagedServerBackend(
+            lambda: get_server(role.model, log_dir=log_dir, dtype=role.torch_dtype, max_model_len=role.max_model_len,
+                               trust_remote_code=role.trust_remote_code),
+            lambda server: openai_backend(role, model=server.served_model_name, base_url=server.base_url,
+                                          unavailable_hint=server.describe_failure))
     return openai_backend(role)
+
+
+class ManagedServerBackend:
+    """An `OpenAIChatBackend` on ragtune's managed vLLM server for one model. One managed server runs at a time,
+    so another model's (a judge between teacher batches) may have replaced this one since the last call: the
+    next call starts it again. A server that died is not restarted here: its calls fail with the reason."""
+
+    def __init__(self, start: Callable[[], Any], connect: Callable[[Any], "OpenAIChatBackend"]):
+        self._start, self._connect = start, connect
+        self._server = start()
+        self._backend = connect(self._server)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def chat(self, conversations: list[list[Message]], **kwargs: Any) -> list[Completion]:
+        if self._server.handed_over:
+            self._server = self._start()
+            self._backend = self._connect(self._server)
+        return self._backend.chat(conversations, **kwargs)
 
 
 def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | None = None,
