@@ -169,14 +169,17 @@ def answer_throughput(config: Any, run_dir: Any, backend: str) -> tuple[dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="student/teacher/judge model (default: tiny random Llamas)")
-    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=8, help=f"at most {len(QUESTIONS)}")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="eval.batch_size: the hf backend's batch, the engine's requests in flight (the demo's 32)")
     parser.add_argument("--judge-max-new-tokens", type=int, default=128)
     parser.add_argument("--judge-batch-size", type=int, default=8)
     parser.add_argument("--judge-questions", type=int, default=None, help="questions in the judge comparison")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folder here")
     parser.add_argument("--engine", action="store_true", help="only compare answer generation: vllm vs hf")
     args = parser.parse_args()
+    args.questions = min(args.questions, len(QUESTIONS))
 
     from ragtune.eval import evaluate
     from ragtune.config import load_config
@@ -194,7 +197,8 @@ def main() -> None:
             "student": {"model": student},
             "judge": {"backend": "hf", "model": student, "max_new_tokens": args.judge_max_new_tokens,
                       "batch_size": args.judge_batch_size},
-            "eval": {"max_new_tokens": args.max_new_tokens, "judge_sanity_pairs": min(4, args.questions),
+            "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                     "judge_sanity_pairs": min(4, args.questions),
                      "n_resamples": 1000},
         }))
         config = load_config(config_path)
@@ -204,7 +208,8 @@ def main() -> None:
             vllm, vllm_answers = answer_throughput(config, run_dir, "vllm")
             same = [a == b for key in hf_answers for a, b in zip(hf_answers[key], vllm_answers.get(key, []))]
             print(json.dumps({"model": args.model or "tiny random Llama (2 layers)", "questions": args.questions,
-                              "max_new_tokens": args.max_new_tokens, "load_average": os.getloadavg(), "hf": hf,
+                              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                              "load_average": os.getloadavg(), "hf": hf,
                               "vllm": vllm, "engine_ratio": round(vllm["answers_per_s"] / hf["answers_per_s"], 2),
                               "identical": round(sum(same) / max(1, len(same)), 3)}, indent=2), file=stdout)
             return

@@ -289,8 +289,11 @@ def test_one_managed_server_at_a_time_and_a_replaced_one_comes_back(smollm2_dir,
     engine.shutdown_all()
 
 
+# The owner takes Ctrl-C as a terminal's ragtune does, even when the suite itself was started in the background
+# (`cmd &` in a non-interactive shell starts it with SIGINT ignored, and Python then installs no handler)
 CHILD = """
-import json, sys, time
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ragtune.core import engine
 server = engine.get_server("smollm2-135m-instruct", log_dir=sys.argv[1])
 print(json.dumps({"pid": server.process.pid}), flush=True)
