@@ -123,7 +123,7 @@ class VLLMServer:
         self.log_path = folder / f"vllm-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.log"
         self.port = 0
         self.process: subprocess.Popen | None = None
-        self.handed_over = False  # stopped by ragtune for another model's server: a backend may start it again
+        self.handed_over = False  # stopped by ragtune for another server: a backend may start it again
 
     @property
     def base_url(self) -> str:
@@ -237,7 +237,7 @@ class VLLMServer:
         if self.process is None:
             return "The managed vLLM server was never started."
         if self.handed_over:
-            return "ragtune stopped this managed vLLM server to start another model's (one runs at a time)."
+            return "ragtune stopped this managed vLLM server to start another (one runs at a time)."
         if not self.alive:
             return (f"The managed vLLM server (pid {self.process.pid}) exited with code {self.process.returncode}; "
                     f"the next run starts a new one. Log {self.log_path}:\n{self.log_tail(10)}")
@@ -310,6 +310,7 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
             _servers[other].handed_over = True
             _servers.pop(other).stop()
         if server is not None:
+            server.handed_over = server.alive  # replaced while alive (other settings, more adapters): followed
             server.stop()
         server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,
                                                max_model_len=max_model_len, trust_remote_code=trust_remote_code)
