@@ -345,7 +345,7 @@ def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:
 def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, specs: list[ModelSpec] = ()) -> "ChatBackend":
     """The teacher's configured backend, or the student (base, adapter-on-base, merged): in-process, or through
     the managed vLLM server (`eval.backend: vllm`) that serves the base and every adapter of `specs` by name."""
-    from ragtune.core.llm import HFChatBackend, ManagedServerBackend, make_backend, openai_backend
+    from ragtune.core.llm import HFChatBackend, ManagedServerBackend, make_backend
 
     if spec.kind == "teacher":
         return make_backend(config.teacher, log_dir=run_dir.logs)
@@ -361,8 +361,7 @@ def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, spec
         return ManagedServerBackend(
             lambda: get_server(spec.model, lora_modules=adapters, log_dir=run_dir.logs, dtype=student.torch_dtype,
                                trust_remote_code=student.trust_remote_code),
-            lambda server: openai_backend(role, model=spec.name if spec.adapter else server.served_model_name,
-                                          base_url=server.base_url, unavailable_hint=server.describe_failure))
+            role, served=spec.name if spec.adapter else None)
     return HFChatBackend(
         spec.model, adapter=spec.adapter, torch_dtype=student.torch_dtype, device_map=student.device_map,
         batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, temperature=0.0,

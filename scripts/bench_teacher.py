@@ -81,13 +81,12 @@ def main() -> None:
                         help="weights of both sides (the teacher role's torch_dtype: vLLM's --dtype); fp32 by default, "
                              "where vLLM's kernels and HF's agree token for token")
     args = parser.parse_args()
-    run = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
-    teacher, prep = run.get("teacher", {}), run.get("data_prep", {})
-    for name, value in (("max_new_tokens", teacher.get("max_new_tokens", 256)),
-                        ("batch_size", teacher.get("max_concurrency", 8)),
-                        ("similarity_top_k", prep.get("similarity_top_k", 2)),
-                        ("chunk_size", prep.get("chunk_size", 512)),
-                        ("chunk_overlap", prep.get("chunk_overlap", 64))):
+    from ragtune.config import load_config
+
+    run = load_config(args.config)  # ragtune's own defaults where the file sets nothing
+    for name, value in (("max_new_tokens", run.teacher.max_new_tokens), ("batch_size", run.teacher.max_concurrency),
+                        ("similarity_top_k", run.data_prep.similarity_top_k),
+                        ("chunk_size", run.data_prep.chunk_size), ("chunk_overlap", run.data_prep.chunk_overlap)):
         if getattr(args, name) is None:
             setattr(args, name, value)
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as work:

@@ -269,7 +269,6 @@ def test_shutdown_all_leaves_no_process(server, log_dir):
     assert engine._servers == {}
 
 
-
 def test_one_managed_server_at_a_time_and_a_replaced_one_comes_back(smollm2_dir, log_dir):
     """Starting another model's server stops the running one (eval answers its models one after another; two
     servers split the machine: on a GPU each vLLM claims 90% of its memory); the first model's backend starts

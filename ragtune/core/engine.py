@@ -195,6 +195,12 @@ class VLLMServer:
         raise EngineError(f"the vLLM server for {self.served_model_name} did not answer /health within {timeout:g} s; "
                           f"log {self.log_path}:\n{self.log_tail()}")
 
+    def hand_over(self) -> None:
+        """Stop a server another one replaces (another model's, or this model's with other settings or more
+        adapters); backends then start it again (`llm.ManagedServerBackend`), unless it had died: that is reported."""
+        self.handed_over = self.alive
+        self.stop()
+
     def load_lora(self, name: str, path: str) -> None:
         """Add an adapter to the running server (vLLM's runtime LoRA loading, enabled at start)."""
         response = httpx.post(f"{self.base_url}/load_lora_adapter", json={"lora_name": name, "lora_path": path},
@@ -307,11 +313,9 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
             wanted = {**server.lora_modules, **wanted}
         for other in [name for name in _servers if name != model]:
             log.info("stopping vLLM for %s before starting %s: one managed server at a time", other, model)
-            _servers[other].handed_over = True
-            _servers.pop(other).stop()
+            _servers.pop(other).hand_over()
         if server is not None:
-            server.handed_over = server.alive  # replaced while alive (other settings, more adapters): followed
-            server.stop()
+            server.hand_over()
         server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,
                                                max_model_len=max_model_len, trust_remote_code=trust_remote_code)
         try:

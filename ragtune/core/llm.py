@@ -137,21 +137,24 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None) -> ChatBacken
 
         return ManagedServerBackend(
             lambda: get_server(role.model, log_dir=log_dir, dtype=role.torch_dtype, max_model_len=role.max_model_len,
-                               trust_remote_code=role.trust_remote_code),
-            lambda server: openai_backend(role, model=server.served_model_name, base_url=server.base_url,
-                                          unavailable_hint=server.describe_failure))
+                               trust_remote_code=role.trust_remote_code), role)
     return openai_backend(role)
 
 
 class ManagedServerBackend:
     """An `OpenAIChatBackend` on ragtune's managed vLLM server for one model. One managed server runs at a time,
     so another model's (a judge between teacher batches) may have replaced this one since the last call: the
-    next call starts it again. A server that died is not restarted here: its calls fail with the reason."""
+    next call starts it again. A server that died is not restarted here: its calls fail with the reason.
+    `served` is the model name requested (a LoRA adapter's), by default the server's own model."""
 
-    def __init__(self, start: Callable[[], Any], connect: Callable[[Any], "OpenAIChatBackend"]):
-        self._start, self._connect = start, connect
+    def __init__(self, start: Callable[[], Any], role: LLMRole, served: str | None = None):
+        self._start, self._role, self._served = start, role, served
         self._server = start()
-        self._backend = connect(self._server)
+        self._backend = self._connect()
+
+    def _connect(self) -> "OpenAIChatBackend":
+        return openai_backend(self._role, model=self._served or self._server.served_model_name,
+                              base_url=self._server.base_url, unavailable_hint=self._server.describe_failure)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -159,7 +162,7 @@ class ManagedServerBackend:
     def chat(self, conversations: list[list[Message]], **kwargs: Any) -> list[Completion]:
         if self._server.handed_over:
             self._server = self._start()
-            self._backend = self._connect(self._server)
+            self._backend = self._connect()
         return self._backend.chat(conversations, **kwargs)
 
 
