@@ -5,7 +5,7 @@ The LlamaIndex "GPT-4 teaches GPT-3.5" recipe, made robust, resumable and fit fo
 1. chunks     read PDF/MD/TXT/HTML into clean page Documents (`documents.py`), split them with
               LlamaIndex's `SentenceSplitter` → data/chunks.jsonl (id, text, metadata: file, page)
 2. index      embed the chunks into a `VectorStoreIndex` persisted under data/index/ (`ragtune.core.rag`),
-              which eval and serve reload for the very same retrieval
+              which eval and serve reload for the very same retrieval (the teacher starts during steps 1-2)
 3. split      a seeded shuffle of pages (or documents): the first `train_fraction` of them give training
               questions, the rest held-out evaluation questions — never both from one page
 4. questions  the teacher writes `num_questions_per_chunk` questions per chunk; the output is parsed,
@@ -82,14 +82,13 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     embed_model = embedding_model(config.embedding)
 
     ################
-    # 1. Chunks
+    # 1-2. Chunks and index; the teacher starts meanwhile when prep has anything left to write
     ################
-    chunks, chunk_facts = make_chunks(config, run_dir, state)
+    def chunks_and_index() -> tuple[list[dict[str, Any]], dict[str, Any], "VectorStoreIndex"]:
+        chunks, chunk_facts = make_chunks(config, run_dir, state)
+        return chunks, chunk_facts, make_index(config, run_dir, state, chunks, embed_model)
 
-    ################
-    # 2. Index
-    ################
-    index = make_index(config, run_dir, state, chunks, embed_model)
+    chunks, chunk_facts, index = teacher_backend.build_during(chunks_and_index, when=not state.all_done())
 
     ################
     # 3. Held-out split

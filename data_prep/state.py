@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ragtune.core.artifacts import write_json
 from ragtune.core.run_dir import RunDir
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
     from ragtune.core.llm import ChatBackend
 
 log = logging.getLogger(__name__)
+
+STEPS = ("chunks", "index", "questions", "answers")
+T = TypeVar("T")
 
 
 class StepState:
@@ -52,6 +56,10 @@ class StepState:
         self.steps[step].update(done=True, facts=facts)
         self._save()
 
+    def all_done(self) -> bool:
+        """Whether every step finished last time (then a rerun likely generates nothing: its inputs unchanged)."""
+        return all(self.steps.get(step, {}).get("done") for step in STEPS)
+
     def _save(self) -> None:
         write_json(self.path, self.steps)
 
@@ -67,3 +75,32 @@ class LazyBackend:
         if self._value is None:
             self._value = self._factory()
         return self._value
+
+    def build_during(self, work: Callable[[], T], when: bool = True) -> T:
+        """`work()`'s result, the backend being built meanwhile (`when`): `work` runs in another thread, the build
+        in this one (where a managed vLLM server installs its signal handlers). Reading the demo's 307-page PDF
+        keeps one core busy for 35 s and a vLLM start mostly one core for 27 s: side by side on 2 cores. If the
+        build fails, `work` still finishes (what it made is kept) before the error is raised."""
+        if not when:
+            return work()
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                done["value"] = work()
+            except BaseException as err:  # raised again in this thread
+                done["error"] = err
+
+        worker = threading.Thread(target=run, name="prep", daemon=True)  # daemon: Ctrl-C does not wait for it
+        worker.start()
+        failure = None
+        try:
+            self.get()
+        except Exception as err:
+            failure = err
+        worker.join()
+        if "error" in done:
+            raise done["error"]
+        if failure is not None:
+            raise failure
+        return done["value"]

@@ -120,6 +120,15 @@ def model_specs(config: "RagtuneConfig", run_dir: RunDir, adapters: list[Path]) 
     return specs
 
 
+def generation_order(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """The order the models answer in, so that one managed vLLM server runs at a time and as few start as can: the
+    base and its adapters (one server, every adapter a LoRA module), then the teacher (that same server when it is
+    the base's model served alike), then each merged model on its own. A start cost 27-34 s of the demo's eval on
+    a 2-core CPU; base, merged, teacher took 3."""
+    rank = {"base": 0, "adapter": 0, "teacher": 1}
+    return sorted(specs, key=lambda spec: rank.get(spec.kind, 2))
+
+
 def _adapter_name(path: Path, run_dir: RunDir, taken: set[str]) -> str:
     if path.resolve() == run_dir.adapter.resolve():
         return "adapter"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragtune.eval.answer import (
-    MODES, REFERENCE_MODEL, ModelSpec, answer_fingerprint, generate_answers, load_questions, model_specs, open_rows,
-    retrieve_contexts,
+    MODES, REFERENCE_MODEL, ModelSpec, answer_fingerprint, generate_answers, generation_order, load_questions,
+    model_specs, open_rows, retrieve_contexts,
 )
 from ragtune.eval.config import RETRIEVAL_METRICS
 from ragtune.eval.score import (
@@ -62,7 +62,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     ################
     # 2. Answers
     ################
-    for spec in specs:
+    for spec in generation_order(specs):
         modes = config.eval.modes if spec.kind != "teacher" else [m for m in MODES if m in config.eval.modes or m == "rag"]
         timings["generation"][spec.name] = generate_answers(config, run_dir, spec, modes, questions, retrieval, specs)
 

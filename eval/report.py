@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.eval.score import load_scores
-from ragtune.eval.stats import spread
+from ragtune.eval.stats import MIN_QUESTIONS, spread
 from ragtune.core.artifacts import read_jsonl, tmp_path
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 VERDICT_COLUMNS = ("mode", "model", "metric", "n", "base", "tuned", "delta (95% CI)", "verdict", "teacher", "gap closed")
+DECLARED = (f"A difference is declared only when its 95% CI excludes 0 and the two models' scores differ on at least "
+            f"{MIN_QUESTIONS} questions.")
 GAP_NOTE = ("Gap closed = (tuned − base) / (teacher − base) on the questions scored for all three; '–' where the "
             "teacher is not scored (reference-based metrics: the teacher wrote the references) or barely differs "
             "from the base.")
@@ -744,7 +746,7 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
                                                for i, w in enumerate(summary["warnings"])] + [""]
         parts += [f"- {note}" for note in summary.get("notes", [])] + [""]
         parts += ["### Verdicts (vs base, paired over questions scored for both)", "",
-                  f"A difference is declared only when its 95% CI excludes 0. {GAP_NOTE}", ""]
+                  f"{DECLARED} {GAP_NOTE}", ""]
         rows = comparison_rows(summary)
         parts += [_md_table(VERDICT_COLUMNS, [list(r.values()) for r in rows]) if rows else "_no model to compare_", ""]
         if per_question is not None:
@@ -914,8 +916,7 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
         if summary.get("notes"):
             body.append("<ul class=muted>" + "".join(f"<li>{_e(n)}</li>" for n in summary["notes"]) + "</ul>")
         body.append("<h3>Verdicts vs base</h3><p class=muted>Paired over the questions scored for both models "
-                    "(n; excluded = failed for one or both). A difference is declared only when the 95% CI excludes 0. "
-                    f"{_e(GAP_NOTE)}</p>")
+                    f"(n; excluded = failed for one or both). {_e(DECLARED)} {_e(GAP_NOTE)}</p>")
         rows = comparison_rows(summary)
         body.append(_html_table(VERDICT_COLUMNS, [list(r.values()) for r in rows],
                                 verdict_col=VERDICT_COLUMNS.index("verdict"), check="verdicts") if rows

@@ -121,6 +121,42 @@ def test_leakage_check_drops_near_duplicates_with_reason() -> None:
     assert [q["id"] for q in leaked] == ["e0"] and "to train question t0" in leaked[0]["reason"]
 
 
+def test_the_teacher_is_built_while_chunks_and_index_are_made_and_a_failed_build_keeps_their_work(tmp_path: Path) -> None:
+    import threading
+
+    from ragtune.data_prep.state import LazyBackend
+
+    events: list[str] = []
+    work_started = threading.Event()
+
+    def work() -> str:
+        work_started.set()
+        time.sleep(0.3)
+        (tmp_path / "index.done").write_text("kept")
+        events.append("work done")
+        return "index"
+
+    def build() -> str:
+        assert work_started.wait(5)  # the work runs while the backend builds, not after it
+        events.append(f"built in {threading.current_thread().name}")
+        return "teacher"
+
+    backend = LazyBackend(build)
+    assert backend.build_during(work) == "index"
+    assert events == ["built in MainThread", "work done"] and backend.get() == "teacher"
+
+    def broken() -> str:
+        raise ConnectionError("vLLM exited during startup")
+
+    (tmp_path / "index.done").unlink()
+    with pytest.raises(ConnectionError, match="exited during startup"):
+        LazyBackend(broken).build_during(work)
+    assert (tmp_path / "index.done").read_text() == "kept"  # the failure waited for the work, which was kept
+
+    events.clear()
+    assert LazyBackend(build).build_during(lambda: "resumed", when=False) == "resumed" and events == []
+
+
 def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_path: Path) -> None:
     """Promptagator's round-trip filter on a real LlamaIndex index: a specific question finds its chunk, one
     closer to another chunk (or whose chunk the split's search leaves out) is "not retrievable"; earlier rejects stay."""

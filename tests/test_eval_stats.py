@@ -58,6 +58,21 @@ def test_worse_and_tie_tolerance():
     assert tolerant["ties"] == 6
 
 
+def test_a_mean_moved_by_too_few_questions_gets_no_verdict():
+    """The demo's closed-book grounding: near zero for both models, nonzero for the base on 4 of 30 questions. The
+    percentile interval excludes 0, but only 4 questions moved the mean; a fifth makes it a result."""
+    base = [0.075, 0.019, 0.026, 0.047] + [0.0] * 26
+    tuned = [0.0] * 30
+    result = paired_difference(base, tuned, n_resamples=4000, seed=0)
+    assert result["ci_high"] < 0 and result["losses"] == 4
+    assert result["verdict"] == "too few questions differ (4 of 30 < 5)"
+    fifth = paired_difference([*base[:4], 0.05, *base[5:]], tuned, n_resamples=4000, seed=0)
+    assert fifth["verdict"] == "worse"
+    # a tolerance that calls every small change a tie does not hide a consistent one
+    consistent = paired_difference([0.5] * 30, [0.52] * 30, n_resamples=1000, seed=0, tie_tolerance=0.05)
+    assert consistent["ties"] == 30 and consistent["verdict"] == "better"
+
+
 def test_too_few_questions_never_get_a_verdict():
     base, tuned = [0.1, 0.2, 0.3, 0.4], [0.9, 0.9, 0.9, 0.9]
     assert len(base) < MIN_QUESTIONS

@@ -529,6 +529,10 @@ def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_conf
 
     # The bf16-weights choice trains (fp32 adapters on a bf16 base) and the run's facts record probe and choice.
     cache.write_text(json.dumps({**entry, "gflops": cases[1][0]}))
+    # `student.torch_dtype: auto` (the demo's, for eval's vLLM servers) trains in the probe's choice too
+    config.config_path.write_text(config.config_path.read_text().replace("student:\n", "student:\n  torch_dtype: auto\n"))
+    auto = sft.training_precision(load_config(config.config_path), "lora")
+    assert auto["choice"] == "bf16_weights" and auto["torch_dtype"] == "bfloat16"
     facts = sft.run(make_config(max_steps=1, run="bf16", name="bf16.yaml"), RunDir(tmp_path / "bf16"))
     assert facts["precision"]["choice"] == "bf16_weights" and facts["precision"]["torch_dtype"] == "bfloat16"
     assert facts["global_step"] == 1 and math.isfinite(facts["train_loss"])

@@ -245,6 +245,28 @@ def test_eval_answers_base_and_adapters_from_the_one_server(server, smollm2_dir,
     assert [r.text for r in tiny] != [r.text for r in base]
 
 
+def test_eval_teacher_answers_from_the_server_of_base_and_adapters_when_served_alike(server, adapters, write_config,
+                                                                                     tmp_path):
+    """Base and adapters answer first, from one server; the teacher, the same model in the same dtype, reuses it."""
+    from ragtune.config import load_config
+    from ragtune.core.run_dir import RunDir
+    from ragtune.eval.answer import REFERENCE_MODEL, ModelSpec, generation_order, load_backend
+
+    config = load_config(write_config(teacher={"backend": "vllm", "model": MODEL, "max_new_tokens": 16},
+                                      eval={"backend": "vllm", "max_new_tokens": 16}))
+    specs = [ModelSpec("base", "base", MODEL, None, "base"),  # in model_specs' order
+             ModelSpec("tiny", "adapter", MODEL, str(adapters["tiny"]), "tiny"),
+             ModelSpec("merged", "merged", str(tmp_path / "merged"), None, "merged"),
+             ModelSpec(REFERENCE_MODEL, "teacher", MODEL, None, "teacher")]
+    order = generation_order(specs)
+    assert [spec.name for spec in order] == ["base", "tiny", REFERENCE_MODEL, "merged"]
+    pid = server.process.pid
+    for spec in order[:3]:
+        [answer] = load_backend(config, spec, RunDir(tmp_path / "run"), specs).chat([_rag(*FACTS[0][:2])])
+        assert answer.error is None and answer.text
+    assert list(engine._servers) == [MODEL] and server.alive and server.process.pid == pid
+
+
 def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(server, log_dir):
     backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8, timeout=10), log_dir=log_dir)
     old_pid = server.process.pid
@@ -258,6 +280,15 @@ def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(serv
     [answer] = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8)).chat(
         [[{"role": "user", "content": "What is the capital of France?"}]])
     assert answer.error is None and answer.text
+
+
+def test_on_a_small_cpu_the_model_runs_in_the_engine_core_without_a_worker_process(server, log_dir):
+    """2 processes instead of 3 (API server, engine core): 12 s less of each start and 0.6 GB less RSS here."""
+    current = engine.get_server(MODEL, log_dir=log_dir)
+    names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in _group_members(current.process.pid))
+    if not engine.small_cpu():
+        pytest.skip(f"{len(os.sched_getaffinity(0))} cores: vLLM keeps its worker process")
+    assert "VLLM::EngineCor" in names and "VLLM::Worker" not in names, names  # comm keeps 15 characters
 
 
 def test_shutdown_all_leaves_no_process(server, log_dir):

@@ -260,7 +260,8 @@ def training_precision(config: Any, method: str) -> dict[str, Any]:
 
     `true`/`false` are kept. `auto` (the default): on CUDA/XPU, bf16 autocast where the device supports it;
     on CPU, the fastest of `precision.MODES` in a GEMM probe of this student's layer shapes (cached per
-    machine), unless `student.torch_dtype` is set to a 16-bit type, whose weights then train as they are.
+    machine), unless `student.torch_dtype` is set to a 16-bit type, whose weights then train as they are
+    (its `auto` is the probe's choice here too, as it is for a managed vLLM server's weights on CPU).
     """
     sft_kwargs = config.train.sft_kwargs()
     requested, device, student_dtype = sft_kwargs.get("bf16"), training_device(sft_kwargs), config.student.torch_dtype
@@ -271,7 +272,7 @@ def training_precision(config: Any, method: str) -> dict[str, Any]:
         bf16 = precision.device_bf16(device)
         return {**facts, "choice": precision.BF16_AUTOCAST if bf16 else precision.FP32, "bf16": bf16,
                 "torch_dtype": student_dtype, "reason": f"{device} {'supports' if bf16 else 'lacks'} bf16"}
-    if "torch_dtype" in config.student.model_fields_set and student_dtype != "float32":
+    if "torch_dtype" in config.student.model_fields_set and student_dtype not in ("float32", "auto"):
         return {**facts, "choice": "student.torch_dtype", "bf16": False, "torch_dtype": student_dtype,
                 "reason": f"student.torch_dtype is {student_dtype}; the weights train in it"}
     from transformers import AutoConfig
