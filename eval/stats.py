@@ -82,13 +82,12 @@ def mean_with_ci(values: Sequence[float], *, n_resamples: int, confidence_level:
     return {"n": len(values), "mean": float(np.mean(values)) if len(values) else None, "ci_low": low, "ci_high": high}
 
 
-def verdict(ci_low: float | None, ci_high: float | None, n: int, min_n: int = MIN_QUESTIONS,
-            differing: int | None = None) -> str:
+def verdict(ci_low: float | None, ci_high: float | None, n: int, differing: int, min_n: int = MIN_QUESTIONS) -> str:
     """`better` / `worse` only when the interval excludes 0, at least `min_n` questions were paired and at least
-    `min_n` of them (`differing`: won or lost, not tied) moved the mean."""
+    `min_n` of them (`differing`: whose scores differ at all) moved the mean."""
     if ci_low is None or ci_high is None or n < min_n:
         return f"too few questions (n={n} < {min_n})"
-    if differing is not None and differing < min_n and (ci_low > 0 or ci_high < 0):
+    if differing < min_n and (ci_low > 0 or ci_high < 0):
         return f"too few questions differ ({differing} of {n} < {min_n})"
     if ci_low > 0:
         return "better"
@@ -136,7 +135,7 @@ def _comparison(base: float | None, tuned: float | None, ci: tuple[float | None,
         "n": n, "base": base, "tuned": tuned,
         "delta": None if base is None or tuned is None else tuned - base,
         "ci_low": ci[0], "ci_high": ci[1], "wins": wins, "ties": ties, "losses": losses,
-        "verdict": verdict(ci[0], ci[1], n, min_n, differing),
+        "verdict": verdict(ci[0], ci[1], n, differing, min_n),
     }
 
 

@@ -284,10 +284,10 @@ def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(serv
 
 def test_on_a_small_cpu_the_model_runs_in_the_engine_core_without_a_worker_process(server, log_dir):
     """2 processes instead of 3 (API server, engine core): 12 s less of each start and 0.6 GB less RSS here."""
-    current = engine.get_server(MODEL, log_dir=log_dir)
-    names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in _group_members(current.process.pid))
     if not engine.small_cpu():
         pytest.skip(f"{len(os.sched_getaffinity(0))} cores: vLLM keeps its worker process")
+    current = engine.get_server(MODEL, log_dir=log_dir)
+    names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in _group_members(current.process.pid))
     assert "VLLM::EngineCor" in names and "VLLM::Worker" not in names, names  # comm keeps 15 characters
 
 
