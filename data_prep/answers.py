@@ -66,7 +66,7 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
                                          contexts=[job.contexts for job in batch])
             verdicts = [gate(job, candidates, config.data_prep) for job, candidates in zip(batch, per_job)]
             if config.data_prep.answer_gates.llm_faithfulness:
-                _judge_faithfulness(batch, per_job, verdicts, judge)
+                _judge_faithfulness(batch, per_job, verdicts, judge, config.data_prep.answer_gates)
             for job, candidates, job_verdicts in zip(batch, per_job, verdicts):
                 if all(c.error is not None for c in candidates):
                     failures.append({"id": f"answers:{job.question['id']}:{time.time_ns()}", "step": "answers",
@@ -86,32 +86,55 @@ def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Ve
                            question=job.question["question"])
 
 
+# a judge call that errors (timeout, invalid JSON) is asked again this many times before its candidate keeps the
+# lexical gates' verdict: an error is no verdict, and recording it as "unfaithful" lost good rows
+JUDGE_ATTEMPTS = 3
+
+
 def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdicts: list[list[Verdict]],
-                        judge: LazyBackend) -> None:
-    """The judge's verdict on every candidate that passed the other gates (InstructLab-style filter): one that the
-    judge calls unfaithful, or whose verdict is not valid JSON, is rejected as "unfaithful"."""
-    pairs = [(k, i) for k, job_verdicts in enumerate(verdicts) for i, v in enumerate(job_verdicts) if v.ok]
-    if not pairs:
-        return
-    prompts = [[{"role": "user", "content": FAITHFUL_PROMPT.replace("{context_str}", "\n\n".join(batch[k].contexts))
-                 .replace("{answer}", final_answer(per_job[k][i].text))}] for k, i in pairs]
-    for (k, i), answer in zip(pairs, judge.get().chat(prompts, max_new_tokens=16, json_schema=FAITHFUL_SCHEMA)):
-        try:
-            faithful = answer.error is None and json.loads(answer.text).get("faithful") is True
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            faithful = False
-        if not faithful:
+                        judge: LazyBackend, gates: Any) -> None:
+    """The judge decides the candidates the lexical grounding score cannot: every one that passed the form gates
+    and scores at least `judge_min_grounding` is kept when the judge calls it faithful and rejected as "unfaithful"
+    when it does not (InstructLab-style filter, widened to the lexical gate's unsure band below `min_grounding`).
+    A judge error or unparsable verdict is retried; one that persists leaves the lexical verdict."""
+    pairs = [(k, i) for k, job_verdicts in enumerate(verdicts) for i, v in enumerate(job_verdicts)
+             if v.ok or (v.reason == "ungrounded" and v.grounding >= gates.judge_min_grounding)]
+    for _ in range(JUDGE_ATTEMPTS):
+        if not pairs:
+            return
+        prompts = [[{"role": "user", "content": FAITHFUL_PROMPT.replace("{context_str}", "\n\n".join(batch[k].contexts))
+                     .replace("{answer}", final_answer(per_job[k][i].text))}] for k, i in pairs]
+        undecided = []
+        for (k, i), answer in zip(pairs, judge.get().chat(prompts, max_new_tokens=16, json_schema=FAITHFUL_SCHEMA)):
+            faithful = _faithful(answer)
+            if faithful is None:
+                undecided.append((k, i))
+                continue
             v = verdicts[k][i]
-            verdicts[k][i] = Verdict(False, "unfaithful", v.grounding, v.refusal,
-                                     f"the judge: {(answer.error or answer.text or '')[:80]!r}")
+            verdicts[k][i] = (Verdict(True, None, v.grounding, v.refusal, "the judge: faithful", v.on_topic) if faithful
+                              else Verdict(False, "unfaithful", v.grounding, v.refusal,
+                                           f"the judge: {(answer.text or '')[:80]!r}", v.on_topic))
+        pairs = undecided
+
+
+def _faithful(answer: Any) -> bool | None:
+    """The judge's verdict, or None when it gave none (an error, or no {"faithful": bool})."""
+    if answer.error is not None:
+        return None
+    try:
+        verdict = json.loads(answer.text).get("faithful")
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return None
+    return verdict if isinstance(verdict, bool) else None
 
 
 def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdict], config: "RagtuneConfig",
                     teacher_model: str, rows: JsonlAppender, rejected: JsonlAppender,
                     logprobs: JsonlAppender | None = None) -> None:
-    """The best grounded candidate that passed becomes the training row(s), else the question is one rejected row."""
+    """The candidate `pick_best` chooses among those that passed becomes the training row(s), else the question is
+    one rejected row."""
     prep = config.data_prep
-    best = pick_best(verdicts)
+    best = pick_best(verdicts, [c.text for c in candidates])
     if best is None:
         rejected.append({
             "id": job.question["id"], "question_id": job.question["id"], "question": job.question["question"],

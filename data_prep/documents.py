@@ -23,6 +23,7 @@ from pathlib import Path
 
 from llama_index.core import Document
 
+from ragtune.core.artifacts import NotUtf8Error, decode_utf8
 from ragtune.core.errors import UserFacingError
 from ragtune.data_prep.config import DOCUMENT_SUFFIXES
 
@@ -77,6 +78,33 @@ def load_documents(paths: list[Path]) -> tuple[list[Document], list[str]]:
     if not documents:
         raise DocumentError("no text could be read from any document:\n" + "\n".join(warnings))
     return documents, warnings
+
+
+def check_readable(path: Path) -> str:
+    """Open a document as far as `load_documents` needs to know it can read it, without extracting text (a dry
+    run must stay quick on a 300-page filing): a PDF's page count, a text file's UTF-8. Returns what was seen
+    ("12 pages"); raises DocumentError naming the file (and line) as prep's warning would."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise DocumentError(f"{path}: empty file (0 bytes). Replace it with the real document or remove it.")
+    if path.suffix.lower() != ".pdf":
+        try:
+            text = decode_utf8(path.read_bytes(), path)
+        except NotUtf8Error as err:
+            raise DocumentError(str(err)) from None
+        lines = text.count("\n") + (not text.endswith("\n"))
+        return f"{lines} lines"
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        pages = len(PdfReader(path).pages)
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as err:
+        raise DocumentError(f"{path}: cannot read this PDF ({type(err).__name__}: {err}). Check that the file "
+                            "opens in a PDF viewer, or re-export it.") from None
+    if not pages:
+        raise DocumentError(f"{path}: the PDF has no pages.")
+    return f"{pages} pages"
 
 
 def _read_pdf(path: Path) -> list[tuple[int, str]]:
@@ -199,11 +227,9 @@ def _read_text_file(path: Path) -> list[tuple[int, str]]:
     if not raw.strip():
         raise DocumentError(f"{path}: empty file; skipped. Remove it or add its content.")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DocumentError(
-            f"{path}: not UTF-8 text (byte {err.start}); skipped. Re-save the file as UTF-8."
-        ) from None
+        text = decode_utf8(raw, path)
+    except NotUtf8Error as err:
+        raise DocumentError(f"{err} Until then it is skipped.") from None
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
         text = _html_text(text)

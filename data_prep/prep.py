@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ragtune.core.artifacts import JsonlAppender, read_jsonl, write_json, write_jsonl
 from ragtune.core.chat_rows import validate_chat_jsonl
 from ragtune.core.errors import UserFacingError, check_failures
+from ragtune.core.gpu_plan import gpu_plan
 from ragtune.core.rag import build_rag_messages, embedding_model, retrieve
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 from ragtune.core.llm import check_same_tokenizer, make_backend
@@ -77,8 +78,10 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     """
     run_dir.data.mkdir(parents=True, exist_ok=True)
     state = StepState(run_dir)
-    teacher_backend = LazyBackend(lambda: teacher or make_backend(config.teacher, log_dir=run_dir.logs))
-    judge_backend = LazyBackend(lambda: make_backend(config.judge, log_dir=run_dir.logs))  # only for data_prep.answer_gates.llm_faithfulness
+    servers = gpu_plan(config)  # where managed vLLM servers run: GPUs, tensor parallelism, memory, context length
+    teacher_backend = LazyBackend(lambda: teacher or make_backend(config.teacher, run_dir.logs, servers.teacher))
+    # the judge only for data_prep.answer_gates.llm_faithfulness
+    judge_backend = LazyBackend(lambda: make_backend(config.judge, run_dir.logs, servers.judge))
     embed_model = embedding_model(config.embedding)
 
     ################

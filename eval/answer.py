@@ -317,7 +317,7 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
               ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Greedy answers for the students (the plain messages). The teacher answers as prep's teacher did (its
     instruction, sentence cap and token budget) and, in rag mode, its reference is chosen as a training row is:
-    the best grounded of `teacher.num_candidates` that passes the answer gates, else its first answer, marked
+    the one of `teacher.num_candidates` that passes the answer gates and `pick_best` chooses, else its first answer, marked
     with the gate it failed. So a reference shows what the student was taught, not the teacher's raw greedy text.
     Returns the completions and, per answer, the reference's gate facts (empty for the students): the chosen
     candidate, the gate it failed (None: passed), its grounding, and every candidate as in answers.rejected.jsonl."""
@@ -335,7 +335,7 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
         verdicts = gate_candidates(candidates, ctx, prep.answer_gates, oracle_in_context=True,
                                    chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
                                    question=question["question"])
-        best = pick_best(verdicts)
+        best = pick_best(verdicts, [c.text for c in candidates])
         pick = 0 if best is None else best
         chosen.append(candidates[pick])
         facts.append({"candidate": pick, "gate": verdicts[pick].reason, "grounding": round(verdicts[pick].grounding, 3),
@@ -354,12 +354,14 @@ def user_answer(text: str | None, config: "RagtuneConfig") -> str | None:
 def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, specs: list[ModelSpec] = ()) -> "ChatBackend":
     """The teacher's configured backend, or the student (base, adapter-on-base, merged): in-process, or through
     the managed vLLM server (`eval.backend: vllm`) that serves the base and every adapter of `specs` by name."""
+    from ragtune.core.gpu_plan import gpu_plan
     from ragtune.core.llm import HFChatBackend, ManagedServerBackend, make_backend
 
+    plan = gpu_plan(config)
     if spec.kind == "teacher":
-        return make_backend(config.teacher, log_dir=run_dir.logs)
+        return make_backend(config.teacher, log_dir=run_dir.logs, server=plan.teacher)
     student = config.student
-    if config.eval.backend == "vllm":
+    if plan.eval is not None:  # eval.backend: vllm
         from ragtune.core.engine import get_server
         from ragtune.core.roles import LLMRole
 
@@ -367,8 +369,10 @@ def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, spec
         adapters = {s.name: str(s.adapter) for s in [*specs, spec] if on_base and s.adapter}
         role = LLMRole(backend="vllm", model=spec.model, max_concurrency=config.eval.batch_size,
                        max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+        server = plan.eval
         return ManagedServerBackend(
-            lambda: get_server(spec.model, lora_modules=adapters, log_dir=run_dir.logs, dtype=student.torch_dtype,
+            lambda: get_server(spec.model, lora_modules=adapters, log_dir=run_dir.logs, dtype=server.dtype,
+                               engine_args=server.engine_args, gpus=server.gpus,
                                trust_remote_code=student.trust_remote_code),
             role, served=spec.name if spec.adapter else None)
     return HFChatBackend(

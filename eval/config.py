@@ -7,9 +7,11 @@ are `scipy.stats.bootstrap`'s argument names (`n_resamples`, `confidence_level`)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ragtune.core.roles import refuse_owned_engine_args
 
 # Scored per model and mode, on the model's answer.
 ANSWER_METRICS = (
@@ -48,6 +50,8 @@ class EvalConfig(BaseModel):
     # the base with every adapter as a LoRA module (`--lora-modules`), so N adapters cost one model load; a merged
     # model is served as its own model. vLLM's fp32 greedy text equals the hf backend's (tests/test_vllm_engine.py)
     backend: Literal["hf", "vllm"] = "hf"
+    # `backend: vllm`: vLLM engine arguments of the student's managed server, by vLLM's names (as `teacher.engine_args`)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     # student/teacher answer generation (greedy)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -71,6 +75,11 @@ class EvalConfig(BaseModel):
     confidence_level: float = Field(0.95, gt=0, lt=1)
     # |tuned - base| <= tie_tolerance counts as a tie in win/tie/loss
     tie_tolerance: float = Field(0.0, ge=0)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, engine_args: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_engine_args(engine_args)
 
     @field_validator("metrics", "modes", "tuned_models")
     @classmethod

@@ -157,11 +157,13 @@ def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], ques
 def make_judge(config: "RagtuneConfig", run_dir: RunDir) -> Any:
     """The configured judge behind Ragas's structured-output interface (schema-bounded when in-process)."""
     from ragtune.eval.judge import BatchedJudge
+    from ragtune.core.gpu_plan import gpu_plan
     from ragtune.core.llm import make_backend
 
     role = config.judge
     in_process = role.backend == "hf"
-    return BatchedJudge(make_backend(role, log_dir=run_dir.logs), max_new_tokens=role.max_new_tokens, temperature=role.temperature,
+    backend = make_backend(role, log_dir=run_dir.logs, server=gpu_plan(config).judge)
+    return BatchedJudge(backend, max_new_tokens=role.max_new_tokens, temperature=role.temperature,
                         constrain=in_process, max_length=config.eval.judge_max_length,
                         max_items=config.eval.judge_max_items, batch_size=None if in_process else 1,
                         concurrent_calls=1 if in_process else role.max_concurrency,

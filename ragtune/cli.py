@@ -28,6 +28,18 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.num_train_epochs=1 (repeatable)")
 
 
+def _count(text: str) -> int:
+    """argparse type of a count (--repeats, --trials, --max-length): a whole number of at least 1, so `--repeats 0`
+    is refused at once instead of running nothing, or everything once, without a word."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragtune",
@@ -43,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="just this stage: resumed when interrupted, skipped when up to date (with --force: rerun)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
     p.add_argument("--dry-run", action="store_true", help="validate everything checkable without running; print the plan")
-    p.add_argument("--repeats", type=int, default=1, metavar="N",
+    p.add_argument("--repeats", type=_count, default=1, metavar="N",
                    help="train and evaluate with N seeds (train.seed, +1 each) on the same prep, in output_dir/repeats/; "
                         "the report pools them")
 
     p = sub.add_parser("sweep", help="Optuna search over the config's `sweep:` train.* keys, one run folder per trial")
     _add_config(p)
-    p.add_argument("--trials", type=int, metavar="N",
+    p.add_argument("--trials", type=_count, metavar="N",
                    help="complete trials the study should hold (default sweep.n_trials); a rerun continues the study")
 
     p = sub.add_parser("prep", help="documents → chunks + index → questions → teacher answers (data/)")
@@ -68,11 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="price the cost and benefit section with this config's "
                    "teacher.price_per_million_* and cost.* (default: the config each run recorded in manifest.json)")
 
-    p = sub.add_parser("validate", help="check a chat-format training JSONL and print its token statistics")
+    p = sub.add_parser("validate", help="check a chat-format training JSONL and print its token statistics; "
+                       "exit 1 when rows are longer than max_length, 2 when a row is malformed")
     p.add_argument("file", type=Path, metavar="FILE.jsonl")
     p.add_argument("--config", type=Path, help="take tokenizer, max_length, epochs and prices from this config")
     p.add_argument("--tokenizer", help="model reference whose tokenizer counts tokens")
-    p.add_argument("--max-length", type=int, help="flag rows longer than this many tokens")
+    p.add_argument("--max-length", type=_count, help="flag rows longer than this many tokens")
+
+    p = sub.add_parser("gates", help="run the answer gates over answers you labelled (good/bad/...): what they keep of "
+                       "your teacher, the grounding score's AUROC and the min_grounding that keeps 90%%/95%% of good")
+    p.add_argument("file", type=Path, metavar="FILE.jsonl",
+                   help='one {"question", "contexts": [...], "answer", "label", "finish_reason"?} per line')
+    p.add_argument("--config", type=Path, help="use this config's data_prep.answer_gates (default: ragtune's defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data_prep.answer_gates.measure=bigram (repeatable)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server over a model or model+adapter")
     p.add_argument("--config", type=Path, help="serve this run's merged/ model (or student + adapter/)")
@@ -87,13 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
     p.add_argument("--served-model-name", help="the `model` name clients send (default: the model reference)")
     p.add_argument("--torch-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    from ragtune.serve import MAX_QUEUE, REQUEST_TIMEOUT, STEP_TOKENS
+    from ragtune.serve import MAX_QUEUE, MAX_REQUEST_BYTES, REQUEST_TIMEOUT, STEP_TOKENS
 
     p.add_argument("--step-tokens", type=int, default=STEP_TOKENS,
                    help="new tokens per request per scheduling round: a short request waits at most one round")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests queued or running; one more gets 503")
     p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
                    help="seconds a request may take; past it, generation stops and the answer is 504")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help="largest request body; a larger one gets 413 before it is parsed")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise); prefer the "
+                                     "RAGTUNE_SERVE_API_KEY environment variable, which `ps` does not show")
     return parser
 
 
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     command = {"run": _run, "prep": _stage, "train": _stage, "merge": _stage, "eval": _stage, "report": _report,
-               "validate": _validate, "serve": _serve, "sweep": _sweep}[args.command]
+               "validate": _validate, "gates": _gates, "serve": _serve, "sweep": _sweep}[args.command]
     try:
         return command(args)
     except UserFacingError as err:
@@ -321,7 +347,48 @@ def _validate(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(tokenizer_ref)
     stats = validate_chat_jsonl(args.file, tokenizer=tokenizer, max_length=max_length, epochs=epochs, prices=prices)
     print(json.dumps(stats, indent=2))
+    if stats.get("rows_over_max_length"):  # SFTTrainer would cut these rows' ends: the answers it should teach
+        lines = ", ".join(map(str, stats["lines_over_max_length"]))
+        print(f"error: {args.file}: {stats['rows_over_max_length']} row(s) longer than max_length {max_length} tokens "
+              f"(lines {lines}{', ...' if stats['rows_over_max_length'] > len(stats['lines_over_max_length']) else ''}); "
+              "training would cut off their answers. Shorten those rows or raise train.max_length (--max-length).",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _gates(args: argparse.Namespace) -> int:
+    from ragtune.calibrate import calibrate, read_labelled, render
+    from ragtune.data_prep.config import AnswerGates
+
+    if args.config:
+        gates = load_config(args.config, args.overrides).data_prep.answer_gates
+    else:
+        from pydantic import ValidationError
+
+        try:
+            gates = AnswerGates(**_gate_overrides(args.overrides))
+        except ValidationError as err:
+            problem = err.errors()[0]
+            raise UserFacingError(f"--set data_prep.answer_gates.{'.'.join(map(str, problem['loc']))}: "
+                                  f"{problem['msg']}") from None
+    report = calibrate(read_labelled(args.file), gates)
+    print(json.dumps(report) if args.json else render(report, args.file))
+    return 0
+
+
+def _gate_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`--set data_prep.answer_gates.KEY=VALUE` without a config: the values as YAML reads them."""
+    import yaml
+
+    prefix = "data_prep.answer_gates."
+    values = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if not key.startswith(prefix) or not value:
+            raise UserFacingError(f"--set {override}: without --config only {prefix}KEY=VALUE can be set")
+        values[key[len(prefix):]] = yaml.safe_load(value)
+    return values
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -351,7 +418,9 @@ def _serve(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_tokens)
     serve(backend, host=args.host, port=args.port, served_model_name=args.served_model_name or model,
           batch_size=args.batch_size, default_max_tokens=args.max_tokens, step_tokens=args.step_tokens,
-          max_queue=args.max_queue, request_timeout=args.request_timeout, rag=rag)
+          max_queue=args.max_queue, request_timeout=args.request_timeout, rag=rag,
+          api_key=args.api_key or os.environ.get("RAGTUNE_SERVE_API_KEY") or None,
+          max_request_bytes=args.max_request_bytes)
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ragtune.core.artifacts import NotUtf8Error, read_text
+from ragtune.core.gpu_plan import GpusConfig
 from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig
 from ragtune.data_prep.config import DOCUMENT_SUFFIXES, DataPrepConfig
 from ragtune.eval.config import EvalConfig
@@ -132,6 +134,7 @@ class RagtuneConfig(Strict):
     eval: EvalConfig = EvalConfig()
     cost: CostConfig = CostConfig()
     sweep: SweepConfig | None = None
+    gpus: GpusConfig = GpusConfig()
 
     # Filled by load_config, not by the user.
     config_path: Path | None = Field(default=None, exclude=True)
@@ -167,11 +170,24 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(_explain_validation(path, err, raw, lines)) from None
     for key_path, message in library_key_errors(config.train):
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
+    for key_path, message in shared_server_errors(config):
+        raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     for key_path, message in sweep_key_errors(config):
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     config.config_path = path.resolve()
     config.document_paths = _resolve_documents(path, config.documents, lines)
     return config
+
+
+def shared_server_errors(config: RagtuneConfig) -> list[tuple[str, str]]:
+    """A judge on the teacher's model runs on the teacher's managed server (`gpu_plan`); engine arguments of its own
+    would mean another server, restarted (a 70B load) between every teacher batch and judge call."""
+    teacher, judge = config.teacher, config.judge
+    managed = all(r.backend == "vllm" and not r.base_url for r in (teacher, judge))
+    if managed and judge.model == teacher.model and judge.engine_args and judge.engine_args != teacher.engine_args:
+        return [("judge.engine_args", "the judge runs on the teacher's model, so on the teacher's managed server: "
+                                      "set its engine arguments once, under teacher.engine_args")]
+    return []
 
 
 def sweep_key_errors(config: RagtuneConfig) -> list[tuple[str, str]]:
@@ -203,7 +219,10 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
         raise ConfigError(f"{path}: config file not found. Pass the path to a YAML config (see configs/).")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base:` chain loops back to this file.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text(path)
+    except NotUtf8Error as err:
+        raise ConfigError(str(err)) from None
     try:
         raw = yaml.safe_load(text) or {}
         node = yaml.compose(text)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ragtune.config import ConfigError, LLMRole, RagtuneConfig
+from ragtune.core import engine
+from ragtune.core.run_dir import NotARunFolder, check_run_folder
 from ragtune.pipeline import PIPELINE
+
+if TYPE_CHECKING:
+    from ragtune.core.gpu_plan import ServerPlan
+
+log = logging.getLogger(__name__)
 
 
 def _model_check(role: str, ref: str) -> tuple[str, str]:
@@ -85,12 +94,12 @@ def placement_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
         if llm.backend == "openai" or llm.base_url:
             where = f"the endpoint at {llm.base_url or 'the OpenAI API'}"
         elif llm.backend == "vllm":
-            where = "a managed vLLM server (on the GPU when its vLLM is a CUDA build)"
+            where = "a managed vLLM server (where the GPU plan below puts it)"
         else:
             where = f"in-process on the {_device_name(llm.device_map)}"
         lines.append(("ok", f"device: {role} answers through {where}"))
     student = config.student
-    answers = ("a managed vLLM server (on the GPU when its vLLM is a CUDA build)" if config.eval.backend == "vllm"
+    answers = ("a managed vLLM server (where the GPU plan below puts it)" if config.eval.backend == "vllm"
                else f"in-process on the {_device_name(student.device_map)}")
     merge = merge_device_map(student, merge_dtype(student.torch_dtype))
     lines += [("ok", f"device: eval's student answers through {answers}; `ragtune serve` on the "
@@ -101,8 +110,135 @@ def placement_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
     return lines
 
 
+def gpu_plan_report(config: RagtuneConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The GPU plan's checks (GPUs this machine lacks, engine arguments against the installed vLLM) and its lines:
+    every managed server's command line and GPUs, training's processes, eval's placement."""
+    from ragtune.core.gpu_plan import gpu_plan
+
+    try:
+        plan = gpu_plan(config)
+    except ConfigError as err:
+        return [("error", f"gpus: {err}")], []
+    checks = engine_args_checks(config)
+    if plan.count == 0:
+        return checks, ["GPU plan: none (no GPU here, no gpus.count): managed vLLM servers and training use the CPU"]
+    missing = plan.missing()
+    if missing:
+        checks.append(("warn", f"gpus: the plan uses GPUs {_gpu_list(missing)}, which this machine lacks (it has "
+                               f"{plan.available}): the plan below is for the GPU box; `run` refuses it here"))
+    source = "gpus.count" if config.gpus.count is not None else "this machine's" if not missing else "the GPUs `gpus:` names"
+    lines = [f"GPU plan ({plan.count} GPUs: {source}):"]
+    if plan.teacher is not None:
+        shared = "teacher + judge" if plan.judge is plan.teacher else "teacher"
+        lines += _server_lines(shared, f"managed vLLM server for {config.teacher.model}", plan.teacher,
+                               config.teacher.model, config.teacher.trust_remote_code)
+    if plan.judge is not None and plan.judge is not plan.teacher:
+        lines += _server_lines("judge", f"managed vLLM server for {config.judge.model}", plan.judge,
+                               config.judge.model, config.judge.trust_remote_code)
+    for part in ("teacher", "judge"):
+        role: LLMRole = getattr(config, part)
+        if getattr(plan, part) is None:
+            where = (role.base_url or "the OpenAI API") if role.backend != "hf" else "in-process (hf, `device:` above)"
+            lines.append(f"  {part:15} not a managed server: {where}")
+    processes = len(plan.train)
+    lines += [f"  {'train':15} {_gpus(plan.train)}: {processes} process{'es' * (processes > 1)} of "
+              f"`accelerate launch` ({'DDP' if processes > 1 else 'one GPU'})",
+              f"    {plan.train_command(config.config_path or 'CONFIG')}",
+              "    (`ragtune run` alone trains in one process on the first GPU it sees; run this line first and "
+              "`ragtune run` finds train up to date)"]
+    if plan.eval is not None:
+        from ragtune.core.run_dir import RunDir
+
+        r = config.train.peft_kwargs().get("r")  # a LoRA method's rank: the adapter eval serves as a LoRA module
+        adapter = {"adapter": str(RunDir(config.output_dir).adapter)} if r else {}
+        rank = {"max_lora_rank": next((x for x in engine.LORA_RANKS if x >= r), engine.LORA_RANKS[-1])} if r else {}
+        lines += _server_lines("eval", "the student's managed vLLM server (base + this run's adapter as a LoRA module; "
+                               "then merged/ as its own model)", plan.eval, config.student.model,
+                               config.student.trust_remote_code, adapter, rank)
+    else:
+        lines.append(f"  {'eval':15} the student in-process (hf, `device:` above); `eval.backend: vllm` puts it on "
+                     f"{_gpus(plan.eval_gpus)}")
+    return checks, lines
+
+
+def engine_args_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
+    """The config's engine arguments against the installed vLLM's own parser (the names cached per install), or a
+    warning that they pass unchecked where this machine has no vLLM."""
+    given = {f"{part}.engine_args": args for part, args in (
+        ("teacher", config.teacher.engine_args), ("judge", config.judge.engine_args),
+        ("eval", config.eval.engine_args)) if args}
+    if not given:
+        return []
+    try:
+        python = engine.find_engine_python()
+    except engine.EngineError:
+        return [("warn", f"{', '.join(given)}: not checked, no vLLM on this machine: passed to `vllm serve` as given")]
+    checks = []
+    for key, args in given.items():
+        try:
+            checked = engine.check_engine_args(python, args, key)
+        except ConfigError as err:
+            checks.append(("error", str(err)))
+            continue
+        checks.append(("ok", f"{key}: {', '.join(args)} are engine arguments of the vLLM at {python}") if checked else
+                      ("warn", f"{key}: not checked, vLLM's arguments could not be read from {python}"))
+    return checks
+
+
+def _server_lines(parts: str, what: str, server: "ServerPlan", model: str, trust_remote_code: bool,
+                  lora_modules: dict[str, str] | None = None, shown_args: dict[str, object] | None = None) -> list[str]:
+    """A managed server's plan line and the command line it starts with."""
+    from ragtune.core.models import ModelLoadError, resolve_model
+
+    try:
+        python = engine.find_engine_python()
+    except engine.EngineError:
+        python = "python"  # no vLLM here: the GPU box's engine Python
+    try:
+        model_path = resolve_model(model).name_or_path
+    except ModelLoadError:
+        model_path = model
+    shown = engine.VLLMServer(model, dtype=server.dtype, trust_remote_code=trust_remote_code, gpus=server.gpus,
+                              engine_args={**server.engine_args, **(shown_args or {})})
+    shown.lora_modules = dict(lora_modules or {})  # the adapter is not trained yet: its rank is in shown_args
+    where = (f"{_gpus(server.gpus)} (tensor parallelism {server.engine_args.get('tensor_parallel_size', 1)})"
+             if server.gpus else "the CPU")
+    return [f"  {parts:15} {where}: {what}", f"    {shown.shown_command(python, model_path, on_cpu=not server.gpus)}"]
+
+
+def _gpu_list(gpus: "tuple[int, ...] | list[int]") -> str:
+    return ",".join(map(str, gpus))
+
+
+def _gpus(gpus: "tuple[int, ...] | list[int]") -> str:
+    return f"GPU{'s' * (len(gpus) > 1)} {_gpu_list(gpus)}"
+
+
+def document_checks(paths: list[Path]) -> list[tuple[str, str]]:
+    """Each document opened as far as prep needs to read it (a PDF's pages, a text file's UTF-8). Prep skips an
+    unreadable file with a warning and fails only when none is left, and so does this check."""
+    from ragtune.data_prep.documents import DocumentError, check_readable
+
+    checks: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            seen = check_readable(path)
+        except DocumentError as err:
+            checks.append(("warn", f"documents: {err} `prep` skips it."))
+            continue
+        checks.append(("ok", f"documents: {path} ({path.stat().st_size / 1e6:.1f} MB, {seen})"))
+    if paths and all(level != "ok" for level, _ in checks):
+        checks.append(("error", "documents: none of them can be read; fix or replace them (see above)."))
+    return checks
+
+
 def writable_check(output_dir: Path) -> tuple[str, str]:
-    """Whether the run folder can be written (created if missing), tried with a real file."""
+    """Whether the run folder is ragtune's to fill (`check_run_folder`: not `/`, home or a foreign non-empty
+    folder) and can be written (created if missing), tried with a real file."""
+    try:
+        check_run_folder(output_dir)
+    except NotARunFolder as err:
+        return "error", str(err)
     folder = output_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -151,13 +287,26 @@ def preflight(config: RagtuneConfig) -> None:
     for level, message in (writable_check(config.output_dir), max_length_check(config)):
         if level == "error":
             raise ConfigError(message)
+    from ragtune.core.gpu_plan import gpu_plan
+
+    plan = gpu_plan(config)  # a tensor parallelism that does not fill its GPUs fails here
+    # Under the plan's own `CUDA_VISIBLE_DEVICES=0,1,2,3 accelerate launch` the process sees training's GPUs only, not
+    # the teacher's it does not use; there a server's start checks its GPUs against what it sees (VLLMServer.start).
+    missing = plan.missing() if not os.environ.get("CUDA_VISIBLE_DEVICES") else []
+    if missing:
+        raise ConfigError(f"gpus: the plan uses GPUs {_gpu_list(missing)}, which this machine lacks: change `gpus:` "
+                          "(or remove gpus.count, which plans for a box with that many) or run on the GPU box.")
+    for level, message in engine_args_checks(config):
+        if level == "error":
+            raise ConfigError(message)
+        if level == "warn":
+            log.warning(message)
 
 
 def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     """Print every check and the stage plan; exit status 1 when any check is an error."""
     checks: list[tuple[str, str]] = [("ok", f"config: {config.config_path} is valid")]
-    for path in config.document_paths:
-        checks.append(("ok", f"documents: {path} ({path.stat().st_size / 1e6:.1f} MB)"))
+    checks.extend(document_checks(config.document_paths))
     checks.append(_model_check("student", config.student.model))
     for role in ("teacher", "judge"):
         llm: LLMRole = getattr(config, role)
@@ -169,9 +318,12 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     checks.extend(_training_check(config))
     checks.extend(placement_checks(config))
     checks += [writable_check(config.output_dir), max_length_check(config)]
+    gpu_checks, gpu_lines = gpu_plan_report(config)
+    checks += gpu_checks
     for level, message in checks:
         print(f"[{level:5}] {message}")
     print(f"\nplan for {config.output_dir}:")
     for stage in PIPELINE:
         print(f"  {stage.name:7} {decisions[stage.name]}")
+    print("\n" + "\n".join(gpu_lines))
     return 1 if any(level == "error" for level, _ in checks) else 0

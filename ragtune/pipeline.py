@@ -72,7 +72,7 @@ def input_hashes(config: RagtuneConfig) -> dict[str, str]:
 OPERATIONAL_KEYS = frozenset({
     "timeout", "max_concurrency", "max_retries", "batch_size", "device_map", "base_url", "api_key_env", "api_version",
     "embed_batch_size", "price_per_million_input_tokens", "price_per_million_output_tokens", "max_consecutive_failures",
-    "max_model_len", "max_failure_fraction",
+    "engine_args", "max_failure_fraction",
 })
 
 

@@ -17,6 +17,12 @@ How one request cannot stall the others:
 - **Admission.** At most `max_queue` requests are queued or running; one more is answered 503 at once.
   `max_tokens` is checked before queueing: ≥ 1 and, with the prompt, within the model's context (400
   otherwise; when absent it is the server default, cut to what the context leaves).
+- **Size.** A body over `max_request_bytes` is answered 413 before it is parsed (from Content-Length, or as soon
+  as a chunked body passes the limit), and a prompt whose length in characters cannot fit the context is answered
+  400 before it is tokenized: a 10 MB body used to be tokenized first, 10 s with the event loop blocked. The exact
+  token count runs in a worker thread, so /health and other requests never wait on it.
+- **Key (`api_key`).** Every `/v1/*` request needs `Authorization: Bearer KEY` (401 otherwise, as OpenAI
+  answers); /health stays open for probes.
 - **Structured output.** A `json_schema` row carries its own xgrammar matcher from round to round, so the
   JSON constraint survives the splitting into rounds; rows with and without a schema share a batch.
 - **Streaming.** `stream: true` answers with server-sent events as OpenAI does: the stopping criterion that checks
@@ -31,6 +37,8 @@ How one request cannot stall the others:
 # No `from __future__ import annotations`: FastAPI reads the handler's annotations (`Request`, imported
 # lazily inside create_app) at runtime.
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -42,7 +50,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ragtune.core.rag import Chunk, build_rag_messages, load_index, retrieve
 
@@ -68,6 +77,11 @@ MAX_QUEUE = 64
 REQUEST_TIMEOUT = 600.0
 # How often a waiting request checks whether its client is still connected.
 DISCONNECT_POLL_SECONDS = 0.25
+# A 128k-token prompt is about 0.5 MB of English as JSON, about 1.1 MB of CJK text escaped as \uXXXX: 2 MiB holds
+# any prompt a current model's context takes. SmolLM2 on the shared 2-core box: a 10 MB body is refused 413 in
+# 0.08 s, peak RSS unchanged (it was a 400 after 9.7 s, /health waiting 9.5 s, +1.3 GB); a 2 MiB prompt, 400 in 0.11 s
+# from its length in characters (it was 1.65 s of tokenizing).
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
 
 
 class ServerBusy(Exception):
@@ -80,6 +94,7 @@ class _Job:
     max_tokens: int
     temperature: float
     grammar: Any = None  # an xgrammar GrammarMatcher when the request asked for JSON
+    top_p: float | None = None  # None: the model's generation_config decides, as without the field
     generated: list[int] = field(default_factory=list)
     accepted: int = 0  # tokens of `generated` (and of the running round) the grammar has consumed
     finish_reason: str | None = None
@@ -232,7 +247,8 @@ class Scheduler:
             if self._closed:
                 return None
             live = [j for j in self._fifo if not j.cancelled]
-            batch = [j for j in live if j.temperature == live[0].temperature][: self.batch_size]
+            batch = [j for j in live if (j.temperature, j.top_p) == (live[0].temperature, live[0].top_p)]
+            batch = batch[: self.batch_size]
             self._fifo = deque(j for j in live if j not in batch)
             self._running = batch
             return batch
@@ -251,6 +267,8 @@ class Scheduler:
                                   "stopping_criteria": StoppingCriteriaList([_RowStop(batch, width, self.eos_ids)])}
         if batch[0].temperature > 0:
             kwargs.update(do_sample=True, temperature=batch[0].temperature)
+            if batch[0].top_p is not None:
+                kwargs["top_p"] = batch[0].top_p
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if any(job.grammar is not None for job in batch):
@@ -306,54 +324,82 @@ class ChatRequest(BaseModel):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = 0.0
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range; absent or null: greedy
+    top_p: float | None = Field(None, ge=0, le=1)  # OpenAI's range; applies when temperature > 0
+    n: int | None = None
     response_format: dict[str, Any] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, n: int | None) -> int | None:
+        """OpenAI's n asks for several answers; answering one of them with 200 would hide that."""
+        if n not in (None, 1):
+            raise PydanticCustomError("one_choice", "ragtune serve returns one choice per request: n must be 1")
+        return n
 
 
 class BadRequest(Exception):
-    """A request the server will not run: answered 400 with this message."""
+    """A request the server will not run: answered 400 with this message, naming the field in `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """OpenAI messages as the chat template takes them; unknown roles and non-text content are a 400."""
+    """OpenAI messages as the chat template takes them; unknown roles and missing or non-text content are a 400
+    (OpenAI allows null content only beside tool calls, which this server does not take)."""
     if not raw:
-        raise BadRequest("messages must be a non-empty list.")
+        raise BadRequest("messages must be a non-empty list.", param="messages")
     messages = []
     for i, message in enumerate(raw):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}.")
+            raise BadRequest(f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}.",
+                             param=f"messages[{i}].role")
         if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise BadRequest(f"messages[{i}].content: only parts of type 'text' are supported.")
-            content = "".join(str(p.get("text", "")) for p in content)
+            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+                   for p in content):
+                raise BadRequest(f"messages[{i}].content: only parts of type 'text' with a string `text` are "
+                                 "supported.", param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
         elif content is None:
-            content = ""
+            raise BadRequest(f"messages[{i}].content is null or missing: a {role} message needs a string or a list "
+                             "of text parts.", param=f"messages[{i}].content")
         elif not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts.")
+            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts.",
+                             param=f"messages[{i}].content")
         messages.append({"role": role, "content": content})
     return messages
 
 
-def token_budget(requested: int | None, prompt_tokens: int, context: int | None, default: int) -> int:
+def token_budget(requested: int | None, prompt_tokens: int, context: int | None, default: int,
+                 field: str = "max_tokens") -> int:
     """max_tokens as the request asked (≥ 1, within the context with the prompt), else the default cut to fit."""
     if requested is not None and requested < 1:
-        raise BadRequest(f"max_tokens must be at least 1, got {requested}.")
+        raise BadRequest(f"{field} must be at least 1, got {requested}.", param=field)
     if context is None:
         return requested or default
     room = context - prompt_tokens
     if requested is None:
         if room < 1:
             raise BadRequest(f"the prompt is {prompt_tokens} tokens and the model's context is {context}: "
-                             "shorten the messages.")
+                             "shorten the messages.", param="messages")
         return min(default, room)
     if requested > room:
         raise BadRequest(f"This model's maximum context length is {context} tokens. However, you requested "
                          f"{prompt_tokens + requested} tokens ({prompt_tokens} in the messages, {requested} in the "
-                         f"completion). Set max_tokens to at most {max(room, 0)} or shorten the messages.")
+                         f"completion). Set {field} to at most {max(room, 0)} or shorten the messages.", param=field)
     return requested
+
+
+def longest_token(tokenizer: Any) -> int:
+    """The most characters of text one token can stand for: its vocabulary's longest entry. Byte-level BPE spells
+    each byte as one character and SentencePiece a space as '▁', so an entry is never shorter than its text
+    (SmolLM2's longest is 81 characters, a newline and 80 spaces)."""
+    return max(len(entry) for entry in tokenizer.get_vocab())
 
 
 class _Grammars:
@@ -390,19 +436,34 @@ class Admission:
     def __init__(self, backend: "HFChatBackend", tokenizer_lock: threading.Lock, default_max_tokens: int):
         self.tokenizer, self.tokenizer_lock = backend.tokenizer, tokenizer_lock
         self.context = context_length(backend.model, backend.tokenizer)
+        self.chars_per_token = longest_token(backend.tokenizer)
         self.default_max_tokens = default_max_tokens
         self.grammars = _Grammars(backend.model, backend.tokenizer)
 
+    def check_length(self, text: str, what: str = "the prompt") -> None:
+        """Refuse text that cannot fit the context from its length alone, so nobody tokenizes megabytes to count
+        them: it is at least len/chars_per_token tokens."""
+        if self.context is None:
+            return
+        at_least = -(-len(text) // self.chars_per_token)
+        if at_least >= self.context:  # not even one token would be left for the answer
+            raise BadRequest(f"{what} is {len(text)} characters, at least {at_least} tokens (one token of this model "
+                             f"is at most {self.chars_per_token} characters), and the model's context is "
+                             f"{self.context} tokens: shorten the messages.", param="messages")
+
     def job(self, body: ChatRequest, messages: list[dict[str, str]]) -> _Job:
+        """Tokenizes (up to seconds for a long prompt): the handler runs it in a worker thread."""
         with self.tokenizer_lock:
             try:
                 prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as err:  # the template's own rules, e.g. "roles must alternate"
-                raise BadRequest(f"the model's chat template rejected the messages: {err}") from None
+                raise BadRequest(f"the model's chat template rejected the messages: {err}", param="messages") from None
+            self.check_length(prompt)
             prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = token_budget(requested, len(prompt_ids), self.context, self.default_max_tokens)
-        return _Job(prompt_ids, max_tokens, body.temperature, self.grammars.matcher(body.response_format))
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = token_budget(getattr(body, field), len(prompt_ids), self.context, self.default_max_tokens, field)
+        temperature = body.temperature if body.temperature is not None else 0.0
+        return _Job(prompt_ids, max_tokens, temperature, self.grammars.matcher(body.response_format), top_p=body.top_p)
 
 
 class RagPrompt:
@@ -422,11 +483,17 @@ class RagPrompt:
         index = load_index(config.embedding, RunDir(config.output_dir).index)
         return cls(index, config.data_prep.similarity_top_k, config.data_prep)
 
-    def __call__(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[Chunk]]:
+    @staticmethod
+    def query(messages: list[dict[str, str]]) -> str:
+        """The last user message: what is retrieved for, and all of the client's text the prompt keeps."""
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if not query.strip():
             raise BadRequest("ragtune serve --rag answers the last user message from the documents; "
-                             "this request has no user message with text.")
+                             "this request has no user message with text.", param="messages")
+        return query
+
+    def __call__(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[Chunk]]:
+        query = self.query(messages)
         with self.lock:
             chunks = retrieve(self.index, [query], self.top_k)[0]
         return build_rag_messages(query, [c["text"] for c in chunks], self.prompts), chunks
@@ -436,18 +503,90 @@ class ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
 
 
-def _error(status: int, message: str, **headers: str) -> Any:
+def _error(status: int, message: str, param: str | None = None, **headers: str) -> Any:
     """An error body in OpenAI's shape, which the openai SDK and ragtune's openai backend read."""
     from fastapi.responses import JSONResponse
 
-    kind = "invalid_request_error" if status == 400 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers or None)
+
+
+class Gate:
+    """ASGI middleware in front of the app, before any byte of the body is parsed: the API key on /v1/*, then the
+    body's size. A body is read here, up to `max_request_bytes`, and handed on whole; past the limit the answer is
+    413 at once and uvicorn discards the rest of what the client sends."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_request_bytes: int):
+        self.app, self.max_request_bytes = app, max_request_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
+            message = ("incorrect API key provided." if b"authorization" in headers else
+                       "no API key provided: send `Authorization: Bearer KEY` with the key ragtune serve was "
+                       "started with (--api-key or RAGTUNE_SERVE_API_KEY).")
+            return await _error(401, message, **{"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_request_bytes:
+            return await self._too_large(f"is {int(length)} bytes", scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_request_bytes:
+                return await self._too_large(f"passed {self.max_request_bytes} bytes", scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:  # later calls are the app waiting for a disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key or b"")
+
+    async def _too_large(self, size: str, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        message = (f"the request body {size}: this server takes at most {self.max_request_bytes} bytes "
+                   "(ragtune serve --max-request-bytes).")
+        await _error(413, message)(scope, receive, send)
+
+
+def exposure_warning(host: str, port: int, api_key: str | None, rag: bool) -> str | None:
+    """What to tell the user who binds beyond this machine without a key; None when the server is not exposed."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"--host {host} reaches beyond this machine and no --api-key (or RAGTUNE_SERVE_API_KEY) is set: anyone "
+            f"who reaches port {port} can use the model" +
+            (" and read the indexed documents' text (each answer's `retrieved` chunks)" if rag else "") +
+            ". Set a key, or bind 127.0.0.1.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds to this machine only: localhost, 127.0.0.0/8, ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int = 8, default_max_tokens: int = 256,
                *, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
-               request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None) -> Any:
+               request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None, api_key: str | None = None,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response, StreamingResponse
@@ -456,12 +595,13 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
     admission = Admission(backend, scheduler.tokenizer_lock, default_max_tokens)
     app = FastAPI(title="ragtune serve")
     app.state.scheduler = scheduler
+    app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> Any:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return _error(400, f"{where}: {first.get('msg', 'invalid request body')}")
+        return _error(400, f"{where}: {first.get('msg', 'invalid request body')}", param=where or None)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -476,8 +616,9 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
         try:
             messages, chunks = chat_messages(body.messages), None
             if rag is not None:  # embedding the query takes milliseconds to seconds: off the event loop
+                admission.check_length(rag.query(messages), "the last user message")  # before it is embedded
                 messages, chunks = await asyncio.to_thread(rag, messages)
-            job = admission.job(body, messages)
+            job = await asyncio.to_thread(admission.job, body, messages)  # tokenizing: off the event loop too
             reply = _Reply(served_model_name, chunks)
             if body.stream:
                 wake = _wake_on_progress(job)
@@ -488,7 +629,7 @@ def create_app(backend: "HFChatBackend", served_model_name: str, batch_size: int
             scheduler.submit(job)
             text = await _wait(job, request, request_timeout)
         except BadRequest as err:
-            return _error(400, str(err))
+            return _error(400, str(err), param=err.param)
         except ServerBusy as err:
             return _error(503, str(err), **{"Retry-After": "1"})
         except TimeoutError:
@@ -630,11 +771,13 @@ async def _wait(job: _Job, request: Any, timeout: float) -> str:
 
 def serve(backend: "HFChatBackend", *, host: str, port: int, served_model_name: str, batch_size: int,
           default_max_tokens: int = 256, step_tokens: int = STEP_TOKENS, max_queue: int = MAX_QUEUE,
-          request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None) -> None:
+          request_timeout: float = REQUEST_TIMEOUT, rag: RagPrompt | None = None, api_key: str | None = None,
+          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
     import uvicorn
 
     app = create_app(backend, served_model_name, batch_size, default_max_tokens, step_tokens=step_tokens,
-                     max_queue=max_queue, request_timeout=request_timeout, rag=rag)
+                     max_queue=max_queue, request_timeout=request_timeout, rag=rag, api_key=api_key,
+                     max_request_bytes=max_request_bytes)
     scheduler: Scheduler = app.state.scheduler
 
     class Server(uvicorn.Server):
@@ -642,8 +785,11 @@ def serve(backend: "HFChatBackend", *, host: str, port: int, served_model_name: 
             scheduler.close()  # before uvicorn waits for open requests: they end now, with 503
             super().handle_exit(sig, frame)
 
-    log.warning("serving %s on http://%s:%d/v1%s", served_model_name, host, port,
-                " (answers through the run's RAG index)" if rag is not None else "")
+    log.warning("serving %s on http://%s:%d/v1%s%s", served_model_name, host, port,
+                " (answers through the run's RAG index)" if rag is not None else "",
+                " (requests need its API key)" if api_key else "")
+    if (warning := exposure_warning(host, port, api_key, rag is not None)) is not None:
+        log.warning(warning)
     # uvicorn waits this long for open connections after SIGTERM (all requests end at once above)
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
     scheduler.thread.join(timeout=5)

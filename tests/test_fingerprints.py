@@ -12,7 +12,7 @@ from ragtune.pipeline import fingerprints
 @pytest.mark.parametrize("override", [
     "teacher.timeout=5", "teacher.max_concurrency=2", "teacher.max_retries=0", "teacher.batch_size=2",
     "teacher.device_map=cpu", "teacher.base_url=http://127.0.0.1:9/v1", "embedding.embed_batch_size=8",
-    "judge.timeout=5", "eval.batch_size=2",
+    "judge.timeout=5", "eval.batch_size=2", "teacher.engine_args={max_num_seqs: 8}", "gpus.count=8",
 ])
 def test_operational_settings_keep_every_fingerprint(write_config, override: str) -> None:
     path = write_config()

@@ -139,16 +139,17 @@ def test_a_kill_during_a_safetensors_save_leaves_a_tmp_the_next_run_removes(tmp_
     [leftover] = list((run / "merged").iterdir())
     assert leftover.name.startswith(".tmp") and not leftover.name.endswith("safetensors")
     (run / "data").mkdir()
-    dead = run / "data" / f"train.jsonl.{_dead_pid()}.tmp"
-    live = run / "data" / f"manifest.json.{os.getpid()}.tmp"  # a live process's write in flight is kept
-    shared = run / "data" / "eval.csv.tmp"
+    dead = run / "data" / f"train.jsonl.0a1b2c3d.{_dead_pid()}.ragtune-tmp"  # tmp_path's name
+    live = run / "data" / f"manifest.json.0a1b2c3d.{os.getpid()}.ragtune-tmp"  # a live process's write in flight
+    not_ours = run / "data" / "eval.csv.tmp"  # not a name ragtune writes: never removed
     kept = run / "data" / "train.jsonl"
-    for path in (dead, live, shared, kept):
+    for path in (dead, live, not_ours, kept):
         path.write_text("x")
     with RunLock(run):
         pass
     remaining = sorted(p.name for p in run.rglob("*") if p.is_file())
-    assert remaining == sorted([".ragtune.lock", live.name, kept.name])  # the (empty) lock file stays
+    # the (empty) lock file and the run marker stay
+    assert remaining == sorted([".ragtune.lock", ".ragtune-run", live.name, not_ours.name, kept.name])
     assert clean_temporaries(run) == []
 
 

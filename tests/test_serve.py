@@ -25,13 +25,13 @@ CONTEXT = 2048
 LONG = 1900
 
 
-def start_server(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="ragtune-serve-")) / "server.log"  # a pipe nobody reads could fill up
     with log.open("w") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port), *flags],
-            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -244,6 +244,174 @@ def test_sigterm_stops_the_server_within_seconds_mid_generation(tiny_llama_dir: 
             stop_server(process)
 
 
+# --- size limits, the API key, OpenAI's field rules ----------------------------------------------
+
+BIG = 10 * 1024 * 1024  # the issue's 10 MB body: 10.6 s and 2.5 GB before it was refused, /health waiting 9.1 s
+
+
+def prose(size: int) -> str:
+    """Text of `size` characters that tokenizes as prose does (a run of one letter is one huge BPE word)."""
+    return ("hello world " * (size // 12 + 1))[:size]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM): what a request cost, even after it was freed."""
+    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_10_mb_body_is_413_before_it_is_parsed_and_health_answers_meanwhile(server):
+    """With Content-Length the header alone refuses it; chunked, the bytes read so far do. Between the chunks the
+    server answers /health: reading the body holds nothing up. Nothing is tokenized: the peak memory stays."""
+    process, url = server
+    peak = peak_rss_mb(process.pid)
+    payload = json.dumps({"messages": [{"role": "user", "content": prose(BIG)}], "max_tokens": 1}).encode()
+    sized = httpx.post(f"{url}/v1/chat/completions", content=payload, timeout=300,
+                       headers={"Content-Type": "application/json"})
+    assert sized.status_code == 413, sized.text[:300]
+    error = sized.json()["error"]
+    assert f"is {len(payload)} bytes" in error["message"] and "--max-request-bytes" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+    host, port = url.removeprefix("http://").split(":")
+    health = []
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        step = 1024 * 1024
+        try:
+            for start in range(0, len(payload), step):
+                piece = payload[start:start + step]
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                health.append(httpx.get(f"{url}/health", timeout=60).status_code)
+                if answered(sock):
+                    break
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):  # the server may close on a body it will not read
+            pass
+        sock.settimeout(300)
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:300]
+    assert health and set(health) == {200}
+    grown = peak_rss_mb(process.pid) - peak
+    print(f"413 after {len(health)} chunks of 1 MiB; peak RSS grew {grown:.0f} MB")
+    assert grown < 300  # tokenizing the 10 MB grew it by 1.3 GB (SmolLM2's tokenizer, as here)
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_400_before_it_is_tokenized(server, tiny_llama_dir: Path):
+    """1 MB of text (under the byte limit) is refused from its length in characters; a prompt one token over the
+    context is refused from its exact token count; one token under it is answered."""
+    from transformers import AutoTokenizer
+
+    _, url = server
+    huge = chat(url, messages=[{"role": "user", "content": prose(1_000_000)}], timeout=300)
+    assert huge.status_code == 400
+    error = huge.json()["error"]
+    assert "is 1000" in error["message"] and "characters" in error["message"], error["message"]
+    assert f"context is {CONTEXT} tokens" in error["message"] and error["param"] == "messages"
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    def prompt_tokens(content: str) -> int:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def words(n: int) -> str:
+        return " ".join(["hi"] * n)  # " hi" is one token: each word is one more
+
+    n = CONTEXT - prompt_tokens("") - 5
+    while prompt_tokens(words(n)) <= CONTEXT:
+        n += 1
+    assert prompt_tokens(words(n)) == CONTEXT + 1
+    over = chat(url, messages=[{"role": "user", "content": words(n)}])
+    assert over.status_code == 400
+    assert over.json()["error"]["param"] == "messages"
+    assert f"the prompt is {CONTEXT + 1} tokens" in over.json()["error"]["message"]
+    fits = chat(url, messages=[{"role": "user", "content": words(n - 2)}], max_tokens=1)
+    assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == CONTEXT - 1
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"}]}, "messages[1].content"),
+    ({"temperature": -5}, "temperature"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 5}, "n"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_fields_outside_openais_rules_are_400_naming_the_field(server, change, param):
+    _, url = server
+    response = chat(url, **{"max_tokens": 1, **change})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(param), error["message"]
+
+
+def test_fields_within_openais_rules_are_answered(server):
+    """null means the default for the sampling fields, as in OpenAI's API."""
+    _, url = server
+    for allowed in ({"temperature": None, "top_p": None, "n": None}, {"temperature": 2, "top_p": 0.5, "n": 1}):
+        assert chat(url, max_tokens=1, **allowed).status_code == 200
+
+
+def test_top_p_applies_when_sampling(server):
+    """top_p 0 keeps only the likeliest token: sampling at temperature 2 then answers what greedy does (it used to be
+    accepted and ignored: random text)."""
+    _, url = server
+    greedy = chat(url, max_tokens=8).json()["choices"][0]["message"]["content"]
+    narrowed = chat(url, max_tokens=8, temperature=2, top_p=0).json()["choices"][0]["message"]["content"]
+    assert narrowed == greedy
+
+
+KEY = "rt-test-9f8e7d"
+
+
+@pytest.fixture(scope="module")
+def key_server(tiny_llama_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The key from the environment, as the README advises (a --api-key flag shows in `ps`)."""
+    process, url = start_server(tiny_llama_dir, "--max-tokens", "4", env={"RAGTUNE_SERVE_API_KEY": KEY})
+    yield process, url
+    stop_server(process)
+
+
+def test_a_key_is_required_on_v1_but_not_on_health(key_server):
+    import openai
+
+    _, url = key_server
+    bare = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, timeout=60)
+    assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
+    assert "no API key" in bare.json()["error"]["message"]
+    wrong = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}x"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "incorrect API key provided."
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Basic " + KEY}).status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200
+
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(url).chat.completions.create(model="served", messages=HELLO, max_tokens=1)
+    client = openai_client(url, api_key=KEY)
+    answer = client.chat.completions.create(model="served", messages=HELLO, max_tokens=2)
+    assert answer.usage.completion_tokens == 2
+    assert [m.id for m in client.models.list()] == [answer.model]
+
+
+def test_binding_beyond_loopback_without_a_key_warns_what_is_exposed():
+    from ragtune.serve import exposure_warning
+
+    for private in ("127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"):
+        assert exposure_warning(private, 8000, None, rag=True) is None
+    assert exposure_warning("0.0.0.0", 8000, KEY, rag=True) is None
+    plain = exposure_warning("0.0.0.0", 8000, None, rag=False)
+    assert plain and "anyone who reaches port 8000 can use the model" in plain and "--api-key" in plain
+    assert "documents' text" not in plain
+    for exposed in ("::", "192.168.1.5", "myhost.example"):
+        assert "indexed documents' text" in exposure_warning(exposed, 8000, None, rag=True)
+
+
 # --- streaming and --rag ------------------------------------------------------------------------
 
 FACTS = [  # (chunk id, text): the run's index for --rag
@@ -255,10 +423,10 @@ FACTS = [  # (chunk id, text): the run's index for --rag
 EATS = "What does Uber Eats let consumers do?"
 
 
-def openai_client(url: str):  # type: ignore[no-untyped-def]
+def openai_client(url: str, api_key: str = "unused"):  # type: ignore[no-untyped-def]
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 def stream_chunks(url: str, **body: object) -> list[object]:
@@ -364,6 +532,13 @@ def test_rag_stream_says_stop_when_the_model_ends(rag_server):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert set(json.loads(text)) == {"ok"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_rag_refuses_a_query_that_cannot_fit_before_embedding_it(rag_server):
+    _, url = rag_server
+    response = chat(url, messages=[{"role": "user", "content": prose(1_000_000)}], timeout=300)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("the last user message is 1000000 characters")
 
 
 def test_rag_needs_a_config_and_an_index(rag_run, tmp_path: Path, capsys):

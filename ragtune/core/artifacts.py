@@ -6,6 +6,7 @@ drops only that torn line so a resumed stage redoes exactly that one row.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -19,14 +20,43 @@ class ArtifactError(UserFacingError, ValueError):
     """A JSONL artifact cannot be read; the message names the file and line."""
 
 
+class NotUtf8Error(UserFacingError, ValueError):
+    """A file ragtune reads (config, JSONL, document) is not UTF-8; the message names the file and line."""
+
+
+def decode_utf8(data: bytes, path: str | Path) -> str:
+    """`data` as UTF-8 text, or NotUtf8Error naming `path:line` and the byte: a file saved as UTF-16 or Latin-1
+    must fail in one line the user can act on, not in a UnicodeDecodeError traceback."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        guess = " (a UTF-16 byte-order mark: the file was saved as UTF-16)" if utf16 else ""
+        raise NotUtf8Error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}{guess}). "
+                           "Re-save the file as UTF-8 and run again.") from None
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file as UTF-8 text; bad bytes raise NotUtf8Error naming the line."""
+    return decode_utf8(Path(path).read_bytes(), path)
+
+
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False,
                on_error: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, row) for every non-empty line; line numbers are 1-based. A bad line raises
     ArtifactError naming it, or, with `on_error(line_number, problem)`, is reported there and skipped (to list
     every bad line at once)."""
     path = Path(path)
-    with path.open("r", encoding="utf-8") as handle:
-        lines = handle.readlines()
+    data = path.read_bytes()
+    if tolerate_torn_tail and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            data[cut:].decode("utf-8")
+        except UnicodeDecodeError:  # a kill cut a multi-byte character: the torn line, dropped like any other
+            data = data[:cut]
+    lines = io.StringIO(decode_utf8(data, path), newline=None).readlines()  # split as open() does, not at U+2028
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -51,12 +81,18 @@ def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> list[di
     return [row for _, row in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail)]
 
 
+# The suffix of every temporary ragtune writes itself: `clean_temporaries` removes only names that end in it, so a
+# user's `notes.tmp` is never taken for a killed run's leftover.
+TMP_SUFFIX = ".ragtune-tmp"
+
+
 def tmp_path(path: Path) -> Path:
-    """A temporary name beside `path` that no other writer uses: `name.<random>.<pid>.tmp`. Two processes (or two
-    threads) writing one file at once each fill their own tmp file, and the last rename wins whole; with one
-    shared `name.tmp` the second writer truncated the first's file, which then renamed half of it into place and
-    failed to find its tmp. The pid comes last so `ragtune.core.lock.clean_temporaries` can tell a live writer's."""
-    return path.with_name(f"{path.name}.{secrets.token_hex(4)}.{os.getpid()}.tmp")
+    """A temporary name beside `path` that no other writer uses: `name.<random>.<pid>.ragtune-tmp`. Two processes
+    (or two threads) writing one file at once each fill their own tmp file, and the last rename wins whole; with
+    one shared `name.tmp` the second writer truncated the first's file, which then renamed half of it into place
+    and failed to find its tmp. The pid comes last so `ragtune.core.lock.clean_temporaries` can tell a live
+    writer's; the suffix (TMP_SUFFIX) is ragtune's own, so that cleanup never takes a user's file for one."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(4)}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:

