@@ -325,10 +325,11 @@ def test_teacher_equal_to_the_student_is_flagged(prepared_data: Path, models: di
 def test_reference_is_the_best_gated_of_the_teachers_candidates(
     prepared_data: Path, models: dict[str, Path], smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    """Eval's rag reference is chosen as prep chooses a training row: the best grounded of the teacher's candidates
-    that passes the answer gates, else its first answer, marked with the gate it failed; every candidate stays on
-    the row. Real SmolLM2 as teacher, best-of-3."""
-    from ragtune.core.grounding import grounding
+    """Eval's rag reference is chosen as prep chooses a training row: among the teacher's candidates that pass the
+    answer gates, the one `pick_best` chooses (the others agree with it most), else its first answer, marked with
+    the gate it failed; every candidate stays on the row. Real SmolLM2 as teacher, best-of-3."""
+    from ragtune.core.gates import check_answer, pick_best
+    from ragtune.core.grounding import support
     from ragtune.eval.answer import answer_fingerprint, model_specs
 
     config, run = make_run(tmp_path, prepared_data, {**models, "teacher": smollm2_dir}, adapter=False,
@@ -340,11 +341,14 @@ def test_reference_is_the_best_gated_of_the_teachers_candidates(
     for row in rows:
         candidates = row["candidates"]
         assert len(candidates) == 3
-        passed = [i for i, c in enumerate(candidates) if c["reason"] is None]
-        expected = max(passed, key=lambda i: (candidates[i]["grounding"], -i)) if passed else 0
+        verdicts = [check_answer(c["text"], c["finish_reason"], row["contexts"], question=row["question"])
+                    for c in candidates]
+        assert [v.reason for v in verdicts] == [c["reason"] for c in candidates]
+        best = pick_best(verdicts, [c["text"] for c in candidates])
+        expected = 0 if best is None else best
         assert row["candidate"] == expected and row["gate"] == candidates[expected]["reason"]
         assert row["raw_answer"] == candidates[expected]["text"].strip()
-        assert row["grounding"] == round(grounding(row["answer"], row["contexts"], row["question"]), 3)
+        assert row["grounding"] == round(support(row["answer"], row["contexts"], row["question"]), 3)
     assert any(len({c["text"] for c in row["candidates"]}) > 1 for row in rows)  # the samples are samples
     # the students' rows carry no gate facts, and the reference's fingerprint follows the best-of-N settings
     assert "candidates" not in read_jsonl(run.answers("base", "rag"))[0]
