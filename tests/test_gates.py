@@ -425,3 +425,16 @@ def test_ragtune_gates_names_a_malformed_line(tmp_path: Any, capsys: Any) -> Non
     assert main(["gates", str(path)]) == 2
     error = capsys.readouterr().err
     assert f"{path}:3: key 'contexts' must be a list of strings" in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(("answer", "declines"), [
+    ("I'm sorry, but I cannot provide Uber's interest coverage ratio from the given data.", True),
+    ("Unfortunately, the information needed to calculate the ratio is not available in the provided context.", True),
+    ("The provided balance sheet does not contain the number of shares, so the value per share cannot be computed.", True),
+    ("The 10-K excerpt does not disclose Uber's Adjusted EBIT for 2021.", True),
+    ("The information given is insufficient to answer this question.", True),
+    ("Revenue grew 57% to $17,455 million. The table does not break down revenue by city.", False),
+    ("Mobility revenue was $6,953 million in 2021. The table does not show 2019, which was not asked for.", False),
+])
+def test_refusals_are_said_up_front_or_throughout_and_a_hedge_is_none(answer: str, declines: bool) -> None:
+    assert gates.is_refusal(answer) is declines

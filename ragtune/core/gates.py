@@ -25,10 +25,14 @@ Reason = Literal["truncated", "ungrounded", "bad_quote", "missing_answer_tag", "
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)(?:" + re.escape(END_QUOTE) + r"|$)", re.DOTALL)
 
 
-_SOURCE = r"(?:context|text|passage|document|information|excerpt|evidence|data|filing|statement|report|table)s?"
+_SOURCE = (r"(?:context|text|passage|document|information|excerpt|evidence|data|filing|statement|report|table|sheet|"
+           r"page|disclosure|10-k|10-q)s?")
 _REFUSAL = re.compile("|".join([
-    _SOURCE + r"\b[^.]{0,40}?\b(?:does not|doesn't|do not|don't|did not)\s+"
-    r"(?:say|mention|provide|specify|state|contain|include|give|discuss|address|indicate|tell|list|show)",
+    _SOURCE + r"\b[^.]{0,40}?\b(?:does not|doesn't|do not|don't|did not)\s+(?:explicitly\s+|specifically\s+)?"
+    r"(?:say|mention|provide|specify|state|contain|include|give|discuss|address|indicate|tell|list|show|disclose|"
+    r"report|break down|offer)",
+    r"\b(?:information|data|details?)\b[^.]{0,30}?\b(?:is|are|was|were)\s+(?:insufficient|not\s+(?:available|"
+    r"sufficient|enough|provided|included))",
     r"\bnot\s+(?:explicitly\s+)?(?:provided|mentioned|specified|stated|given|included|available|found|addressed|"
     r"discussed)\s+in\s+the\s+(?:given\s+|provided\s+)?" + _SOURCE,
     r"\b(?:cannot|can't|can not|unable to|not able to|not possible to|impossible to)\s+(?:be\s+)?(?:answer|determine|"
