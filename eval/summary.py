@@ -183,8 +183,9 @@ def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
         "Every comparison is paired over the questions scored for both models (their intersection); 'excluded' "
         "counts questions left out because a score failed for one or both.",
         f"Reference answers are the teacher's rag answers (model '{REFERENCE_MODEL}'), written with the question's "
-        "source chunk among the contexts and chosen as prep chooses a training row: the best grounded of "
-        f"teacher.num_candidates ({config.teacher.num_candidates}) that passes the answer gates, else the first "
+        "source chunk among the contexts and chosen as prep chooses a training row: of "
+        f"teacher.num_candidates ({config.teacher.num_candidates}), the one that passes the answer gates and the "
+        "others agree with most, else the first "
         "(its row in answers.teacher.rag.jsonl names the gate it failed); reference-based metrics are not computed "
         "for the teacher itself.",
     ]

@@ -1,10 +1,11 @@
 """Quality gates for teacher answers and generated questions: what a student must never be taught.
 
-Every check is pure text (or a given embedding matrix) and takes microseconds, so prep can run all of them on
-every candidate answer. `check_answer` is the one call per answer; it returns a `Verdict` whose `reason` is the
-rejection reason written to data/answers.rejected.jsonl (or None for a kept answer), and `pick_best` chooses
-among best-of-N candidates. Thresholds were measured with scripts/probe_teacher.py (SmolLM2-135M-Instruct as
-teacher on Uber's 2021 10-K, 2-core CPU); the numbers are beside each default.
+Every check is pure text (or a given embedding matrix) and takes at most about a millisecond, so prep can run all
+of them on every candidate answer. `check_answer` is the one call per answer; it returns a `Verdict` whose `reason`
+is the rejection reason written to data/answers.rejected.jsonl (or None for a kept answer), and `pick_best` chooses
+among best-of-N candidates. Two teachers set the defaults: a strong one (FinanceBench's human-labelled GPT-4
+answers, scripts/bench_gates.py) and the demo's SmolLM2-135M-Instruct on Uber's 2021 10-K
+(scripts/probe_teacher.py); the numbers are beside each default. `ragtune gates` runs them on a user's own labels.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class LLMRole(Strict):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
     # best-of-N teacher answers (prep): the answer at `temperature` plus num_candidates - 1 samples at
-    # candidate_temperature; the answer gates keep the best grounded one, so the data is never worse than greedy
+    # candidate_temperature; of those the answer gates pass, the one the others agree with most is kept
     num_candidates: int = Field(1, ge=1)
     candidate_temperature: float = Field(0.7, gt=0)
     # cost estimate (USD per million tokens), optional
