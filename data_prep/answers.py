@@ -17,7 +17,7 @@ from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.gates import Verdict, gate_candidates, pick_best
 from ragtune.core.grounding import final_answer
 from ragtune.core.rag import build_closed_book_messages, teacher_candidates, teacher_view
-from ragtune.data_prep.config import DataPrepConfig
+from ragtune.data_prep.config import AnswerGates, DataPrepConfig
 from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
@@ -92,7 +92,7 @@ JUDGE_ATTEMPTS = 3
 
 
 def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdicts: list[list[Verdict]],
-                        judge: LazyBackend, gates: Any) -> None:
+                        judge: LazyBackend, gates: AnswerGates) -> None:
     """The judge decides the candidates the lexical grounding score cannot: every one that passed the form gates
     and scores at least `judge_min_grounding` is kept when the judge calls it faithful and rejected as "unfaithful"
     when it does not (InstructLab-style filter, widened to the lexical gate's unsure band below `min_grounding`).

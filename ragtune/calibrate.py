@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.core.artifacts import ArtifactError, iter_jsonl
-from ragtune.core.gates import MIN_GROUNDING, check_answer
+from ragtune.core.gates import gate_candidates, threshold
+from ragtune.core.llm import Completion
 from ragtune.data_prep.config import AnswerGates
 
 KEEP_TARGETS = (0.90, 0.95)
@@ -51,12 +52,12 @@ def _shape_problem(row: Any) -> str | None:
     return None
 
 
-def gate_rows(rows: Sequence[dict[str, Any]], gates: AnswerGates, min_grounding: float | None = None) -> list[Any]:
-    """The verdict of the gates on each labelled answer, its evidence shown as the oracle (a refusal is wrong)."""
-    threshold = gates.min_grounding if min_grounding is None else min_grounding
-    return [check_answer(row["answer"], row.get("finish_reason", "stop"), row["contexts"], question=row["question"],
-                         min_grounding=threshold, min_question_overlap=gates.min_question_overlap,
-                         measure=gates.measure)
+def gate_rows(rows: Sequence[dict[str, Any]], gates: AnswerGates) -> list[Any]:
+    """The verdict of the gates on each labelled answer, as prep gates a candidate, its evidence shown as the
+    oracle (a refusal is wrong)."""
+    return [gate_candidates([Completion(row["answer"], finish_reason=row.get("finish_reason", "stop"))],
+                            row["contexts"], gates, oracle_in_context=True, chain_of_thought=False,
+                            question=row["question"])[0]
             for row in rows]
 
 
@@ -64,9 +65,7 @@ def calibrate(rows: Sequence[dict[str, Any]], gates: AnswerGates) -> dict[str, A
     """Kept counts and rejection reasons per label, the grounding score's AUROC for good over bad, and the
     thresholds that keep 90% and 95% of good (with what each would keep of every label)."""
     verdicts = gate_rows(rows, gates)
-    report: dict[str, Any] = {"measure": gates.measure,
-                              "min_grounding": MIN_GROUNDING[gates.measure] if gates.min_grounding is None
-                              else gates.min_grounding,
+    report: dict[str, Any] = {"measure": gates.measure, "min_grounding": threshold(gates.measure, gates.min_grounding),
                               "labels": _by_label(rows, verdicts)}
     scores = {label: [v.grounding for row, v in zip(rows, verdicts) if row["label"] == label] for label in ("good", "bad")}
     report["auroc"] = auroc(scores["good"], scores["bad"])
@@ -78,11 +77,11 @@ def calibrate(rows: Sequence[dict[str, Any]], gates: AnswerGates) -> dict[str, A
         needed = math.ceil(target * len(scores["good"]) - 1e-9)
         if not movable:
             break
-        threshold = int(sorted(movable, reverse=True)[min(needed, len(movable)) - 1] * 100) / 100
+        cut = int(sorted(movable, reverse=True)[min(needed, len(movable)) - 1] * 100) / 100
         report["suggested"][f"keep_{round(target * 100)}_good"] = {
-            "min_grounding": threshold,
-            "keep_rate": {label: facts["keep_rate"] for label, facts in
-                          _by_label(rows, gate_rows(rows, gates, threshold)).items()}}
+            "min_grounding": cut,
+            "keep_rate": {label: facts["keep_rate"] for label, facts in _by_label(
+                rows, gate_rows(rows, gates.model_copy(update={"min_grounding": cut}))).items()}}
     return report
 
 

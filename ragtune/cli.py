@@ -359,36 +359,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _gates(args: argparse.Namespace) -> int:
     from ragtune.calibrate import calibrate, read_labelled, render
-    from ragtune.data_prep.config import AnswerGates
+    from ragtune.config import answer_gates_from_overrides
 
-    if args.config:
-        gates = load_config(args.config, args.overrides).data_prep.answer_gates
-    else:
-        from pydantic import ValidationError
-
-        try:
-            gates = AnswerGates(**_gate_overrides(args.overrides))
-        except ValidationError as err:
-            problem = err.errors()[0]
-            raise UserFacingError(f"--set data_prep.answer_gates.{'.'.join(map(str, problem['loc']))}: "
-                                  f"{problem['msg']}") from None
+    gates = (load_config(args.config, args.overrides).data_prep.answer_gates if args.config
+             else answer_gates_from_overrides(args.overrides))
     report = calibrate(read_labelled(args.file), gates)
     print(json.dumps(report) if args.json else render(report, args.file))
     return 0
-
-
-def _gate_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`--set data_prep.answer_gates.KEY=VALUE` without a config: the values as YAML reads them."""
-    import yaml
-
-    prefix = "data_prep.answer_gates."
-    values = {}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if not key.startswith(prefix) or not value:
-            raise UserFacingError(f"--set {override}: without --config only {prefix}KEY=VALUE can be set")
-        values[key[len(prefix):]] = yaml.safe_load(value)
-    return values
 
 
 def _serve(args: argparse.Namespace) -> int:

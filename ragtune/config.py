@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ragtune.core.artifacts import NotUtf8Error, read_text
 from ragtune.core.gpu_plan import GpusConfig
 from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig
-from ragtune.data_prep.config import DOCUMENT_SUFFIXES, DataPrepConfig
+from ragtune.data_prep.config import DOCUMENT_SUFFIXES, AnswerGates, DataPrepConfig
 from ragtune.eval.config import EvalConfig
 from ragtune.train.config import TrainConfig, library_key_errors
 
@@ -177,6 +177,22 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     config.config_path = path.resolve()
     config.document_paths = _resolve_documents(path, config.documents, lines)
     return config
+
+
+def answer_gates_from_overrides(overrides: list[str] | tuple[str, ...]) -> AnswerGates:
+    """ragtune's default `data_prep.answer_gates` with `--set data_prep.answer_gates.KEY=VALUE` applied, parsed as
+    `load_config` parses them: `ragtune gates` without a config file."""
+    prefix = "data_prep.answer_gates."
+    raw: dict[str, Any] = {}
+    for item in overrides:
+        if not item.startswith(prefix):
+            raise ConfigError(f"--set {item!r}: without --config only {prefix}KEY=VALUE can be set")
+        _apply_override(raw, item, {})
+    try:
+        return AnswerGates.model_validate(_yaml12_floats(raw).get("data_prep", {}).get("answer_gates", {}))
+    except ValidationError as err:
+        problem = err.errors()[0]
+        raise ConfigError(f"--set {prefix}{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
 
 
 def shared_server_errors(config: RagtuneConfig) -> list[tuple[str, str]]:

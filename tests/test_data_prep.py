@@ -18,7 +18,7 @@ import yaml
 
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.prep import PrepError, choose_contexts, region_of, run, split_regions
-from ragtune.core.gates import MIN_GROUNDING
+from ragtune.core.gates import threshold
 from ragtune.core.grounding import lexical_overlap
 from ragtune.data_prep.questions import drop_leakage, enough_questions, parse_questions
 from ragtune.core.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
@@ -260,7 +260,8 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
         meta = row["meta"]
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert row["messages"][2]["content"].strip()
-        assert meta["finish_reason"] == "stop" and meta["grounding"] >= MIN_GROUNDING[prep.answer_gates.measure]
+        assert meta["finish_reason"] == "stop" and meta["grounding"] >= threshold(prep.answer_gates.measure,
+                                                                                     prep.answer_gates.min_grounding)
         assert len(meta["retrieved_ids"]) == prep.similarity_top_k
         assert all(region_of(by_id[i], prep.split_unit) in split["train"] for i in meta["retrieved_ids"])
         question = questions[meta["question_id"]]

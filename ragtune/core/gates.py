@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragtune.core.grounding import (ANSWER_TAG, content_words, final_answer, grounding, lexical_overlap, normalize,
-                                    repetition, support)
+from ragtune.core.grounding import (ANSWER_TAG, SENTENCE_BREAK, content_words, final_answer, grounding, lexical_overlap,
+                                    normalize, repetition, support)
 
 BEGIN_QUOTE, END_QUOTE = "##begin_quote##", "##end_quote##"
 
@@ -43,7 +43,6 @@ _REFUSAL = re.compile("|".join([
     r"\bi (?:do not|don't) know\b",
     r"\b(?:insufficient|not enough) (?:information|context|data)\b",
 ]), re.IGNORECASE)
-_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 # A RAG prompt's own labels in an answer: the teacher wrote the next turn of the template ("... posted publicly on
@@ -64,7 +63,7 @@ def is_refusal(answer: str) -> bool:
     in its first sentence or in most of its sentences. A hedge inside an answer is no refusal: of
     FinanceBench's 122 correct GPT-4 answers, 5 say "the document does not provide ..." of one part ("In FY2021, the
     document does not provide any information about AMCOR's acquisitions") after answering the rest."""
-    sentences = [s for s in _SENTENCES.split(answer.strip()) if s.strip()]
+    sentences = [s for s in SENTENCE_BREAK.split(answer.strip()) if s.strip()]
     declined = [bool(_REFUSAL.search(s)) for s in sentences]
     return bool(declined) and (declined[0] or 2 * sum(declined) > len(declined))
 
@@ -116,6 +115,11 @@ MEASURES = {"support": support, "bigram": grounding}
 MIN_GROUNDING: dict[str, float] = {"support": 0.35, "bigram": 0.3}
 
 
+def threshold(measure: Measure, min_grounding: float | None) -> float:
+    """The grounding score an answer needs: `min_grounding`, or None for the measure's measured default."""
+    return MIN_GROUNDING[measure] if min_grounding is None else min_grounding
+
+
 def finish_reason_of(completion: Any, max_new_tokens: int) -> str:
     """A completion's `finish_reason` ("stop" or "length"); from backends that do not report one, "length" when
     it used all `max_new_tokens`."""
@@ -135,7 +139,7 @@ def check_answer(text: str | None, finish_reason: str | None, contexts: Sequence
     where the oracle chunk was not shown (RAFT: then "the context does not say" is the right answer), and then
     is not held to `min_grounding` (None: the measure's measured default, MIN_GROUNDING).
     """
-    min_grounding = MIN_GROUNDING[measure] if min_grounding is None else min_grounding
+    min_grounding = threshold(measure, min_grounding)
     text = (text or "").strip()
     answer = final_answer(text) if chain_of_thought else text
     score, refusal = MEASURES[measure](answer, contexts, question), is_refusal(answer)

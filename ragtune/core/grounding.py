@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import pairwise
 
 # Function words and the words every question or answer about a passage has; they carry no fact, so neither
@@ -121,7 +122,7 @@ def _is_label(number: str) -> bool:
     return plain.isdigit() and (int(plain) <= 12 or (number == plain and len(plain) == 4 and 1900 <= int(plain) <= 2100))
 
 
-def _figure_found(digits: str, known: set[str]) -> bool:
+def _figure_found(digits: str, known: frozenset[str]) -> bool:
     """Whether a figure occurs in the contexts, exactly or rounded from one: "$17.5 billion" from "17,455" (millions)."""
     if digits in known:
         return True
@@ -129,6 +130,16 @@ def _figure_found(digits: str, known: set[str]) -> bool:
         return False
     width = len(digits)
     return any(len(k) > width and str((int(k[: width + 1]) + 5) // 10) == digits for k in known)
+
+
+@lru_cache(maxsize=64)
+def _context_index(contexts: tuple[str, ...]) -> tuple[frozenset[str], str, frozenset[str]]:
+    """What `support` looks answers up in: the contexts' content words, their text without spaces and punctuation,
+    and their figures. Most of its cost, and the same for every best-of-N candidate of a question: made once."""
+    vocabulary = frozenset(w for context in contexts for w in content_words(context))
+    squashed = " ".join(re.sub(r"[^a-z0-9]", "", normalize(context)) for context in contexts)
+    known = frozenset(_digits(n) for context in contexts for n in NUMBER.findall(normalize(context)))
+    return vocabulary, squashed, known
 
 
 def support(answer: str, contexts: Sequence[str], question: str = "") -> float:
@@ -145,11 +156,9 @@ def support(answer: str, contexts: Sequence[str], question: str = "") -> float:
     """
     asked = set(content_words(question))
     asked_figures = set(figures(question))
-    vocabulary = {w for context in contexts for w in content_words(context)}
-    squashed = " ".join(re.sub(r"[^a-z0-9]", "", normalize(context)) for context in contexts)
-    known = {_digits(n) for context in contexts for n in NUMBER.findall(normalize(context))}
+    vocabulary, squashed, known = _context_index(tuple(contexts))
     claimed_words = [w for w in content_words(answer) if w not in asked and w not in UNITS and not w[0].isdigit()]
-    claimed_figures = [d for d in figures(answer) if d and d not in asked_figures]
+    claimed_figures = [d for d in figures(answer) if d not in asked_figures]
     found = sum(w in vocabulary or (len(w) >= 5 and w in squashed) for w in claimed_words)
     found += NUMBER_WEIGHT * sum(_figure_found(d, known) for d in claimed_figures)
     total = len(claimed_words) + NUMBER_WEIGHT * len(claimed_figures)
@@ -163,6 +172,8 @@ def final_answer(text: str) -> str:
     return tail.strip() if tag else text.strip()
 
 
+# where one sentence or line of an answer ends and the next begins (repetition, refusals)
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[A-Z0-9\"'(])")
 
 
@@ -202,7 +213,7 @@ def repetition(answer: str) -> str | None:
                 start = j - run + 1 - period
                 return " ".join(words[start : start + period])
     seen: dict[str, int] = {}
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
+    for sentence in SENTENCE_BREAK.split(answer):
         key = " ".join(WORD.findall(normalize(sentence)))
         seen[key] = seen.get(key, 0) + 1
         if len(key.split()) >= 4 and seen[key] >= 3:
