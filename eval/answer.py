@@ -1,8 +1,9 @@
-"""Answers to the held-out questions, from every model, through the one retriever and prompt of training.
+"""Answers to the held-out questions (or the user's golden set, `eval.questions_file`), from every model, through
+the one retriever and prompt of training.
 
-The models: the base student, each LoRA adapter on the base, the merged model, and the teacher (whose
-RAG answers are the reference). Retrieval runs once (`eval/retrieval.jsonl`): every student sees exactly
-the same contexts, and so does the teacher, except that the question's source chunk replaces the last
+The models: the base student, each LoRA adapter on the base, the merged model, and the teacher (whose RAG answers
+are the reference where a golden row gives none). Retrieval runs once (`eval/retrieval.jsonl`): every student sees
+exactly the same contexts, and so does the teacher, except that the question's source chunk replaces the last
 retrieved one when retrieval missed it. Messages are built by data_prep's `build_rag_messages` /
 `build_closed_book_messages`. Generation is batched and greedy.
 
@@ -77,6 +78,11 @@ def load_questions(run_dir: RunDir) -> tuple[list[dict[str, Any]], dict[str, int
     if not questions:
         raise EvalError(f"{path}: every held-out question was dropped ({dropped}); nothing to evaluate.")
     return questions, dropped
+
+
+def questions_path(config: "RagtuneConfig", run_dir: RunDir) -> Path:
+    """The file of the questions eval answers: the golden set (`eval.questions_file`), else prep's held-out ones."""
+    return Path(config.eval.questions_file) if config.eval.questions_file else run_dir.questions_eval
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -181,12 +187,13 @@ def open_rows(run_dir: RunDir, path: Path, key: str, fingerprint: str, *, retry_
 
 
 def retrieve_contexts(config: "RagtuneConfig", run_dir: RunDir, questions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Top-`similarity_top_k` chunks per question from prep's persisted index, once for every model."""
+    """Top-`similarity_top_k` chunks per question from prep's persisted index, once for every model; whether they
+    hold the question's source chunk (None for a golden question: it has none)."""
     from ragtune.core.rag import load_index, retrieve
 
     prep = config.data_prep
     fingerprint = short_hash(*[[p.name, _file_fingerprint(p)] for p in sorted(run_dir.index.glob("*.json"))],
-                             prep.similarity_top_k, config.embedding.model, sha256_file(run_dir.questions_eval))
+                             prep.similarity_top_k, config.embedding.model, sha256_file(questions_path(config, run_dir)))
     with open_rows(run_dir, run_dir.retrieval, "question_id", fingerprint) as rows:
         todo = [q for q in questions if q["id"] not in rows.done_keys]
         if todo:
@@ -197,7 +204,8 @@ def retrieve_contexts(config: "RagtuneConfig", run_dir: RunDir, questions: list[
                 rows.append({
                     "question_id": question["id"], "context_ids": [h["id"] for h in found],
                     "contexts": [h["text"] for h in found], "scores": [h.get("score") for h in found],
-                    "oracle_in_context": question["source_chunk_id"] in [h["id"] for h in found],
+                    "oracle_in_context": None if question["source_chunk_id"] is None  # a golden question
+                    else question["source_chunk_id"] in [h["id"] for h in found],
                     "fingerprint": fingerprint,
                 })
             log.info("retrieved contexts for %d questions in %.1fs", len(todo), time.perf_counter() - started)
@@ -221,7 +229,7 @@ def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec
             prompt += [teacher.num_candidates, teacher.temperature, teacher.candidate_temperature,
                        prep.answer_gates.model_dump()]
     return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
-                      sha256_file(run_dir.questions_eval), sorted({r["fingerprint"] for r in retrieval}), oracle,
+                      sha256_file(questions_path(config, run_dir)), sorted({r["fingerprint"] for r in retrieval}), oracle,
                       *([engine] if engine != "hf" else []))
 
 

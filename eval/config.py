@@ -37,6 +37,10 @@ MetricName = Literal[
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # a golden set of your own, answered instead of prep's held-out questions (eval/golden.py): a JSONL of
+    # {"question", "reference"?, "contexts"?, "id"?}, relative to the working directory like `documents`
+    # (`ragtune eval CONFIG --questions FILE` sets it). Prep still writes its held-out questions; eval ignores them
+    questions_file: str | None = None
     # what is answered: `rag` (retrieved contexts, the deployed setting) and `closed_book` (no context)
     modes: list[Literal["rag", "closed_book"]] = Field(default_factory=lambda: ["rag", "closed_book"], min_length=1)
     metrics: list[MetricName] = Field(default_factory=lambda: [*ANSWER_METRICS, *RETRIEVAL_METRICS], min_length=1)

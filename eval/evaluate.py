@@ -1,8 +1,10 @@
-"""`ragtune eval CONFIG [--adapters DIR ...]`: did fine-tuning help, by how much, and can we trust it?
+"""`ragtune eval CONFIG [--adapters DIR ...] [--questions FILE]`: did fine-tuning help, by how much, can we trust it?
 
-1. answers   the held-out questions (data/questions.eval.jsonl) answered by the base student, each
-             adapter, the merged model and the teacher, in `rag` and `closed_book` modes, through the
-             retriever and prompt of training (`eval.answer`) → eval/answers.<model>.<mode>.jsonl
+0. questions the held-out questions (data/questions.eval.jsonl), or the user's golden set (`eval.questions_file`,
+             eval/golden.py) with its references checked for leaks into data/train.jsonl
+1. answers   those questions answered by the base student, each adapter, the merged model and the teacher,
+             in `rag` and `closed_book` modes, through the retriever and prompt of training (`eval.answer`)
+             → eval/answers.<model>.<mode>.jsonl
 2. scores    Ragas metrics per (question, metric): LLM-judged (faithfulness, answer relevancy, answer
              correctness, context precision/recall) and the non-LLM floor (semantic similarity, BLEU, chrF,
              ROUGE, string similarity, string-matched context precision/recall) (`eval.score`)
@@ -29,8 +31,10 @@ from ragtune.eval.answer import (
     model_specs, open_rows, retrieve_contexts,
 )
 from ragtune.eval.config import RETRIEVAL_METRICS
+from ragtune.eval.golden import leaked_references, load_golden, question_source
 from ragtune.eval.score import (
-    EMBEDDING_METRICS, LLM_METRICS, answer_jobs, build_metrics, retrieval_jobs, run_jobs, sanity_jobs,
+    EMBEDDING_METRICS, LLM_METRICS, answer_jobs, build_metrics, reference_answers, retrieval_jobs, run_jobs,
+    sanity_jobs,
 )
 from ragtune.eval.summary import RETRIEVER, summarize, write_summary
 from ragtune.core.artifacts import read_jsonl
@@ -49,7 +53,11 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
     started = time.perf_counter()
-    questions, dropped = load_questions(run_dir)
+
+    ################
+    # 0. Questions: prep's held-out ones, or the user's golden set
+    ################
+    questions, dropped, source = load_eval_questions(config, run_dir)
     specs = model_specs(config, run_dir, [Path(a) for a in adapters])
 
     ################
@@ -75,11 +83,11 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     ################
     # 4. Summary
     ################
-    summary = summarize(config, run_dir, specs, questions, dropped, retrieval, timings)
+    summary = summarize(config, run_dir, specs, questions, dropped, retrieval, timings, source)
     write_summary(run_dir, summary)
 
     facts: dict[str, Any] = {
-        "questions": len(questions), "questions_dropped": sum(dropped.values()),
+        "questions": len(questions), "questions_dropped": sum(dropped.values()), "questions_source": source["kind"],
         "models": [s.name for s in specs], "modes": config.eval.modes,
         "judge_discrimination": summary["judge"]["sanity"]["overall"].get("rate"),
         "score_failures": {f"{model}/{mode}": sum(m.get("failures", 0) for m in metrics.values())
@@ -89,12 +97,27 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     return facts
 
 
+def load_eval_questions(config: "RagtuneConfig", run_dir: RunDir
+                        ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
+    """(questions, dropped counts, whose questions they are): the golden set when `eval.questions_file` is set (prep's
+    held-out questions are then not read), with a warning for each reference found in a training row."""
+    if not config.eval.questions_file:
+        questions, dropped = load_questions(run_dir)
+        return questions, dropped, question_source(config, run_dir, questions, [])
+    questions = load_golden(Path(config.eval.questions_file))
+    leaks = leaked_references(questions, run_dir.train_jsonl)
+    for leak in leaks:
+        log.warning("golden question %s: its reference is in training row(s) %s of %s", leak["question_id"],
+                    ", ".join(leak["train_rows"][:3]), run_dir.train_jsonl)
+    return questions, {}, question_source(config, run_dir, questions, leaks)
+
+
 def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], questions: list[dict[str, Any]],
           retrieval: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Score every saved answer, the retrieval, and the judge sanity pairs that are not scored yet."""
     ev = config.eval
     metrics = list(ev.metrics)
-    references = {r["question_id"]: r for r in read_jsonl(run_dir.answers(REFERENCE_MODEL, "rag"))}
+    references = reference_answers(questions, read_jsonl(run_dir.answers(REFERENCE_MODEL, "rag")))
     reference_fp = answer_fingerprint(config, run_dir, _spec(specs, REFERENCE_MODEL), "rag")
     chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
     judge_fp = judge_fingerprint(config)

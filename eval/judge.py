@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -129,6 +130,9 @@ class BatchedJudge(InstructorBaseRagasLLM):
         self._schemas: dict[str, dict[str, Any]] = {}
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # calls block a thread each; asyncio's default pool has min(32, CPUs + 4) threads (6 on a 2-core box), which
+        # capped an endpoint judge's calls in flight below `max_concurrency`
+        self._threads = ThreadPoolExecutor(max_workers=concurrent_calls, thread_name_prefix="judge")
 
     @property
     def model_name(self) -> str:
@@ -197,8 +201,9 @@ class BatchedJudge(InstructorBaseRagasLLM):
     async def _send(self, batch: list[_Request]) -> None:
         schema_key = batch[0].schema_key
         try:
-            completions = await asyncio.wait_for(
-                asyncio.to_thread(self._chat, [r.prompt for r in batch], self._schemas[schema_key]), self.call_timeout)
+            call = asyncio.get_running_loop().run_in_executor(self._threads, self._chat, [r.prompt for r in batch],
+                                                              self._schemas[schema_key])
+            completions = await asyncio.wait_for(call, self.call_timeout)
         except (asyncio.TimeoutError, TimeoutError):
             for request in batch:
                 self._finish(request, error=JudgeError(f"judge call timed out after {self.call_timeout:g}s "

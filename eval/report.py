@@ -32,8 +32,8 @@ VERDICT_COLUMNS = ("mode", "model", "metric", "n", "base", "tuned", "delta (95% 
 DECLARED = (f"A difference is declared only when its 95% CI excludes 0 and the two models' scores differ on at least "
             f"{MIN_QUESTIONS} questions.")
 GAP_NOTE = ("Gap closed = (tuned − base) / (teacher − base) on the questions scored for all three; '–' where the "
-            "teacher is not scored (reference-based metrics: the teacher wrote the references) or barely differs "
-            "from the base.")
+            "teacher is not scored (reference-based metrics where the teacher wrote the references) or does not "
+            "lead the base.")
 # Held-out questions shown with every model's rag answer side by side: enough to see what changed, few enough to read.
 SIDE_BY_SIDE = 6
 
@@ -165,9 +165,24 @@ def _text_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> s
 # --- per-question table -------------------------------------------------------------------------
 
 
+def questions_line(summary: dict[str, Any]) -> str:
+    """Whose questions were answered: "25 golden questions (FILE)" or "30 held-out questions"."""
+    source = summary["questions"].get("source") or {"kind": "prep"}
+    n = summary["questions"]["evaluated"]
+    if source["kind"] == "golden":
+        return f"{n} golden questions ({source['file']})"
+    return f"{n} held-out questions"
+
+
+def is_golden(summary: dict[str, Any]) -> bool:
+    return (summary["questions"].get("source") or {}).get("kind") == "golden"
+
+
 def per_question_rows(run_dir: RunDir, summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (mode, question): the question, the reference, every model's answer and scores."""
+    """One row per (mode, question): the question, the reference (a golden one, else the teacher's rag answer) and
+    whose it is, every model's answer and scores."""
     files = summary["files"]
+    golden = summary["questions"].get("golden_references") or {}
     retrieval = {r["question_id"]: r for r in read_jsonl(run_dir.retrieval)} if run_dir.retrieval.exists() else {}
     reference_rel = files["answers"].get(summary["reference"], {}).get("rag")
     reference = {r["question_id"]: r for r in read_jsonl(run_dir.root / reference_rel)} if reference_rel else {}
@@ -181,7 +196,8 @@ def per_question_rows(run_dir: RunDir, summary: dict[str, Any]) -> list[dict[str
         for qid in qids:
             any_answer = next(table[qid] for table in answers.values() if qid in table)
             row: dict[str, Any] = {"mode": mode, "question_id": qid, "question": any_answer["question"],
-                                   "reference_answer": (reference.get(qid) or {}).get("answer"),
+                                   "reference_answer": golden.get(qid) or (reference.get(qid) or {}).get("answer"),
+                                   "reference_source": "golden" if qid in golden else summary["reference"],
                                    "context_ids": " ".join(retrieval.get(qid, {}).get("context_ids", [])),
                                    "oracle_in_context": retrieval.get(qid, {}).get("oracle_in_context")}
             for metric in summary.get("retrieval_metrics", []):
@@ -331,8 +347,16 @@ def side_by_side_rows(summary: dict[str, Any], rows: list[dict[str, Any]]) -> li
     model's answer and its grounding score."""
     chosen = [r for r in rows if r["mode"] == "rag"][:SIDE_BY_SIDE]
     return [{"question_id": r["question_id"], "question": r["question"],
+             "golden": r["reference_answer"] if r.get("reference_source") == "golden" else None,
              "answers": {m: (r.get(f"{m}.answer"), r.get(f"{m}.grounding")) for m in side_by_side_models(summary)}}
             for r in chosen]
+
+
+def _model_header(summary: dict[str, Any], model: str) -> str:
+    """A side-by-side column's name: the teacher is "(reference)" unless the golden set gives the references."""
+    if model != summary["reference"]:
+        return model
+    return f"{model} (reference where no golden one)" if is_golden(summary) else f"{model} (reference)"
 
 
 def _answer_md(answer: str | None, grounded: float | None) -> str:
@@ -365,9 +389,11 @@ def side_by_side_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -
     parts = ["### Answers side by side (rag)", ""]
     if not chosen:
         return parts + ["_no rag-mode answers_", ""]
-    table = [[r["question"], *[_answer_md(*r["answers"][m]) for m in models]] for r in chosen]
-    return parts + [_md_table(["question", *[f"{m} (reference)" if m == summary["reference"] else m for m in models]],
-                              table), ""]
+    golden = is_golden(summary)
+    table = [[r["question"], *([r["golden"] or "–"] if golden else []), *[_answer_md(*r["answers"][m]) for m in models]]
+             for r in chosen]
+    return parts + [_md_table(["question", *(["golden reference"] if golden else []),
+                               *[_model_header(summary, m) for m in models]], table), ""]
 
 
 def data_html(files: dict[str, dict[str, Any]]) -> str:
@@ -397,15 +423,19 @@ def data_html(files: dict[str, dict[str, Any]]) -> str:
 def side_by_side_html(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     chosen = side_by_side_rows(summary, rows)
     models = side_by_side_models(summary)
-    head = ("<h3>Answers side by side (rag)</h3><p class=muted>The first held-out questions in file order, each "
-            "model's answer to the same contexts and its grounding; the reference is the teacher's best-of-N answer "
-            "that passed the answer gates, as training rows are chosen.</p>")
+    golden = is_golden(summary)
+    head = ("<h3>Answers side by side (rag)</h3><p class=muted>The first "
+            + ("golden" if golden else "held-out") + " questions in file order, each model's answer to the same "
+            "contexts and its grounding; the reference is "
+            + ("the golden set's where it gives one, else " if golden else "")
+            + "the teacher's best-of-N answer that passed the answer gates, as training rows are chosen.</p>")
     if not chosen:
         return head + "<p>No rag-mode answers.</p>"
-    header = "".join(f"<th>{_e(m)}{' (reference)' if m == summary['reference'] else ''}</th>" for m in models)
+    header = ("<th>golden reference</th>" if golden else "") + "".join(
+        f"<th>{_e(_model_header(summary, m))}</th>" for m in models)
     out = [f'<table class=answers data-check="side-by-side"><tr><th>question</th>{header}</tr>']
     for r in chosen:
-        cells = []
+        cells = [f'<td data-model="golden reference">{_e(r["golden"] or "–")}</td>'] if golden else []
         for m in models:
             answer, grounded = r["answers"][m]
             text = "–" if answer is None else answer.strip() or "(empty)"
@@ -738,7 +768,7 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
     parts = ["# ragtune evaluation report", ""]
     for label, summary in zip(labels, summaries):
         parts += [f"## Run `{label}`", "", f"Folder: `{summary['run']['run_dir']}` · "
-                  f"{summary['questions']['evaluated']} held-out questions · judge: {summary['judge']['backend']} "
+                  f"{questions_line(summary)} · judge: {summary['judge']['backend']} "
                   f"`{summary['judge']['model']}` · {summary['stats']['method']}, "
                   f"{summary['stats']['n_resamples']} resamples, seed {summary['stats']['seed']}", ""]
         if summary["warnings"]:
@@ -759,8 +789,7 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
         if costs is not None:
             parts += cost_markdown(costs[label])
         retrieval = summary["retrieval"]
-        parts += ["### Retrieval (same for every model)", "",
-                  f"Oracle chunk among the top {retrieval['similarity_top_k']}: {retrieval['oracle_hit_rate']:.0%}", ""]
+        parts += ["### Retrieval (same for every model)", "", oracle_line(retrieval), ""]
         rows = [[m, _fmt(e["mean"]), str(e["failures"])] for m, e in retrieval.items() if isinstance(e, dict)]
         if rows:
             parts += [_md_table(["metric", "mean", "failed"], rows), ""]
@@ -773,6 +802,14 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
                   _md_table(["mode", "model", "metric", "runs", "mean delta", "std", "min", "max", "runs 'better'"], rows)
                   if rows else "_no comparison shared by two runs_", ""]
     return "\n".join(parts)
+
+
+def oracle_line(retrieval: dict[str, Any]) -> str:
+    top_k, rate = retrieval["similarity_top_k"], retrieval["oracle_hit_rate"]
+    if rate is None:
+        return (f"Oracle chunk among the top {top_k}: not known (golden questions have no source chunk; the "
+                "string-matched context metrics compare the retrieved chunks with a golden row's `contexts`)")
+    return f"Oracle chunk among the top {top_k}: {rate:.0%}"
 
 
 def _spread_rows(labels: list[str], summaries: list[dict[str, Any]]) -> list[list[str]]:
@@ -906,7 +943,7 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
         stats = summary["stats"]
         dropped = sum(summary["questions"]["dropped"].values())
         body.append(f"<h2>Run {_e(label)}</h2><p class=muted>{_e(summary['run']['run_dir'])} · "
-                    f"{summary['questions']['evaluated']} held-out questions"
+                    f"{_e(questions_line(summary))}"
                     f"{f' ({dropped} dropped)' if dropped else ''}"
                     f" · judge {_e(summary['judge']['backend'])} <code>{_e(summary['judge']['model'])}</code> · "
                     f"{_e(stats['method'])}, {stats['n_resamples']} resamples, seed {stats['seed']}</p>")
@@ -940,8 +977,7 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
             body.append(cost_html(costs[label]))
         retrieval = summary["retrieval"]
         rows = [[m, _fmt(e["mean"]), e["failures"]] for m, e in retrieval.items() if isinstance(e, dict)]
-        body.append(f"<h3>Retrieval (same for every model)</h3><p>Oracle chunk among the top "
-                    f"{retrieval['similarity_top_k']}: {retrieval['oracle_hit_rate']:.0%}</p>"
+        body.append(f"<h3>Retrieval (same for every model)</h3><p>{_e(oracle_line(retrieval))}</p>"
                     + (_html_table(["metric", "mean", "failed"], rows) if rows else ""))
         body.append("<h3>Judge sanity check</h3><p class=muted>Share of known-good vs known-bad pairs (reference "
                     "answer vs the answer to another question; source chunk vs an unrelated chunk) that the judge "

@@ -7,12 +7,13 @@ one event loop so the judge (`eval.judge.BatchedJudge`) can batch their calls.
 Inputs per metric:
 - answer metrics, per model and mode: the question, the model's answer, the contexts (in closed-book
   mode the contexts retrieved for the question serve as evidence for faithfulness and grounding: does the
-  knowledge the model baked in agree with the documents?), and the teacher's RAG answer as reference;
+  knowledge the model baked in agree with the documents?), and the reference (`reference_answers`): a golden
+  row's `reference`, else the teacher's RAG answer;
 - `grounding` is ragtune's own non-LLM metric, `ragtune.core.grounding.grounding` of the final answer (the
   text after RAFT's `<ANSWER>:`) against the contexts the model was shown (rag) or retrieved for the question
   (closed_book): the same support score prep gates teacher answers with, so it is scored for the teacher too;
-- retrieval metrics, once per question (`scores.retriever.rag.jsonl`): the retrieved contexts, the
-  teacher's RAG answer as reference, and the question's source (oracle) chunk as reference context.
+- retrieval metrics, once per question (`scores.retriever.rag.jsonl`): the retrieved contexts, the reference, and
+  the question's source (oracle) chunk, or a golden row's `contexts`, as reference contexts (`reference_passages`).
 
 A sample whose inputs are missing (failed or empty answer, failed reference), a judge error (backend
 failure, timeout, truncated or invalid output), or a NaN from Ragas is written with `value: null` and
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tqdm.auto import tqdm
 
+from ragtune.eval.answer import REFERENCE_MODEL
 from ragtune.eval.config import ANSWER_METRICS, RETRIEVAL_METRICS
 from ragtune.eval.judge import JudgeError
 from ragtune.core.artifacts import JsonlAppender, read_jsonl
@@ -170,7 +172,8 @@ def missing_input(metric: str, sample: Sample) -> str | None:
         elif need == "contexts" and not sample.contexts:
             return "no contexts retrieved for the question"
         elif need == "reference_contexts" and not sample.reference_contexts:
-            return "no reference context: the question's source chunk is missing from data/chunks.jsonl"
+            return ("no reference context: the question's source chunk is missing from data/chunks.jsonl, or its "
+                    "golden row gives no `contexts`")
     return None
 
 
@@ -215,12 +218,35 @@ async def run_jobs(jobs: list[Job], calls: dict[str, MetricCall], concurrency: i
         await asyncio.gather(*(one(job) for job in ordered))
 
 
+def reference_answers(questions: list[dict[str, Any]], teacher_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per question, what answers are compared with: a golden row's `reference` (`source: golden`), else the
+    teacher's rag answer row (`source: teacher`)."""
+    teacher = {r["question_id"]: {**r, "source": REFERENCE_MODEL} for r in teacher_rows}
+    references = {}
+    for question in questions:
+        if question.get("reference"):
+            references[question["id"]] = {"answer": question["reference"], "error": None, "source": "golden"}
+        elif question["id"] in teacher:
+            references[question["id"]] = teacher[question["id"]]
+    return references
+
+
+def reference_passages(question: dict[str, Any], chunk_text: dict[str, str]) -> list[str] | None:
+    """The passages a good retriever returns for the question: a golden row's `contexts`, else prep's source chunk."""
+    if question.get("reference_contexts"):
+        return question["reference_contexts"]
+    oracle = chunk_text.get(question.get("source_chunk_id") or "")
+    return [oracle] if oracle else None
+
+
 def answer_jobs(rows: JsonlAppender, answers: list[dict[str, Any]], metrics: list[str], *, is_reference_model: bool,
                 references: dict[str, dict[str, Any]], retrieval: dict[str, dict[str, Any]], fingerprint: str) -> list[Job]:
-    """The (question, metric) pairs of one model/mode answers file not yet in its scores file."""
+    """The (question, metric) pairs of one model/mode answers file not yet in its scores file. The reference model
+    (the teacher) is scored on reference-based metrics only where its answer is not the reference (a golden one is)."""
     jobs = []
     for row in answers:
         ref = references.get(row["question_id"], {})
+        own_reference = is_reference_model and ref.get("source") != "golden"
         sample = Sample(
             question_id=row["question_id"], question=row["question"], answer=row.get("answer"),
             answer_error=row.get("error"),
@@ -228,7 +254,7 @@ def answer_jobs(rows: JsonlAppender, answers: list[dict[str, Any]], metrics: lis
             reference=ref.get("answer"), reference_error=ref.get("error") or (None if ref else "no teacher answer"),
         )
         for metric in metrics:
-            if metric not in ANSWER_METRICS or (is_reference_model and metric in REFERENCE_ANSWER_METRICS):
+            if metric not in ANSWER_METRICS or (own_reference and metric in REFERENCE_ANSWER_METRICS):
                 continue
             key = f"{row['question_id']}|{metric}"
             if key not in rows.done_keys:
@@ -242,12 +268,11 @@ def retrieval_jobs(rows: JsonlAppender, questions: list[dict[str, Any]], metrics
     jobs = []
     for question in questions:
         ref = references.get(question["id"], {})
-        oracle = chunk_text.get(question["source_chunk_id"])
         sample = Sample(
             question_id=question["id"], question=question["question"],
             contexts=retrieval.get(question["id"], {}).get("contexts"),
             reference=ref.get("answer"), reference_error=ref.get("error") or (None if ref else "no teacher answer"),
-            reference_contexts=[oracle] if oracle else None,
+            reference_contexts=reference_passages(question, chunk_text),
         )
         for metric in metrics:
             key = f"{question['id']}|{metric}"
@@ -261,22 +286,22 @@ def sanity_jobs(rows: JsonlAppender, questions: list[dict[str, Any]], metrics: l
                 chunk_text: dict[str, str], fingerprint: str) -> list[Job]:
     """Known-good vs known-bad inputs built from the data, for the judge sanity check.
 
-    For question i and another question j (different source chunk): answer metrics compare the
-    reference answer to i against the reference answer to j; context metrics compare i's source chunk
-    against j's source chunk. A judge that cannot tell these apart cannot be trusted on finer differences.
+    For question i and another question j (a different source passage): answer metrics compare the
+    reference answer to i against the reference answer to j; context metrics compare i's source passage
+    against j's (`reference_passages`). A judge that cannot tell these apart cannot be trusted on finer differences.
     """
-    usable = [q for q in questions if (references.get(q["id"], {}).get("answer") or "").strip()
-              and q["source_chunk_id"] in chunk_text]
+    passages = {q["id"]: reference_passages(q, chunk_text) for q in questions}
+    usable = [q for q in questions if (references.get(q["id"], {}).get("answer") or "").strip() and passages[q["id"]]]
     jobs = []
     for i, question in enumerate(usable[:n_pairs]):
         other = next((o for o in usable[i + 1:] + usable[:i]
-                      if o["source_chunk_id"] != question["source_chunk_id"]
+                      if passages[o["id"]][0] != passages[question["id"]][0]
                       and references[o["id"]]["answer"].strip() != references[question["id"]]["answer"].strip()), None)
         if other is None:
             continue
         answer, wrong_answer = references[question["id"]]["answer"], references[other["id"]]["answer"]
-        contexts = retrieval.get(question["id"], {}).get("contexts") or [chunk_text[question["source_chunk_id"]]]
-        oracle, unrelated = chunk_text[question["source_chunk_id"]], chunk_text[other["source_chunk_id"]]
+        oracle, unrelated = passages[question["id"]][0], passages[other["id"]][0]
+        contexts = retrieval.get(question["id"], {}).get("contexts") or [oracle]
         for metric in metrics:
             if metric not in SANITY_METRICS:
                 continue

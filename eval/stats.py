@@ -169,8 +169,10 @@ def paired_ragas_score(
 def gap_closed(base: float | None, tuned: float | None, teacher: float | None, min_gap: float = MIN_GAP) -> float | None:
     """(tuned − base) / (teacher − base): the share of the teacher's lead over the base that tuning recovered
     (1 = as good as the teacher, 0 = no better than the base, < 0 = worse); None without all three means or
-    when the teacher leads the base by less than `min_gap` either way."""
-    if base is None or tuned is None or teacher is None or abs(teacher - base) < min_gap:
+    when the teacher leads the base by less than `min_gap`. A teacher behind the base leaves no gap to close: scored
+    against golden references, the demo's 135M teacher trailed its base by 0.010 in semantic similarity, and the
+    ratio read 491%."""
+    if base is None or tuned is None or teacher is None or teacher - base < min_gap:
         return None
     return (tuned - base) / (teacher - base)
 

@@ -28,24 +28,28 @@ Table = dict[str, dict[str, dict[str, Any]]]  # {question_id: {metric: score row
 
 
 def summarize(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], questions: list[dict[str, Any]],
-              dropped: dict[str, int], retrieval: dict[str, dict[str, Any]], timings: dict[str, Any]) -> dict[str, Any]:
-    """The whole summary; each part is built by one function below."""
+              dropped: dict[str, int], retrieval: dict[str, dict[str, Any]], timings: dict[str, Any],
+              source: dict[str, Any]) -> dict[str, Any]:
+    """The whole summary; each part is built by one function below. `source` says whose questions these are
+    (`eval.golden.question_source`)."""
     ev = config.eval
     boot = {"n_resamples": ev.n_resamples, "confidence_level": ev.confidence_level}
     qids = [q["id"] for q in questions]
+    golden_qids = [q["id"] for q in questions if q.get("reference")]
     answer_metrics = [m for m in ev.metrics if m in ANSWER_METRICS]
     files: dict[str, Any] = {"answers": {}, "scores": {}}
-    results, comparisons, health, warnings = model_results(config, run_dir, specs, qids, boot, files)
+    results, comparisons, health, warnings = model_results(config, run_dir, specs, qids, golden_qids, boot, files)
     retrieval_summary = retriever_results(config, run_dir, qids, retrieval, boot, files)
     sanity_rows = read_jsonl(run_dir.judge_sanity) if run_dir.judge_sanity.exists() else []
     sanity = discrimination(sanity_rows, ev.confidence_level)
     if sanity_rows:
         files["judge_sanity"] = str(run_dir.judge_sanity.relative_to(run_dir.root))
     warnings = judge_warnings(config, sanity, bool(sanity_rows)) + warnings
-    warnings += result_warnings(config, run_dir, specs, qids, results)
+    warnings += result_warnings(config, run_dir, specs, qids, golden_qids, results, source)
     return {
         "run": {"name": config.name, "run_dir": str(run_dir.root), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-        "questions": {"evaluated": len(qids), "dropped": dropped},
+        "questions": {"evaluated": len(qids), "dropped": dropped, "source": source,
+                      "golden_references": {q["id"]: q["reference"] for q in questions if q.get("reference")}},
         "modes": list(ev.modes),
         "metrics": answer_metrics,
         "retrieval_metrics": [m for m in ev.metrics if m in RETRIEVAL_METRICS],
@@ -63,13 +67,15 @@ def summarize(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], 
                   "tie_tolerance": ev.tie_tolerance},
         "timings": timing_breakdown(timings, len(qids)),
         "warnings": warnings,
-        "notes": notes(config, answer_metrics),
+        "notes": notes(config, answer_metrics, source),
     }
 
 
 def model_results(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], qids: list[str],
-                  boot: dict[str, Any], files: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
-    """(results, comparisons vs the base, answer health, warnings) per mode and model; fills `files`."""
+                  golden_qids: list[str], boot: dict[str, Any], files: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+    """(results, comparisons vs the base, answer health, warnings) per mode and model; fills `files`. The teacher is
+    scored on reference-based metrics over `golden_qids` only: elsewhere its own answer is the reference."""
     answer_metrics = [m for m in config.eval.metrics if m in ANSWER_METRICS]
     results: dict[str, Any] = {}
     comparisons: dict[str, Any] = {}
@@ -93,13 +99,20 @@ def model_results(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpe
             tables[spec.name] = load_scores(scores_path)
             metrics = [m for m in answer_metrics if not (spec.kind == "teacher" and m in REFERENCE_ANSWER_METRICS)]
             results.setdefault(mode, {})[spec.name] = _model_result(tables[spec.name], qids, metrics, config.seed, boot)
+            if spec.kind == "teacher" and golden_qids:
+                results[mode][spec.name].update({m: _metric_summary(tables[spec.name], golden_qids, m, config.seed, boot)
+                                                 for m in answer_metrics if m in REFERENCE_ANSWER_METRICS})
         if BASELINE not in tables:
             continue
         for spec in specs:
             if spec.name != BASELINE and spec.name in tables:
-                comparisons.setdefault(mode, {})[spec.name] = _compare(
-                    tables[BASELINE], tables[spec.name], qids,
-                    [m for m in results[mode][spec.name] if m in answer_metrics], config.seed, config.eval.tie_tolerance, boot)
+                compared = [m for m in results[mode][spec.name] if m in answer_metrics]
+                on_golden = [m for m in compared if spec.kind == "teacher" and m in REFERENCE_ANSWER_METRICS]
+                comparisons.setdefault(mode, {})[spec.name] = {
+                    **_compare(tables[BASELINE], tables[spec.name], qids, [m for m in compared if m not in on_golden],
+                               config.seed, config.eval.tie_tolerance, boot),
+                    **_compare(tables[BASELINE], tables[spec.name], golden_qids, on_golden, config.seed,
+                               config.eval.tie_tolerance, boot)}
                 if spec.kind != "teacher":
                     for metric, entry in comparisons[mode][spec.name].items():
                         entry.update(gap_to_teacher(tables[BASELINE], tables[spec.name], tables.get(REFERENCE_MODEL),
@@ -121,8 +134,9 @@ def _model_result(table: Table, qids: list[str], metrics: list[str], seed: int, 
 def retriever_results(config: "RagtuneConfig", run_dir: RunDir, qids: list[str], retrieval: dict[str, dict[str, Any]],
                       boot: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
     """The oracle hit rate and the retrieval metrics (the same retriever for every model: scored once)."""
-    summary: dict[str, Any] = {
-        "oracle_hit_rate": sum(1 for q in qids if retrieval.get(q, {}).get("oracle_in_context")) / len(qids),
+    known = [retrieval[q]["oracle_in_context"] for q in qids if retrieval.get(q, {}).get("oracle_in_context") is not None]
+    summary: dict[str, Any] = {  # None for golden questions: they have no source chunk in the index
+        "oracle_hit_rate": sum(known) / len(known) if known else None,
         "similarity_top_k": config.data_prep.similarity_top_k,
     }
     table = load_scores(run_dir.scores(RETRIEVER, "rag"))
@@ -144,8 +158,9 @@ def judge_warnings(config: "RagtuneConfig", sanity: dict[str, Any], checked: boo
 
 
 def result_warnings(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], qids: list[str],
-                    results: dict[str, Any]) -> list[str]:
-    """Failed scores, references that equal the base's answers, no tuned model, too few questions."""
+                    golden_qids: list[str], results: dict[str, Any], source: dict[str, Any]) -> list[str]:
+    """Failed scores, teacher references that equal the base's answers or failed the gates, no tuned model, too few
+    questions, golden references found in training rows."""
     warnings = []
     for mode, models in results.items():
         for model, metrics in models.items():
@@ -155,15 +170,18 @@ def result_warnings(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelS
                     warnings.append(f"{model}/{mode} {metric}: {entry['failures']} of {len(qids)} samples failed ({top})")
     base_rag, teacher_rag = run_dir.answers(BASELINE, "rag"), run_dir.answers(REFERENCE_MODEL, "rag")
     answer_metrics = {m for m in config.eval.metrics if m in ANSWER_METRICS}
-    if base_rag.exists() and teacher_rag.exists() and answer_metrics & REFERENCE_ANSWER_METRICS:
+    teacher_referenced = set(qids) - set(golden_qids)  # the questions whose reference is the teacher's answer
+    teacher_rows = [r for r in read_jsonl(teacher_rag) if r["question_id"] in teacher_referenced] \
+        if teacher_rag.exists() else []
+    if base_rag.exists() and teacher_rows and answer_metrics & REFERENCE_ANSWER_METRICS:
         base_answers = {r["question_id"]: r["answer"] for r in read_jsonl(base_rag)}
-        same = sum(1 for r in read_jsonl(teacher_rag) if r["answer"] and r["answer"] == base_answers.get(r["question_id"]))
-        if same >= len(qids) / 2:
-            warnings.append(f"the teacher's reference answers equal the base model's for {same} of {len(qids)} "
-                            "questions (is the teacher the student model?): reference-based metrics then measure "
-                            "distance from the base's own answers and favour the base by construction")
-    if teacher_rag.exists() and answer_metrics & REFERENCE_ANSWER_METRICS:
-        gated = [r for r in read_jsonl(teacher_rag) if "gate" in r]
+        same = sum(1 for r in teacher_rows if r["answer"] and r["answer"] == base_answers.get(r["question_id"]))
+        if same >= len(teacher_referenced) / 2:
+            warnings.append(f"the teacher's reference answers equal the base model's for {same} of "
+                            f"{len(teacher_referenced)} questions (is the teacher the student model?): reference-based "
+                            "metrics then measure distance from the base's own answers and favour the base by construction")
+    if teacher_rows and answer_metrics & REFERENCE_ANSWER_METRICS:
+        gated = [r for r in teacher_rows if "gate" in r]
         failed = sum(1 for r in gated if r["gate"] is not None)
         if gated and failed > len(gated) / 2:
             warnings.append(f"{failed} of {len(gated)} reference answers failed the answer gates (the teacher wrote no "
@@ -172,27 +190,48 @@ def result_warnings(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelS
     if not any(s.kind in ("adapter", "merged") for s in specs):
         warnings.append(f"no fine-tuned model found ({run_dir.adapter} and {run_dir.merged} are missing, no --adapters): "
                         "only the teacher is compared to the base")
+    golden = source["kind"] == "golden"
     if len(qids) < FEW_QUESTIONS:
-        warnings.append(f"only {len(qids)} held-out questions: confidence intervals are wide and a real change of a few "
-                        "points will usually read as 'no difference'; raise data_prep.num_eval_questions")
+        warnings.append(f"only {len(qids)} {'golden' if golden else 'held-out'} questions: confidence intervals are "
+                        "wide and a real change of a few points will usually read as 'no difference'; "
+                        + (f"add questions to {source['file']}" if golden else "raise data_prep.num_eval_questions"))
+    if golden and source["leaked"]:
+        named = ", ".join(f"{leak['question_id']} (in {leak['train_rows'][0]}"
+                          + (f" and {len(leak['train_rows']) - 1} more" if len(leak["train_rows"]) > 1 else "") + ")"
+                          for leak in source["leaked"][:5])
+        warnings.append(f"{len(source['leaked'])} of {len(golden_qids)} golden references are in training rows of "
+                        f"data/train.jsonl, as contexts or answers: {named}"
+                        + (" …" if len(source["leaked"]) > 5 else "") + ". The tuned model may have learned them: "
+                        "a closed_book gain on those questions shows memory of the documents, not reading")
     return warnings
 
 
-def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
-    out = [
-        "Every comparison is paired over the questions scored for both models (their intersection); 'excluded' "
-        "counts questions left out because a score failed for one or both.",
-        f"Reference answers are the teacher's rag answers (model '{REFERENCE_MODEL}'), written with the question's "
-        "source chunk among the contexts and chosen as prep chooses a training row: of "
-        f"teacher.num_candidates ({config.teacher.num_candidates}), the one that passes the answer gates and the "
-        "others agree with most, else the first "
-        "(its row in answers.teacher.rag.jsonl names the gate it failed); reference-based metrics are not computed "
-        "for the teacher itself.",
-    ]
+def notes(config: "RagtuneConfig", answer_metrics: list[str], source: dict[str, Any]) -> list[str]:
+    out = ["Every comparison is paired over the questions scored for both models (their intersection); 'excluded' "
+           "counts questions left out because a score failed for one or both."]
+    teacher_reference = (
+        f"the teacher's rag answers (model '{REFERENCE_MODEL}'), written with the question's source chunk among the "
+        f"contexts and chosen as prep chooses a training row: of teacher.num_candidates "
+        f"({config.teacher.num_candidates}), the one that passes the answer gates and the others agree with most, "
+        "else the first (its row in answers.teacher.rag.jsonl names the gate it failed)")
+    if source["kind"] == "golden":
+        golden, by_teacher = source["references"]["golden"], source["references"]["teacher"]
+        text = f"The questions are the golden set {source['file']} (eval.questions_file), not prep's held-out questions. "
+        if golden:
+            text += (f"{golden} of them give a reference, which reference-based metrics use for every model, the "
+                     "teacher included: its scores there say how close the teacher comes to the golden answers, and "
+                     "gap closed is measured against them. ")
+        if by_teacher:
+            text += (f"For the {by_teacher} without one, the reference is {teacher_reference}; the teacher is not "
+                     "scored against its own answers.")
+        out.append(text.strip())
+    else:
+        out.append(f"Reference answers are {teacher_reference}; reference-based metrics are not computed for the "
+                   "teacher itself.")
     out.append("Gap closed = (tuned − base) / (teacher − base), means over the questions scored for all three: "
                "1 is the teacher's level, 0 the base's. It exists only where the teacher is scored, so not for the "
-               "reference-based metrics (the teacher wrote the references), and is left out when the teacher and "
-               f"the base differ by less than {MIN_GAP}.")
+               "reference-based metrics where the teacher wrote the references, and is left out when the teacher does "
+               f"not lead the base by at least {MIN_GAP}.")
     if "grounding" in answer_metrics:
         out.append("grounding (ragtune's own, no LLM) is the share of the answer's content-word pairs, beyond those of "
                    "the question, found in the contexts the model was shown (rag; the teacher's include the question's source chunk) or, in closed_book, "
@@ -202,9 +241,10 @@ def notes(config: "RagtuneConfig", answer_metrics: list[str]) -> list[str]:
                    "model did not see: does the knowledge it baked in agree with the documents?")
     if any(m in RETRIEVAL_METRICS for m in config.eval.metrics):
         out.append("Context precision/recall measure the retriever, which is the same for every model: they are "
-                   "scored once per question, against the teacher's answer and the question's source chunk.")
+                   "scored once per question, against the reference answer and "
+                   + ("the golden row's `contexts`." if source["kind"] == "golden" else "the question's source chunk."))
     prep = config.data_prep
-    if prep.roundtrip_top_k and "eval" in prep.roundtrip_splits:
+    if source["kind"] == "prep" and prep.roundtrip_top_k and "eval" in prep.roundtrip_splits:
         out.append(f"Held-out questions were kept only where retrieval ranks their source chunk in the top "
                    f"{prep.roundtrip_top_k} (data_prep.roundtrip_top_k): context recall is high by construction; "
                    "data/questions.rejected.jsonl counts the questions left out as 'not retrievable'.")

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="answer held-out questions with base/adapters/merged/teacher; score with Ragas")
     _add_config(p)
     p.add_argument("--adapters", nargs="*", type=Path, default=[], metavar="DIR", help="extra adapter folders to compare")
+    p.add_argument("--questions", type=Path, metavar="FILE",
+                   help='your golden set instead of prep\'s held-out questions (sets eval.questions_file): one '
+                        '{"question", "reference"?, "contexts"?, "id"?} per line')
     p = sub.add_parser("report", help="build report.html/report.md from saved eval files (no model is loaded)")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="where to write the comparison report (default: the first run dir)")
@@ -284,7 +287,10 @@ def _locked(config: RagtuneConfig) -> Iterator[None]:
 
 def _stage(args: argparse.Namespace) -> int:
     """`ragtune prep|train|merge|eval CONFIG`: one stage, recorded in the manifest like `ragtune run` does."""
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "questions", None):  # `eval --questions FILE` is `--set eval.questions_file=FILE`, JSON-quoted
+        overrides.append(f"eval.questions_file={json.dumps(str(args.questions.resolve()))}")
+    config = load_config(args.config, overrides)
     run_dir = RunDir(config.output_dir)
     name = args.command
     functions = stage_functions(config, getattr(args, "adapters", None))

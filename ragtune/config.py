@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from ragtune.data_prep.config import DOCUMENT_SUFFIXES, AnswerGates, DataPrepCon
 from ragtune.eval.config import EvalConfig
 from ragtune.train.config import TrainConfig, library_key_errors
 
+log = logging.getLogger(__name__)
 
 class CostConfig(Strict):
     """Prices of machine time for the report's cost and benefit section (USD; unset: that cost is not priced).
@@ -176,7 +178,46 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     config.config_path = path.resolve()
     config.document_paths = _resolve_documents(path, config.documents, lines)
+    for key_path, message in embedding_window_warnings(config):
+        log.warning("%s: %s", _where(path, key_path, lines), message)
     return config
+
+
+def embedding_window(model: str) -> int | None:
+    """How many word pieces the sentence-transformers embedder reads (its `max_seq_length`), where its folder is on
+    this machine (the packaged MiniLM: 256); None where it cannot be read here."""
+    import json
+
+    from ragtune.core.models import ModelLoadError, resolve_embedding
+
+    try:
+        folder = Path(resolve_embedding(model))
+    except ModelLoadError:
+        return None
+    settings = folder / "sentence_bert_config.json"
+    if not settings.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "sentence_bert_config.json")
+        settings = Path(cached) if isinstance(cached, str) else settings
+    if not settings.is_file():
+        return None
+    window = json.loads(settings.read_text(encoding="utf-8")).get("max_seq_length")
+    return window if isinstance(window, int) else None
+
+
+def embedding_window_warnings(config: RagtuneConfig) -> list[tuple[str, str]]:
+    """Chunks longer than the embedder reads: it truncates each to its window, so retrieval, the round-trip, leakage
+    and near-duplicate checks see only the chunk's beginning (the packaged MiniLM reads 256 word pieces). A warning,
+    not an error: a longer chunk still gives the teacher and the student the whole text."""
+    window = embedding_window(config.embedding.model)
+    size = config.data_prep.chunk_size
+    if window is None or size <= window:
+        return []
+    return [("data_prep.chunk_size", f"{size} tokens, but embedding.model {config.embedding.model} reads "
+             f"{window} word pieces (its max_seq_length): retrieval and the leakage, near-duplicate and round-trip "
+             f"checks see only the first ~{window} of each chunk. Set data_prep.chunk_size: {window} or lower, or an "
+             "embedding model with a longer window (e.g. BAAI/bge-base-en-v1.5, 512).")]
 
 
 def answer_gates_from_overrides(overrides: list[str] | tuple[str, ...]) -> AnswerGates:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ragtune.config import ConfigError, LLMRole, RagtuneConfig
+from ragtune.config import ConfigError, LLMRole, RagtuneConfig, embedding_window_warnings
 from ragtune.core import engine
 from ragtune.core.run_dir import NotARunFolder, check_run_folder
 from ragtune.pipeline import PIPELINE
@@ -41,11 +42,15 @@ def _endpoint_check(role: str, llm: LLMRole) -> tuple[str, str]:
 
     if llm.api_key_env and not os.environ.get(llm.api_key_env):
         return "warn", f"{role}: environment variable {llm.api_key_env} (api_key_env) is not set here"
-    try:
-        httpx.get(f"{(llm.base_url or '').rstrip('/')}/models", timeout=3.0)
-    except httpx.HTTPError as err:
-        return "warn", f"{role}: {llm.base_url} not reachable from here ({type(err).__name__}); start it before `run`"
-    return "ok", f"{role}: {llm.model} at {llm.base_url} (reachable)"
+    down, urls = [], llm.base_urls or ["https://api.openai.com/v1"]
+    for url in urls:
+        try:
+            httpx.get(f"{url.rstrip('/')}/models", timeout=3.0)
+        except httpx.HTTPError as err:
+            down.append(f"{url} ({type(err).__name__})")
+    if down:
+        return "warn", f"{role}: {', '.join(down)} not reachable from here; start it before `run`"
+    return "ok", f"{role}: {llm.model} at {', '.join(urls)} (reachable)"
 
 
 def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
@@ -75,6 +80,76 @@ def _training_check(config: RagtuneConfig) -> list[tuple[str, str]]:
     return checks
 
 
+def _training_rows(config: RagtuneConfig) -> tuple[int, str]:
+    """How many rows training will see: data/train.jsonl's when prep wrote it, else what `data_prep` asks for."""
+    from ragtune.core.run_dir import RunDir
+
+    path = RunDir(config.output_dir).train_jsonl
+    if path.is_file():
+        with path.open("rb") as rows:
+            return sum(1 for line in rows if line.strip()), str(path)
+    prep = config.data_prep
+    rows = prep.num_train_questions * (2 if prep.closed_book_rows else 1)
+    return rows, f"at most, data_prep.num_train_questions{' x 2 (closed_book_rows)' if prep.closed_book_rows else ''}"
+
+
+def _every(strategy: str | None, steps: float | None, max_steps: int, steps_per_epoch: int) -> tuple[str, int]:
+    """An eval or save schedule in words, and how many times it runs in `max_steps` (TrainerState's rule: a fraction
+    below 1 is ceil(fraction x max_steps))."""
+    if strategy == "epoch":
+        return "every epoch", max(max_steps // steps_per_epoch, 1)
+    if strategy != "steps" or not steps:
+        return "never", 0
+    interval = math.ceil(steps * max_steps) if steps < 1 else int(steps)
+    return f"every {interval} steps{f' ({steps:g} of the run)' if steps < 1 else ''}", max_steps // max(interval, 1)
+
+
+def schedule_checks(config: RagtuneConfig, processes: int) -> list[tuple[str, str]]:
+    """Steps per epoch on the planned training processes, and how often evaluation and checkpoints run (a warning
+    where they never do, or too rarely for early stopping to act): on the GPU box an integer eval_steps above the
+    run's length never evaluated."""
+    from ragtune.train.config import SFT_DEFAULTS
+
+    train = config.train
+    kwargs = train.sft_kwargs()
+    try:
+        batch = train.batch(processes)
+    except ConfigError as err:
+        return [("error", str(err))]
+    rows, source = _training_rows(config)
+    held = min(rows - 1, max(1, round(rows * train.validation_split))) if train.validation_split and rows > 1 else 0
+    if train.validation_file:
+        held = 0
+    per_step = batch["per_device_train_batch_size"] * processes
+    steps_per_epoch = max(math.ceil(math.ceil((rows - held) / per_step) / batch["gradient_accumulation_steps"]), 1)
+    epochs = kwargs.get("num_train_epochs", SFT_DEFAULTS["num_train_epochs"])
+    max_steps = kwargs.get("max_steps") or -1
+    total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
+    has_eval = bool(held or train.validation_file)
+    evals, n_evals = _every(kwargs.get("eval_strategy") if has_eval else "no", kwargs.get("eval_steps"), total,
+                            steps_per_epoch)
+    save_strategy = kwargs.get("save_strategy")
+    if train.early_stopping_patience and "save_strategy" not in (train.model_extra or {}):
+        save_strategy = kwargs.get("eval_strategy")  # train.sft.sft_config: checkpoints follow evaluations
+    saves, n_saves = _every(save_strategy, kwargs.get("save_steps"), total, steps_per_epoch)
+    checks = [("ok", f"train schedule: {rows - held} training rows ({rows} {source}; {held} held out) on {processes} "
+                     f"process{'es' * (processes > 1)}: global batch {batch['global_batch_size']} = "
+                     f"{batch['per_device_train_batch_size']} per device x {batch['gradient_accumulation_steps']} "
+                     f"accumulation steps ({batch['from']}) x {processes}: {steps_per_epoch} steps per epoch, {total} "
+                     f"steps; evaluation {evals} ({n_evals}x), checkpoint {saves} ({n_saves}x)")]
+    if has_eval and kwargs.get("eval_strategy") not in (None, "no") and n_evals == 0:
+        checks.append(("warn", f"train.eval_steps: evaluation {evals} never runs in {total} steps; use a fraction "
+                               "(0.1: ten evaluations per run) or fewer steps"))
+    if save_strategy not in (None, "no") and n_saves == 0:
+        checks.append(("warn", f"train.save_steps: a checkpoint {saves} is never written in {total} steps; use a "
+                               "fraction (0.1: ten per run)"))
+    if train.early_stopping_patience and n_evals <= train.early_stopping_patience:
+        checks.append(("warn", f"train.early_stopping_patience: {train.early_stopping_patience} evaluations without "
+                               f"improvement, but the run evaluates {n_evals}x: early stopping cannot act. Evaluate "
+                               "more often (a smaller eval_steps fraction) or lower the patience"))
+    return checks
+
+
 def _device_name(device_map: str | None) -> str:
     """Where `inference_device_map` puts an in-process model on this machine, in words."""
     from ragtune.core.models import inference_device_map
@@ -92,7 +167,7 @@ def placement_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
     for role in ("teacher", "judge"):
         llm: LLMRole = getattr(config, role)
         if llm.backend == "openai" or llm.base_url:
-            where = f"the endpoint at {llm.base_url or 'the OpenAI API'}"
+            where = f"the endpoint at {', '.join(llm.base_urls) or 'the OpenAI API'}"
         elif llm.backend == "vllm":
             where = "a managed vLLM server (where the GPU plan below puts it)"
         else:
@@ -108,6 +183,17 @@ def placement_checks(config: RagtuneConfig) -> list[tuple[str, str]]:
               ("ok", "device: training places the student where accelerate puts each process (`accelerate launch`: "
                      "one GPU per process; a single process: the GPU when CUDA is present, else the CPU)")]
     return lines
+
+
+def _training_processes(config: RagtuneConfig) -> int:
+    """Training's processes in the GPU plan (one per GPU), 1 without GPUs or with a plan that does not build."""
+    from ragtune.core.gpu_plan import gpu_plan
+
+    try:
+        plan = gpu_plan(config)
+    except ConfigError:
+        return 1
+    return max(len(plan.train), 1) if plan.count else 1
 
 
 def gpu_plan_report(config: RagtuneConfig) -> tuple[list[tuple[str, str]], list[str]]:
@@ -138,7 +224,8 @@ def gpu_plan_report(config: RagtuneConfig) -> tuple[list[tuple[str, str]], list[
     for part in ("teacher", "judge"):
         role: LLMRole = getattr(config, part)
         if getattr(plan, part) is None:
-            where = (role.base_url or "the OpenAI API") if role.backend != "hf" else "in-process (hf, `device:` above)"
+            where = (", ".join(role.base_urls) or "the OpenAI API") if role.backend != "hf" else \
+                "in-process (hf, `device:` above)"
             lines.append(f"  {part:15} not a managed server: {where}")
     processes = len(plan.train)
     lines += [f"  {'train':15} {_gpus(plan.train)}: {processes} process{'es' * (processes > 1)} of "
@@ -320,6 +407,8 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     checks += [writable_check(config.output_dir), max_length_check(config)]
     gpu_checks, gpu_lines = gpu_plan_report(config)
     checks += gpu_checks
+    checks += schedule_checks(config, _training_processes(config))
+    checks += [("warn", f"{key}: {message}") for key, message in embedding_window_warnings(config)]
     for level, message in checks:
         print(f"[{level:5}] {message}")
     print(f"\nplan for {config.output_dir}:")

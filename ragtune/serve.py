@@ -191,7 +191,7 @@ class Scheduler:
         self.device = backend.device
         self.batch_size, self.step_tokens, self.max_queue = batch_size, step_tokens, max_queue
         self.tokenizer_lock = threading.Lock()  # the request handlers encode while this thread decodes
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = list(backend.eos_token_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._fifo: deque[_Job] = deque()
         self._running: list[_Job] = []
@@ -300,13 +300,6 @@ class Scheduler:
             return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
 def context_length(model: Any, tokenizer: Any) -> int | None:
     """The model's context in tokens (positions it was built for), or None when neither config nor tokenizer
     says."""
@@ -402,32 +395,18 @@ def longest_token(tokenizer: Any) -> int:
     return max(len(entry) for entry in tokenizer.get_vocab())
 
 
-class _Grammars:
-    """Compiled xgrammar grammars per JSON schema; each request gets its own matcher over one of them."""
+def _matcher(backend: "HFChatBackend", response_format: dict[str, Any] | None) -> Any:
+    """A request's own xgrammar matcher over the backend's compiled (cached) grammar, or None without JSON."""
+    kind = (response_format or {}).get("type")
+    if kind not in ("json_schema", "json_object"):
+        return None
+    import xgrammar as xgr
 
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model, tokenizer
-        self._compiler: Any = None
-        self._compiled: dict[str, Any] = {}
-
-    def matcher(self, response_format: dict[str, Any] | None) -> Any:
-        kind = (response_format or {}).get("type")
-        if kind not in ("json_schema", "json_object"):
-            return None
-        import xgrammar as xgr
-
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info)
-        schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._compiled:
-            try:  # property order is generation order (a `reason` before its `verdict`): compile as given
-                self._compiled[key] = (self._compiler.compile_builtin_json_grammar() if schema is None else
-                                       self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
-            except Exception as err:
-                raise BadRequest(f"response_format.json_schema.schema cannot be compiled: {err}") from None
-        return xgr.GrammarMatcher(self._compiled[key])
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    try:
+        return xgr.GrammarMatcher(backend.grammar(schema))
+    except Exception as err:
+        raise BadRequest(f"response_format.json_schema.schema cannot be compiled: {err}") from None
 
 
 class Admission:
@@ -438,7 +417,7 @@ class Admission:
         self.context = context_length(backend.model, backend.tokenizer)
         self.chars_per_token = longest_token(backend.tokenizer)
         self.default_max_tokens = default_max_tokens
-        self.grammars = _Grammars(backend.model, backend.tokenizer)
+        self.backend = backend
 
     def check_length(self, text: str, what: str = "the prompt") -> None:
         """Refuse text that cannot fit the context from its length alone, so nobody tokenizes megabytes to count
@@ -463,7 +442,7 @@ class Admission:
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = token_budget(getattr(body, field), len(prompt_ids), self.context, self.default_max_tokens, field)
         temperature = body.temperature if body.temperature is not None else 0.0
-        return _Job(prompt_ids, max_tokens, temperature, self.grammars.matcher(body.response_format), top_p=body.top_p)
+        return _Job(prompt_ids, max_tokens, temperature, _matcher(self.backend, body.response_format), top_p=body.top_p)
 
 
 class RagPrompt:

@@ -1,5 +1,5 @@
 """Soft-label distillation on real components: prep's teacher answers with their top-k log-probs (hf backend), the
-train stage's KL term (offline), the tokenizer check, and TRL's GKD trainer (online)."""
+train stage's KL term (offline), the tokenizer check, and TRL's online trainers (DistillationTrainer, GKD)."""
 
 from __future__ import annotations
 
@@ -281,21 +281,97 @@ def test_top_k_kl_is_zero_for_the_teachers_own_distribution_and_positive_otherwi
     assert positions.item() == 0 and kl.item() == 0
 
 
-@pytest.mark.slow
-def test_online_distillation_trains_with_trl_gkd_and_the_teacher_loaded(tiny_llama_dir: Path, tmp_path: Path):
-    from ragtune.train import sft
-
-    teacher = untied_tiny_model(tiny_llama_dir, tmp_path / "teacher", seed=3)
-    config = load_config(_config(tmp_path, teacher, tiny_llama_dir, max_steps=2, method="lora",
-                                 distillation={"mode": "online", "gkd": {"lmbda": 0.5, "beta": 0.5,
-                                                                        "max_new_tokens": 8}}))
+def _online_run(root: Path, teacher: Path, student: Path, **train: Any) -> Any:
+    """A run folder with 8 arithmetic prompts (and their answers, which only GKD reads) for online distillation."""
+    config = load_config(_config(root, teacher, student, **train))
     rows = [{"id": f"q{i}", "messages": [{"role": "system", "content": SHORT_SYSTEM},
                                          {"role": "user", "content": f"What is {i} + {i}?"},
                                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(8)]
     RunDir(config.output_dir).data.mkdir(parents=True)
     RunDir(config.output_dir).train_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return config
+
+
+def _losses(config: Any) -> list[float]:
+    history = json.loads(RunDir(config.output_dir).loss_curve.read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_online_distillation_with_trl_distillation_trainer_lowers_the_loss(smollm2_dir: Path, tiny_llama_dir: Path,
+                                                                           tmp_path: Path):
+    """SmolLM2-135M, loaded in-process, teaches the 2-layer student on the student's own 8-token answers to 8
+    prompts, 4 per step. Measured on the 2-core CPU box (7 s; 18 s with its cores shared): forward KL (`beta: 0`) 5.71, 5.66, 4.78, 4.29, 3.69,
+    3.59, 3.04, 3.57. Full fine-tuning: LoRA on this 64-wide student, under its frozen random head, moved 5.7 to
+    ~5.4 in the same 8 steps."""
+    from ragtune.train import sft
+
+    student = untied_tiny_model(tiny_llama_dir, tmp_path / "student", seed=1)
+    config = _online_run(tmp_path, smollm2_dir, student, method="full", max_steps=8, learning_rate=1e-2,
+                         distillation={"mode": "online", "trl": {"beta": 0.0, "max_completion_length": 8}})
     facts = sft.run(config, RunDir(config.output_dir))
-    assert facts["distillation"]["mode"] == "online" and facts["global_step"] == 2
+
+    online = facts["distillation"]
+    assert (online["mode"], online["trainer"], online["teacher"]["loaded"]) == (
+        "online", "trl.DistillationTrainer", str(smollm2_dir))
+    assert facts["global_step"] == 8 and (RunDir(config.output_dir).adapter / "model.safetensors").exists()
+    losses = _losses(config)
+    print("online distillation losses:", [round(loss, 3) for loss in losses])
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.slow
+def test_online_distillation_with_gkd_keys_trains_with_trl_gkd_and_the_teacher_loaded(tiny_llama_dir: Path,
+                                                                                      tmp_path: Path):
+    from ragtune.train import sft
+
+    teacher = untied_tiny_model(tiny_llama_dir, tmp_path / "teacher", seed=3)
+    config = _online_run(tmp_path, teacher, tiny_llama_dir, max_steps=2, method="lora",
+                         distillation={"mode": "online", "gkd": {"lmbda": 0.5, "beta": 0.5, "max_new_tokens": 8}})
+    facts = sft.run(config, RunDir(config.output_dir))
+    online = facts["distillation"]
+    assert (online["trainer"], online["gkd"]["lmbda"]) == ("trl.experimental.gkd.GKDTrainer", 0.5)
+    assert "gkd is set" in online["why"] and facts["global_step"] == 2
     assert (RunDir(config.output_dir).adapter / "adapter_config.json").exists()
-    losses = [e["loss"] for e in json.loads(RunDir(config.output_dir).loss_curve.read_text())["log_history"] if "loss" in e]
+    losses = _losses(config)
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+@pytest.mark.parametrize("train, key, words", [
+    ({"distillation": {"mode": "online", "trl": {"max_new_tokens": 8}}}, "train.distillation.trl.max_new_tokens",
+     "DistillationConfig names it max_completion_length"),
+    ({"distillation": {"mode": "online", "trl": {"beta": 2.0}}}, "train.distillation.trl.beta",
+     "beta must be in [0.0, 1.0]"),
+    ({"max_length": 512, "distillation": {"mode": "online"}}, "train.max_length", "max_completion_length"),
+    ({"method": "prompt_tuning", "distillation": {"mode": "online"}}, "train.method", "GKD"),
+    ({"distillation": {"mode": "online", "trl": {"teacher_model_server_url": "http://127.0.0.1:8000"}}},
+     "train.distillation.trl.teacher_model_server_url", "pip install 'trl[vllm]'"),
+    ({"distillation": {"mode": "online", "trl": {"beta": 0.5}, "gkd": {"lmbda": 1.0}}}, "train.distillation",
+     "keep one"),
+    ({"distillation": {"trl": {"beta": 0.5}}}, "train.distillation", "set `mode: online`"),
+])
+def test_online_distillation_keys_are_checked_against_trl_before_any_model_loads(
+        tiny_llama_dir: Path, tmp_path: Path, train: dict[str, Any], key: str, words: str):
+    """TRL's DistillationConfig names its keys (and checks their values) at config load; the served teacher needs
+    TRL's vLLM client in the training environment (this .venv has no vllm: vLLM runs from .venv-vllm)."""
+    from ragtune.core.roles import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(_config(tmp_path, tiny_llama_dir, tiny_llama_dir, **train))
+    message = str(err.value)
+    assert key in message and words in message, message
+
+
+def test_online_distillation_falls_back_to_gkd_on_a_trl_without_distillation_trainer(monkeypatch: pytest.MonkeyPatch):
+    """TRL before 1.10 has no DistillationTrainer: GKD trains, the manifest says why, and DistillationConfig's keys
+    are an error that says what to do."""
+    import trl
+
+    from ragtune.train.config import DistillationConfig, TrainConfig, library_key_errors, online_trainer
+
+    # TRL exports lazily: an older TRL is one whose export table lacks the class
+    monkeypatch.delattr(trl, "DistillationTrainer", raising=False)
+    monkeypatch.delitem(trl._class_to_module, "DistillationTrainer")
+    name, why = online_trainer(DistillationConfig(mode="online"))
+    assert name == "trl.experimental.gkd.GKDTrainer" and "has no DistillationTrainer" in why
+    errors = dict(library_key_errors(TrainConfig(distillation={"mode": "online", "trl": {"beta": 0.5}})))
+    assert "upgrade TRL" in errors["train.distillation.trl"]

@@ -434,3 +434,99 @@ def test_managed_vllm_auto_dtype_on_cpu_is_the_precision_probes_choice(smollm2_d
     measured = pick(probe(shapes, (FP32, BF16_WEIGHTS), backward=False)["gflops"])
     assert dtype_arg(on_cpu=True) == ("bfloat16" if measured == BF16_WEIGHTS else "float32")
     assert dtype_arg(on_cpu=False) == "auto"
+
+
+def _echo(handler, n, who: str = "") -> None:
+    """Answer with the request's own question, so each row can be matched to its answer."""
+    question = json.loads(handler.record[n - 1][1])["messages"][-1]["content"]
+    handler._send(200, _answer(f"{who}{question}"))
+
+
+def _counting(answer: Any) -> tuple[_Server, dict[str, int]]:
+    """A server that holds each POST a second before `answer(handler, n)`, counting the most requests in flight."""
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def post(handler, n):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(1.0)
+        with lock:
+            state["now"] -= 1
+        answer(handler, n)
+
+    server = _Server(_handler(post))
+    server.httpd.socket.listen(256)  # http.server's backlog of 5 would refuse a burst of connections
+    return server, state
+
+
+def test_more_rows_in_flight_than_httpx_pools_by_default():
+    """max_concurrency 120: all 120 rows are in flight at once (httpx's own pool would hold 100 of them back)."""
+    server, state = _counting(_echo)
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=server.url, max_concurrency=120)
+        results = backend.chat([[{"role": "user", "content": f"q{i}"}] for i in range(120)])
+    finally:
+        server.close()
+    assert [r.text for r in results] == [f"q{i}" for i in range(120)]
+    assert state["most"] > 100, state
+
+
+def test_replicas_share_the_rows_and_one_that_dies_is_left_out_with_every_row_answered_once():
+    """`base_url` as two endpoints: rows go to both; the second dies after answering two (it drops the third
+    connection and stops listening); its lost rows go to the first, every row comes back once, in order."""
+    died = threading.Event()
+
+    def dying(handler, n):
+        if n <= 2:
+            _echo(handler, n, "B:")
+            return
+        if not died.is_set():
+            died.set()
+            threading.Thread(target=replicas[1].close, daemon=True).start()
+        handler.close_connection = True
+        handler.connection.close()
+
+    replicas = [_Server(_handler(lambda h, n: (time.sleep(0.05), _echo(h, n, "A:")))), _Server(_handler(dying))]
+    try:
+        role = LLMRole(backend="openai", model="m", base_url=[r.url for r in replicas], max_concurrency=2,
+                       max_retries=1, timeout=10)
+        backend = make_backend(role)
+        results = backend.chat([[{"role": "user", "content": f"q{i}"}] for i in range(20)])
+    finally:
+        for replica in replicas:
+            replica.close()
+    assert [r.text.split(":", 1)[1] for r in results] == [f"q{i}" for i in range(20)]
+    assert [r.text.split(":")[0] for r in results].count("B") == 2 and died.is_set()
+    assert backend.left_out.keys() == {1} and backend.answered == [18, 2]
+    answered_by_a = sorted(json.loads(body)["messages"][-1]["content"] for _, body, _ in replicas[0].requests)
+    assert len(answered_by_a) == 18 and len(set(answered_by_a)) == 18  # each lost row re-sent once, to A
+    with pytest.raises(ValueError, match="listed twice"):
+        LLMRole(backend="openai", model="m", base_url=[replicas[0].url] * 2)
+
+
+def test_an_endpoint_judge_keeps_max_concurrency_calls_in_flight():
+    """Ragas's judge calls through BatchedJudge: 40 in flight at once (asyncio's default thread pool held 6 on a
+    2-core machine)."""
+    import asyncio
+
+    from pydantic import BaseModel
+
+    from ragtune.eval.judge import BatchedJudge
+
+    class Verdict(BaseModel):
+        verdict: int
+
+    server, state = _counting(lambda handler, n: handler._send(200, _answer('{"verdict": 1}')))
+    try:
+        backend = OpenAIChatBackend(model="m", base_url=server.url, max_concurrency=40)
+        judge = BatchedJudge(backend, max_new_tokens=8, constrain=False, batch_size=1, concurrent_calls=40)
+
+        async def judge_all() -> list[Verdict]:
+            return await asyncio.gather(*(judge.agenerate(f"statement {i}", Verdict) for i in range(40)))
+
+        verdicts = asyncio.run(judge_all())
+    finally:
+        server.close()
+    assert [v.verdict for v in verdicts] == [1] * 40 and state["most"] == 40, state

@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ragtune.core import engine
@@ -265,6 +267,56 @@ def test_eval_teacher_answers_from_the_server_of_base_and_adapters_when_served_a
         [answer] = load_backend(config, spec, RunDir(tmp_path / "run"), specs).chat([_rag(*FACTS[0][:2])])
         assert answer.error is None and answer.text
     assert list(engine._servers) == [MODEL] and server.alive and server.process.pid == pid
+
+
+def _served(server: engine.VLLMServer) -> float:
+    """Requests the server finished (its Prometheus counter)."""
+    metrics = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:request_success_total{"))
+
+
+def test_prep_spreads_the_teacher_over_replicas_and_finishes_on_one_when_the_other_is_killed(
+        server, log_dir, write_config, tmp_path):
+    """`teacher.base_url` as two vLLM servers: both answer prep's rows; one is SIGKILLed mid-stage, the stage finishes
+    on the other, and every question ends once (kept or rejected), none failed."""
+    from ragtune.config import load_config
+    from ragtune.core.artifacts import read_jsonl
+    from ragtune.core.run_dir import RunDir
+    from ragtune.data_prep import prep
+
+    doomed = engine.VLLMServer(MODEL, log_dir=log_dir)
+    doomed.start()
+    try:
+        config = load_config(write_config(
+            teacher={"backend": "vllm", "model": MODEL, "base_url": [server.base_url, doomed.base_url],
+                     "max_new_tokens": 48, "max_concurrency": 2, "timeout": 60, "max_retries": 1},
+            data_prep={"chunk_size": 256, "chunk_overlap": 16, "num_train_questions": 8, "num_eval_questions": 2,
+                       "answer_gates": {"enabled": False}}))
+        before = _served(server)
+        killed: dict[str, float] = {}
+
+        def kill_once_it_served() -> None:
+            while doomed.alive:
+                if (served := _served(doomed)) >= 2:
+                    killed["served"] = served
+                    os.killpg(doomed.process.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=kill_once_it_served, daemon=True)
+        watcher.start()
+        run_dir = RunDir(config.output_dir)
+        prep.run(config, run_dir)  # the stage itself: the pipeline would stop the module's managed server after it
+        watcher.join(5)
+    finally:
+        doomed.stop()
+    assert killed.get("served", 0) >= 2 and _served(server) > before + 2  # rows went to both
+    questions = [q["id"] for q in read_jsonl(run_dir.questions_train)]
+    ended = [r["id"] for r in read_jsonl(run_dir.train_jsonl) if not r["id"].endswith(":closed_book")]
+    ended += [r["id"] for r in read_jsonl(run_dir.answers_rejected)] if run_dir.answers_rejected.exists() else []
+    assert questions and sorted(ended) == sorted(questions)
+    assert not run_dir.teacher_failures.exists() or not read_jsonl(run_dir.teacher_failures)
 
 
 def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(server, log_dir):

@@ -20,7 +20,9 @@ The recipe, top to bottom (alignment-handbook `sft.py` style):
 
 `train.distillation` (soft labels, `DistillationConfig`): offline, each training row's stored teacher top-k
 log-probs (data/teacher_logprobs.jsonl) are matched to its trained tokens by token id and the loss adds
-alpha * T^2 * KL(teacher || student) on them (`top_k_kl`, logged as `kd_loss`); online, TRL's GKDTrainer.
+alpha * T^2 * KL(teacher || student) on them (`top_k_kl`, logged as `kd_loss`); online, the student answers the
+prompts itself and TRL's DistillationTrainer (GKDTrainer on older TRL) teaches it on its own answers
+(`online_distillation`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from ragtune.core.artifacts import ArtifactError, iter_jsonl, write_json
 from ragtune.core.errors import UserFacingError
 from ragtune.core.llm import check_same_tokenizer
 from ragtune.core.models import adapter_weight_names, dense_copy, load_causal_lm, load_tokenizer, resolve_model
-from ragtune.core.run_dir import RunDir, sha256_file
-from ragtune.train.config import DistillationConfig, peft_config_class
+from ragtune.core.run_dir import RunDir, check_shared_folder, sha256_file
+from ragtune.train.config import GKD_TRAINER, DistillationConfig, peft_config_class
 from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
@@ -115,15 +117,27 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def bnb_4bit_works() -> str | None:
-    """None when bitsandbytes can quantize and run a 4-bit NF4 matmul on this machine, else the reason."""
+def rank_device(device_type: str | None = None) -> str:
+    """This process's own device: `cuda:LOCAL_RANK` (or `xpu:…`) on an accelerator, `cpu` without one.
+
+    `accelerate launch`/torchrun give each rank the GPU of its LOCAL_RANK, but only once accelerate's state is
+    made; a bare `cuda` before that is GPU 0, so every rank made a CUDA context there (8 on the GPU the teacher's
+    vLLM may hold)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "xpu" if has_accelerator() else "cpu")
+    return "cpu" if device_type == "cpu" else f"{device_type}:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def bnb_4bit_works(device: str | None = None) -> str | None:
+    """None when bitsandbytes can quantize and run a 4-bit NF4 matmul on `device` (this rank's GPU, else the CPU),
+    else the reason."""
+    device = device or (rank_device("cuda") if torch.cuda.is_available() else "cpu")
     try:
         import bitsandbytes as bnb
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        weight = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
-        packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
-        out = bnb.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16, device=device), packed.t(), quant_state=state)
+        with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
+            weight = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
+            packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+            out = bnb.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16, device=device), packed.t(), quant_state=state)
         if not torch.isfinite(out).all():
             return "bitsandbytes 4-bit matmul returned non-finite values"
     except Exception as err:  # any failure here means "no working 4-bit backend"
@@ -174,6 +188,60 @@ def save_fsdp_adapter(accelerator: Any, model: Any, adapter_dir: Path) -> str:
     with nested_wrappers_spliced_out(peft_model):
         peft_model.save_pretrained(str(adapter_dir), state_dict=state_dict)
     return f"FSDP gathered {len(state_dict)} tensors, {len(adapter_keys)} of them adapter tensors"
+
+
+class AdapterLoadError(UserFacingError, RuntimeError):
+    """A checkpoint's adapter could not be loaded back into the FSDP-wrapped model."""
+
+
+def load_fsdp_adapter(accelerator: Any, model: Any, adapter_dir: Path) -> int:
+    """Load the adapter `save_fsdp_adapter` wrote in `adapter_dir` into the FSDP-wrapped PEFT model, on every rank
+    (a collective: every rank calls this); returns how many adapter tensors were loaded.
+
+    PEFT's loader maps the file's keys onto module names the same way its saver does, so under FSDP it matched none
+    of them (every key unexpected, nothing loaded, no error: `load_best_model_at_end` kept the last weights). Here
+    the FSDP units gather their full parameters (`summon_full_params`, written back to each rank's shard on exit)
+    and PEFT loads into the module tree with the wrappers spliced out, as saving does."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    accelerator.wait_for_everyone()  # rank 0 wrote the file
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    peft_model = accelerator.unwrap_model(model)
+    with FSDP.summon_full_params(model, writeback=True), nested_wrappers_spliced_out(peft_model):
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=peft_model.active_adapter)
+    loaded = len(weights) - len(result.unexpected_keys)
+    if not weights or result.unexpected_keys:
+        raise AdapterLoadError(f"{adapter_dir}: {loaded} of {len(weights)} adapter tensors matched the model "
+                               f"(unmatched: {', '.join(result.unexpected_keys[:3]) or '-'}); the best checkpoint "
+                               "cannot be restored. Please report it with the versions of torch, peft and accelerate.")
+    return loaded
+
+
+class FSDPAdapterCheckpoints:
+    """Trainer methods for a PEFT adapter under FSDP (version 1, the one configs/accelerate/fsdp_qlora.yaml runs):
+    each checkpoint's adapter is the gathered one (`save_fsdp_adapter`), and `load_best_model_at_end` (early
+    stopping) loads the best checkpoint's adapter back (`load_fsdp_adapter`). transformers' own FSDP path saves and
+    loads through PEFT's key matching, which sees 0 adapter tensors under nested FSDP units. Other runs: unchanged."""
+
+    def _fsdp_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return (bool(getattr(self, "is_fsdp_enabled", False)) and not getattr(self.accelerator, "is_fsdp2", False)
+                and isinstance(self.accelerator.unwrap_model(self.model), PeftModel))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._fsdp_adapter():
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        log.info("adapter: %s", save_fsdp_adapter(self.accelerator, self.model, Path(output_dir or self.args.output_dir)))
+
+    def _load_best_model(self) -> None:
+        if not self._fsdp_adapter():
+            return super()._load_best_model()  # type: ignore[misc]
+        best = Path(self.state.best_model_checkpoint)
+        log.info("best checkpoint %s (%s %s): %d adapter tensors loaded", best, self.args.metric_for_best_model,
+                 self.state.best_metric, load_fsdp_adapter(self.accelerator, self.model, best))
 
 
 def save_adapter(trainer: SFTTrainer, run_dir: RunDir, method: str) -> None:
@@ -292,16 +360,11 @@ def training_precision(config: Any, method: str) -> dict[str, Any]:
 
 def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) -> Any:
     """`SFTConfig` from the `train:` keys, placed in the run directory, with the choices they imply
-    (`bf16`: the resolved `train.bf16`, see `training_precision`). Online distillation: TRL's `GKDConfig` (an
-    SFTConfig) with `train.distillation.gkd` too."""
+    (`bf16`: the resolved `train.bf16`, see `training_precision`). Online distillation: the online trainer's TRL
+    config (`online_distillation.online_args`) with the same keys."""
     from trl import SFTConfig
 
     distillation = config.train.distillation
-    if distillation is not None and distillation.mode == "online":
-        from trl.experimental.gkd import (
-            GKDConfig as SFTConfig,  # SFTConfig's fields, plus GKD's
-        )
-
     train = config.train
     given = set(train.model_extra or {})
     kwargs = train.sft_kwargs()
@@ -310,6 +373,13 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) 
     # Loss on the completion (the answer + end-of-turn) only; the label check verifies it.
     kwargs["completion_only_loss"] = True
     kwargs["bf16"] = bf16
+    kwargs["gradient_accumulation_steps"] = train.batch(world_size())["gradient_accumulation_steps"]
+    if train.method != "full":
+        # transformers asks DDP to find unused parameters for any model that is not a PreTrainedModel, and a PeftModel
+        # is not one: a search of the autograd graph after every forward, for nothing (a PEFT method's trainable
+        # weights are all on the forward path), which also breaks reentrant activation checkpointing ("marked ready
+        # twice"). transformers sets False for its own models under checkpointing; the YAML's value wins.
+        kwargs.setdefault("ddp_find_unused_parameters", False)
     if not has_accelerator():
         # Without `use_cpu`, TrainingArguments rejects bf16 on CPU and multi-process CPU runs stay single-process.
         kwargs.setdefault("use_cpu", True)
@@ -331,8 +401,15 @@ def sft_config(config: Any, run_dir: RunDir, has_eval: bool, bf16: bool | None) 
                 kwargs["save_steps"] = kwargs["eval_steps"]
     kwargs.pop("resume_from_checkpoint", None)
     if distillation is not None and distillation.mode == "online":
-        kwargs.update(distillation.gkd)
+        from ragtune.train.online_distillation import online_args
+
+        return online_args(distillation, str(run_dir.checkpoints), kwargs)
     return SFTConfig(output_dir=str(run_dir.checkpoints), **kwargs)
+
+
+def world_size() -> int:
+    """The number of training processes `accelerate launch`/torchrun started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def latest_checkpoint(folder: Path) -> str | None:
@@ -373,7 +450,7 @@ def resume_point(config: Any, run_dir: RunDir, method: str, accelerator: Any) ->
 # -------------------------------------------------------------------------------------------------- trainer
 
 
-class LabelledPositionsSFTTrainer(SFTTrainer):
+class LabelledPositionsSFTTrainer(FSDPAdapterCheckpoints, SFTTrainer):
     """`SFTTrainer` whose loss projects only the positions that have a label through the LM head, on CPU too.
 
     TRL's fused LM head scores just the labelled positions on Triton devices (CUDA/XPU) but every position,
@@ -713,7 +790,9 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
         if distillation.mode == "offline":
             teacher_logprobs = load_teacher_logprobs(run_dir)
 
-    facts: dict[str, Any] = {"requested_method": train.method, "warnings": []}
+    facts: dict[str, Any] = {"requested_method": train.method, "warnings": [], "batch": train.batch(world_size())}
+    if torch.cuda.is_available():  # this rank's GPU before anything touches CUDA (the 4-bit and bf16 probes)
+        torch.cuda.set_device(rank_device("cuda"))
     method, method_facts = resolve_method(train.method, train.qlora_fallback)
     if method_facts:
         cause = method_facts["qlora_fallback"]["cause"]
@@ -736,10 +815,13 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     tokenizer = load_tokenizer(config.student.model, trust_remote_code=config.student.trust_remote_code)
     callbacks = [EarlyStoppingCallback(train.early_stopping_patience)] if train.early_stopping_patience else []
     if distillation is not None and distillation.mode == "online":
-        trainer = gkd_trainer(config, args, model, tokenizer, train_rows, eval_rows, peft_config(method, train.peft_kwargs()),
-                              callbacks)
-        facts.update(distillation={"mode": "online", **distillation.gkd}, train_rows=len(train_rows),
-                     eval_rows=len(eval_rows), loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
+        from ragtune.train.online_distillation import build_online_trainer
+
+        trainer, facts["distillation"] = build_online_trainer(config, args, model, tokenizer, train_rows, eval_rows,
+                                                              peft_config(method, train.peft_kwargs()), callbacks)
+        log.info("online distillation: %s (%s)", facts["distillation"]["trainer"], facts["distillation"]["why"])
+        facts.update(train_rows=len(train_rows), eval_rows=len(eval_rows),
+                     loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
         return trainer, facts, {"train": train_rows, "eval": eval_rows}
     trainer = LabelledPositionsSFTTrainer(
         model=model,
@@ -759,24 +841,6 @@ def build_trainer(config: Any, run_dir: RunDir) -> tuple[Any, dict[str, Any], di
     return trainer, facts, {"train": train_rows, "eval": eval_rows}
 
 
-def gkd_trainer(config: Any, args: Any, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
-                eval_rows: list[dict[str, Any]], peft: Any, callbacks: list[Any]) -> Any:
-    """TRL's GKDTrainer (online distillation) with the teacher of the `teacher:` section loaded in-process next to the
-    student. It takes chat rows (`messages`) and tokenizes them itself in its collator (DataCollatorForChatML)."""
-    from datasets import Dataset
-    from trl.experimental.gkd import GKDTrainer
-
-    teacher = config.teacher
-    teacher_model = load_causal_lm(teacher.model, dtype=teacher.torch_dtype, device_map=teacher.device_map,
-                                   trust_remote_code=teacher.trust_remote_code)
-
-    def chats(rows: list[dict[str, Any]]) -> Any:
-        return Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows]) if rows else None
-
-    return GKDTrainer(model=model, teacher_model=teacher_model, args=args, train_dataset=chats(train_rows),
-                      eval_dataset=chats(eval_rows), processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
-
-
 def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any]:
     """Fine-tune the student on data/train.jsonl; returns facts for the manifest.
 
@@ -784,22 +848,26 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     logs/tensorboard/ and logs/loss_curve.json. `check_only` stops after the label check.
     """
     trainer, facts, rows = build_trainer(config, run_dir)
+    check_shared_folder(run_dir.root)  # several nodes: every rank must see the folder rank 0 writes
     distillation = config.train.distillation
-    if distillation is None or distillation.mode == "offline":  # GKD tokenizes in its collator: nothing to check
+    online = distillation is not None and distillation.mode == "online"
+    if not online:  # the online trainers tokenize in their collators (or generate the answers): nothing to check
         label_check = check_labels(trainer, rows)  # first: it names the row whose answer or end of turn is lost
         facts["label_check"] = {k: v for k, v in label_check.items() if k != "example"}
-    facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero())
+    # DistillationTrainer cuts no row (no max_length): its answers are the student's own, max_completion_length long
+    cuts_rows = not online or facts["distillation"]["trainer"] == GKD_TRAINER
+    facts["data"] = check_lengths(config, run_dir, trainer.is_world_process_zero(), cuts_rows)
     if check_only:
         return facts
 
     resume = (config.train.model_extra or {}).get("resume_from_checkpoint")
     if resume is None and config.train.auto_resume:
         if trainer.is_fsdp_enabled and facts["method"] != "full":
-            # The same PEFT name matching saves the sharded checkpoints' adapter state (accelerate's save_fsdp_model,
-            # adapter_only): 0 adapter keys on CPU with gloo. Resuming would restore no adapter, so start over.
-            facts["warnings"].append("auto_resume is off under FSDP with a PEFT adapter: its checkpoints hold no "
-                                     "adapter weights (PEFT's key matching misses nested FSDP units); training "
-                                     "starts over")
+            # transformers resumes from the sharded checkpoint state (accelerate's save_fsdp_model, adapter_only),
+            # which the same PEFT name matching left without an adapter key (0 on CPU with gloo): start over.
+            facts["warnings"].append("auto_resume is off under FSDP with a PEFT adapter: transformers resumes from the "
+                                     "sharded checkpoint state, which holds no adapter weights (PEFT's key matching "
+                                     "misses nested FSDP units); training starts over")
             log.warning(facts["warnings"][-1])
         else:
             resume = resume_point(config, run_dir, facts["method"], trainer.accelerator)
@@ -829,13 +897,14 @@ def run(config: Any, run_dir: RunDir, check_only: bool = False) -> dict[str, Any
     return facts
 
 
-def check_lengths(config: Any, run_dir: RunDir, write: bool) -> dict[str, Any]:
+def check_lengths(config: Any, run_dir: RunDir, write: bool, cuts_rows: bool = True) -> dict[str, Any]:
     """Token statistics of data/train.jsonl (logs/data_stats.json, for the report); a row longer than
-    `max_length` stops training before it starts: SFTConfig would cut its end, the answer it is meant to teach."""
+    `max_length` stops training before it starts, where the trainer cuts rows (`cuts_rows`): SFTConfig would cut
+    its end, the answer it is meant to teach."""
     stats = describe_rows(config, run_dir.train_jsonl)
     if write:
         write_json(run_dir.data_stats, stats)
-    if stats.get("rows_over_max_length"):
+    if cuts_rows and stats.get("rows_over_max_length"):
         raise TrainDataError(
             f"{run_dir.train_jsonl}: {stats['rows_over_max_length']} rows are longer than train.max_length "
             f"({stats['max_length']} tokens; longest {stats['tokens_per_row']['max']}), lines "

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -101,6 +101,31 @@ class BackendUnavailable(UserFacingError):
         self.done = done or []
 
 
+class RowLost(Exception):
+    """A row an endpoint lost without an HTTP answer (dropped connection, broken stream): another replica may
+    answer it."""
+
+
+def collect(futures: list[Future]) -> list[Completion]:
+    """The rows of one `chat` call in order. An endpoint that stops answering cancels the rows not started and
+    raises BackendUnavailable carrying the rows finished before it."""
+    done: list[Completion | None] = []
+    failure: BackendUnavailable | None = None
+    for future in futures:
+        try:
+            done.append(future.result())
+        except BackendUnavailable as err:
+            failure = failure or err
+            done.append(None)
+            for pending in futures:
+                pending.cancel()
+        except Exception as err:  # noqa: BLE001 - includes CancelledError of a row we cancelled
+            done.append(None if failure else Completion(None, f"{type(err).__name__}: {err}"))
+    if failure is not None:
+        raise BackendUnavailable(str(failure), done)
+    return [c for c in done if c is not None]
+
+
 class ChatBackend(Protocol):
     model_name: str
     batch_size: int
@@ -141,6 +166,8 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
         return ManagedServerBackend(
             lambda: get_server(role.model, log_dir=log_dir, dtype=place.dtype, engine_args=place.engine_args,
                                gpus=place.gpus, trust_remote_code=role.trust_remote_code), role)
+    if len(role.base_urls) > 1:
+        return ReplicaBackend([openai_backend(role, base_url=url) for url in role.base_urls])
     return openai_backend(role)
 
 
@@ -169,11 +196,120 @@ class ManagedServerBackend:
         return self._backend.chat(conversations, **kwargs)
 
 
+class ReplicaBackend:
+    """One role on several OpenAI-compatible endpoints that serve the same model (`base_url` as a list: vLLM
+    servers started alike, with no router in front). Each row goes to the live replica with the fewest rows in
+    flight, each holding up to the role's `max_concurrency`, so every endpoint stays busy. A replica that loses a
+    row and then does not answer `/models` is left out for the rest of this backend's life (a rerun tries it again)
+    and the row goes to another one: rows come back in order, each answered once. Only with every replica out does
+    a call raise BackendUnavailable, as one endpoint does."""
+
+    def __init__(self, replicas: list[OpenAIChatBackend]):
+        self.replicas = replicas
+        self.model_name = replicas[0].model_name
+        self.base_url = ", ".join(r.base_url for r in replicas)
+        self.batch_size = sum(r.batch_size for r in replicas)
+        self.in_flight = [0] * len(replicas)
+        self.answered = [0] * len(replicas)  # rows each replica answered: how the work was spread
+        self.left_out: dict[int, str] = {}  # replica index -> why
+        self._free = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=self.batch_size)
+        self._probed = False
+
+    def probe(self, timeout: float | None = None) -> None:
+        """Every replica's GET /models; those that give no answer are left out, and with none left this raises."""
+        for index, replica in enumerate(self.replicas):
+            try:
+                replica.probe(timeout)
+            except BackendUnavailable as err:
+                self._leave_out(index, str(err))
+        self._probed = True
+        if len(self.left_out) == len(self.replicas):
+            raise self._none_left()
+
+    def chat(
+        self,
+        conversations: list[list[Message]],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        json_schema: Schemas | None = None,
+        stop_when: Callable[[str], bool] | None = None,
+        top_logprobs: int | None = None,
+    ) -> list[Completion]:
+        if not self._probed:
+            self.probe()
+        params = self.replicas[0].params(max_new_tokens, temperature, top_logprobs)
+        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
+        return collect([self._pool.submit(self._row, c, params, schema, stop_when)
+                        for c, schema in zip(conversations, schemas)])
+
+    def _row(self, messages: list[Message], params: dict[str, Any], schema: Schema | None,
+             stop_when: Callable[[str], bool] | None) -> Completion:
+        lost = ""
+        for _ in range(2 * len(self.replicas)):  # a row every replica loses while answering /models is failed
+            index = self._take()
+            replica = self.replicas[index]
+            try:
+                completion = replica._request(messages, replica._with_schema(params, schema), stop_when,
+                                              lost_raises=True)
+            except (RowLost, BackendUnavailable) as err:
+                lost = str(err)
+                if isinstance(err, BackendUnavailable) or not self._answers(replica):
+                    self._leave_out(index, lost)
+                continue
+            finally:
+                self._give_back(index)
+            with self._free:
+                self.answered[index] += 1
+            return completion
+        return Completion(None, f"no answer after retries on every replica: {lost}")
+
+    def _take(self) -> int:
+        """A slot on the live replica with the fewest rows in flight (waiting while all are full)."""
+        with self._free:
+            while True:
+                live = [i for i in range(len(self.replicas)) if i not in self.left_out]
+                if not live:
+                    raise self._none_left()
+                open_ = [i for i in live if self.in_flight[i] < self.replicas[i].batch_size]
+                if open_:
+                    index = min(open_, key=lambda i: self.in_flight[i])
+                    self.in_flight[index] += 1
+                    return index
+                self._free.wait()
+
+    def _give_back(self, index: int) -> None:
+        with self._free:
+            self.in_flight[index] -= 1
+            self._free.notify_all()
+
+    @staticmethod
+    def _answers(replica: OpenAIChatBackend) -> bool:
+        try:
+            replica.probe()
+        except BackendUnavailable:
+            return False
+        return True
+
+    def _leave_out(self, index: int, why: str) -> None:
+        with self._free:
+            if index not in self.left_out:
+                self.left_out[index] = why
+                log.warning("replica %s left out: %s", self.replicas[index].base_url, why.splitlines()[0][:300])
+            self._free.notify_all()
+
+    def _none_left(self) -> BackendUnavailable:
+        reasons = "; ".join(f"{self.replicas[i].base_url}: {why.split('. ')[0]}" for i, why in self.left_out.items())
+        return BackendUnavailable(f"no replica of {self.model_name} is answering ({reasons}). Rows finished so far "
+                                  "are saved: start or fix the servers (or `base_url`), then rerun to continue.")
+
+
 def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | None = None,
                    unavailable_hint: Callable[[], str] | None = None) -> OpenAIChatBackend:
     """An OpenAIChatBackend with the role's client settings; `model`/`base_url` override the role's."""
     return OpenAIChatBackend(
-        model=model or role.model, base_url=base_url or role.base_url or "https://api.openai.com/v1",
+        model=model or role.model, base_url=base_url or next(iter(role.base_urls), "https://api.openai.com/v1"),
         api_key_env=role.api_key_env, api_version=role.api_version, max_concurrency=role.max_concurrency,
         timeout=role.timeout, max_retries=role.max_retries, max_consecutive_failures=role.max_consecutive_failures,
         max_new_tokens=role.max_new_tokens, temperature=role.temperature,
@@ -233,12 +369,12 @@ class HFChatBackend:
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
-    def _eos_token_ids(self) -> set[int]:
-        """Every token that ends generation: the generation config's EOS (an int or a list) and the tokenizer's."""
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends generation, the one rule for this backend and `ragtune serve`: the generation
+        config's EOS (an int or a list), then the tokenizer's."""
         configured = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = set(configured if isinstance(configured, list) else [configured])
-        ids.add(self.tokenizer.eos_token_id)
-        return {i for i in ids if i is not None}
+        ids = [*(configured if isinstance(configured, (list, tuple)) else [configured]), self.tokenizer.eos_token_id]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def chat(
         self,
@@ -356,10 +492,11 @@ class HFChatBackend:
         """xgrammar constrains decoding so the output is valid JSON for `schema` (or each row's) by construction."""
         from xgrammar.contrib.hf import LogitsProcessor
 
-        return LogitsProcessor([self._grammar(s) for s in schema] if isinstance(schema, list) else self._grammar(schema))
+        return LogitsProcessor([self.grammar(s) for s in schema] if isinstance(schema, list) else self.grammar(schema))
 
-    def _grammar(self, schema: Schema) -> Any:
-        """The compiled grammar of one schema, cached: a judge sends the same few schemas thousands of times."""
+    def grammar(self, schema: Schema | None) -> Any:
+        """The compiled xgrammar grammar of one schema (None: any JSON object), cached for this backend and
+        `ragtune serve`: a judge sends the same few schemas thousands of times."""
         import xgrammar as xgr
 
         if self._grammar_compiler is None:
@@ -368,7 +505,8 @@ class HFChatBackend:
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             # Compile the schema as given: property order is generation order (a `reason` before its `verdict`).
-            self._grammars[key] = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            self._grammars[key] = (self._grammar_compiler.compile_builtin_json_grammar() if schema is None else
+                                   self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
         return self._grammars[key]
 
 
@@ -494,8 +632,10 @@ class OpenAIChatBackend:
             api_key = os.environ.get(api_key_env) or ""
             if not api_key:
                 raise BackendUnavailable(f"environment variable {api_key_env} (named by api_key_env) is not set.")
-        self.breaker = CircuitBreaker(httpx.HTTPTransport(), max_consecutive_failures, f"{self.base_url}/models",
-                                      min(self.PROBE_TIMEOUT, timeout))
+        # httpx's default pool holds 100 connections: more rows in flight than that would queue for one
+        limits = httpx.Limits(max_connections=max_concurrency + 1, max_keepalive_connections=max_concurrency + 1)
+        self.breaker = CircuitBreaker(httpx.HTTPTransport(limits=limits), max_consecutive_failures,
+                                      f"{self.base_url}/models", min(self.PROBE_TIMEOUT, timeout))
         common = {"api_key": api_key, "max_retries": max_retries,
                   "http_client": openai.DefaultHttpxClient(transport=self.breaker),
                   # connect: a listening server accepts in milliseconds; 10 s covers a slow TLS handshake
@@ -533,6 +673,13 @@ class OpenAIChatBackend:
     ) -> list[Completion]:
         if not self._probed:
             self.probe()
+        params = self.params(max_new_tokens, temperature, top_logprobs)
+        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
+        return collect([self._pool.submit(self._request, c, self._with_schema(params, schema), stop_when)
+                        for c, schema in zip(conversations, schemas)])
+
+    def params(self, max_new_tokens: int | None, temperature: float | None, top_logprobs: int | None) -> dict[str, Any]:
+        """The request's sampling parameters, the role's defaults where the call gives none."""
         params: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": max_new_tokens or self.max_new_tokens,
@@ -542,24 +689,7 @@ class OpenAIChatBackend:
             params.update(logprobs=True, top_logprobs=top_logprobs)
             if self.token_ids_in_logprobs:
                 params["extra_body"] = {"return_tokens_as_token_ids": True}
-        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
-        futures = [self._pool.submit(self._request, c, self._with_schema(params, schema), stop_when)
-                   for c, schema in zip(conversations, schemas)]
-        done: list[Completion | None] = []
-        failure: BackendUnavailable | None = None
-        for future in futures:
-            try:
-                done.append(future.result())
-            except BackendUnavailable as err:
-                failure = failure or err
-                done.append(None)
-                for pending in futures:
-                    pending.cancel()
-            except Exception as err:  # noqa: BLE001 - includes CancelledError of a row we cancelled
-                done.append(None if failure else Completion(None, f"{type(err).__name__}: {err}"))
-        if failure is not None:
-            raise BackendUnavailable(str(failure), done)
-        return [c for c in done if c is not None]
+        return params
 
     def _with_schema(self, params: dict[str, Any], schema: Schema | None) -> dict[str, Any]:
         """`params` with `response_format` json_schema (vLLM's structured outputs), when the endpoint has them."""
@@ -569,7 +699,9 @@ class OpenAIChatBackend:
             "name": schema.get("title", "response"), "schema": schema}}}
 
     def _request(self, messages: list[Message], params: dict[str, Any],
-                 stop_when: Callable[[str], bool] | None = None) -> Completion:
+                 stop_when: Callable[[str], bool] | None = None, lost_raises: bool = False) -> Completion:
+        """One row. `lost_raises`: a row the endpoint lost (no answer after retries, a broken stream) raises
+        `RowLost` instead of becoming a failed Completion, so a replica set can send it elsewhere."""
         import openai
 
         try:
@@ -584,8 +716,12 @@ class OpenAIChatBackend:
             if isinstance(err, openai.APITimeoutError):
                 return Completion(None, f"timed out after {self.timeout:g}s on every retry ({self._cause(err)}; the "
                                         "server answers /models: it is slow; raise `timeout`)")
+            if lost_raises:
+                raise RowLost(self._cause(err)) from None
             return Completion(None, f"no answer after retries: {self._cause(err)}")
         except httpx.HTTPError as err:  # a stream that broke after its headers: this row's failure
+            if lost_raises:
+                raise RowLost(f"stream broken: {type(err).__name__}: {err}") from None
             return Completion(None, f"stream broken: {type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - a body the SDK cannot parse is this row's failure
             return Completion(None, f"malformed response: {type(err).__name__}: {err}")

@@ -53,7 +53,10 @@ class LLMRole(Strict):
     trust_remote_code: bool = False
     batch_size: int = Field(8, ge=1)
     # openai and vllm backends
-    base_url: str | None = None
+    # one endpoint, or a list of replicas serving the same model (data-parallel vLLM servers without a router):
+    # rows are spread over the live ones and a replica that stops answering is left out (llm.ReplicaBackend);
+    # `max_concurrency` is per replica
+    base_url: str | list[str] | None = None
     api_key_env: str | None = None
     api_version: str | None = None  # set for Azure OpenAI (then base_url is the azure_endpoint, model the deployment)
     max_concurrency: int = Field(8, ge=1)
@@ -80,6 +83,23 @@ class LLMRole(Strict):
     @classmethod
     def _engine_args(cls, engine_args: dict[str, Any]) -> dict[str, Any]:
         return refuse_owned_engine_args(engine_args)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, base_url: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(base_url, list):
+            if not base_url:
+                raise ValueError("an empty list: give one endpoint URL or several replicas, or leave base_url unset")
+            if len(set(base_url)) != len(base_url):
+                raise ValueError("a replica is listed twice: each URL once (raise max_concurrency to send it more)")
+        return base_url
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The endpoints: [] (OpenAI's API, or ragtune's managed server), one, or the replicas."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
     @model_validator(mode="before")
     @classmethod

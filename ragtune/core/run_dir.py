@@ -90,6 +90,45 @@ def mark_run_folder(output_dir: str | Path) -> None:
     except OSError as err:
         log.info("cannot mark %s as a ragtune run: %s", output_dir, err)
 
+class NotSharedFolder(UserFacingError):
+    """Training processes that do not all see one run folder (multi-node without a shared filesystem)."""
+
+
+def check_shared_folder(output_dir: str | Path) -> None:
+    """Every training process must see the same run folder: rank 0 alone writes adapter/, checkpoints' trainer state
+    and the manifest, and every rank reads data/ and resumes from checkpoints/. On several nodes that needs a
+    shared filesystem; a node with a folder of its own would train on its own copy of the data and resume from
+    nothing. Rank 0 writes a random token into the folder and every rank reads it back; any rank that cannot
+    raises, on all ranks alike, naming the hosts. One process (or no process group yet): nothing to check."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    # a temporary of rank 0's pid: the next run's cleanup removes it if this process dies before it does
+    shared: list[Any] = [f".ragtune-ranks.{os.getpid()}{TMP_SUFFIX}", os.urandom(8).hex()]
+    if dist.get_rank() == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / shared[0]).write_text(shared[1], encoding="utf-8")
+    dist.broadcast_object_list(shared, src=0)
+    probe = Path(output_dir) / shared[0]
+    try:
+        seen = probe.read_text(encoding="utf-8") == shared[1]
+    except OSError:
+        seen = False
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (socket.gethostname(), str(Path(output_dir).resolve()), seen))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host} ({folder})" for rank, (host, folder, ok) in enumerate(ranks) if not ok]
+    if blind:
+        raise NotSharedFolder(
+            f"{len(blind)} of {len(ranks)} training processes do not see the run folder rank 0 writes "
+            f"({ranks[0][1]} on {ranks[0][0]}): {'; '.join(blind)}. Put output_dir on a filesystem every node mounts "
+            "at the same path (NFS, Lustre, a cloud file share), then launch again.")
+
+
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
     "llama-index-core", "ragas", "sentence-transformers", "xgrammar",
