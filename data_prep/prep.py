@@ -83,6 +83,10 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     # the judge only for data_prep.answer_gates.llm_faithfulness
     judge_backend = LazyBackend(lambda: make_backend(config.judge, run_dir.logs, servers.judge))
     embed_model = embedding_model(config.embedding)
+    if config.data_prep.chunk_size > embed_model.max_length:  # `ragtune run --dry-run` says it before any work
+        log.warning("data_prep.chunk_size %d is longer than the %d word pieces %s reads: retrieval and the leakage, "
+                    "near-duplicate and round-trip checks see only the start of each chunk", config.data_prep.chunk_size,
+                    embed_model.max_length, config.embedding.model)
 
     ################
     # 1-2. Chunks and index; the teacher starts meanwhile when prep has anything left to write

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
-import logging
 import os
 import re
 from pathlib import Path
@@ -29,7 +28,6 @@ from ragtune.data_prep.config import DOCUMENT_SUFFIXES, AnswerGates, DataPrepCon
 from ragtune.eval.config import EvalConfig
 from ragtune.train.config import TrainConfig, library_key_errors
 
-log = logging.getLogger(__name__)
 
 class CostConfig(Strict):
     """Prices of machine time for the report's cost and benefit section (USD; unset: that cost is not priced).
@@ -178,8 +176,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     config.config_path = path.resolve()
     config.document_paths = _resolve_documents(path, config.documents, lines)
-    for key_path, message in embedding_window_warnings(config):
-        log.warning("%s: %s", _where(path, key_path, lines), message)
     return config
 
 
