@@ -78,8 +78,10 @@ still_last = sum(torch.equal(last[k], v) for k, v in lora().items())
 trainer.state = types.SimpleNamespace(best_model_checkpoint=str(checkpoints / "checkpoint-1"), best_metric=0.1)
 trainer._load_best_model()
 reloaded = lora()
-print(json.dumps({"rank": dist.get_rank(), "tensors": len(best), "saved": saved, "peft_unmatched": unmatched,
-                  "peft_kept_last": still_last, "best": sum(torch.equal(best[k], v) for k, v in reloaded.items())}))
+facts = {"rank": dist.get_rank(), "tensors": len(best), "saved": saved, "peft_unmatched": unmatched,
+         "peft_kept_last": still_last, "best": sum(torch.equal(best[k], v) for k, v in reloaded.items())}
+# a file per rank: two ranks printing to one pipe can interleave their lines
+(checkpoints.parent / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
 dist.destroy_process_group()
 """
 
@@ -97,7 +99,7 @@ def test_fsdp_early_stopping_reloads_the_best_adapter(tiny_llama_dir, tmp_path):
          "--master_port", str(free_port()), str(script), str(tiny_llama_dir), str(tmp_path / "checkpoints")],
         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for facts in ranks:
         tensors = facts["tensors"]
