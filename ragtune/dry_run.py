@@ -108,7 +108,7 @@ def schedule_checks(config: RagtuneConfig, processes: int) -> list[tuple[str, st
     """Steps per epoch on the planned training processes, and how often evaluation and checkpoints run (a warning
     where they never do, or too rarely for early stopping to act): on the GPU box an integer eval_steps above the
     run's length never evaluated."""
-    from ragtune.train.config import SFT_DEFAULTS
+    from ragtune.train.config import SFT_DEFAULTS, held_out_count
 
     train = config.train
     kwargs = train.sft_kwargs()
@@ -117,9 +117,7 @@ def schedule_checks(config: RagtuneConfig, processes: int) -> list[tuple[str, st
     except ConfigError as err:
         return [("error", str(err))]
     rows, source = _training_rows(config)
-    held = min(rows - 1, max(1, round(rows * train.validation_split))) if train.validation_split and rows > 1 else 0
-    if train.validation_file:
-        held = 0
+    held = 0 if train.validation_file else held_out_count(rows, train.validation_split)
     per_step = batch["per_device_train_batch_size"] * processes
     steps_per_epoch = max(math.ceil(math.ceil((rows - held) / per_step) / batch["gradient_accumulation_steps"]), 1)
     epochs = kwargs.get("num_train_epochs", SFT_DEFAULTS["num_train_epochs"])

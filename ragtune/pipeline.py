@@ -89,13 +89,13 @@ def fingerprints(config: RagtuneConfig) -> dict[str, dict[str, str]]:
     do not."""
     resolved = {key: output_settings(value) for key, value in config.resolved().items()}
     docs = input_hashes(config)
+    golden = Path(config.eval.questions_file) if config.eval.questions_file else None
     result: dict[str, dict[str, str]] = {}
     for stage in PIPELINE:
         parts = {f"config.{key}": short_hash(resolved.get(key)) for key in stage.config_keys}
         parts.update({f"code.{pkg}": code_hash(pkg) for pkg in stage.code})
         if stage.name == "prep":
             parts["documents"] = short_hash(docs)
-        golden = Path(config.eval.questions_file) if config.eval.questions_file else None
         if stage.name == "eval" and golden is not None and golden.is_file():  # an edited golden set is new questions
             parts["questions_file"] = sha256_file(golden)
         parts.update({f"stage.{up}": result[up]["fingerprint"] for up in stage.upstream})

@@ -243,6 +243,14 @@ def _check_keys(prefix: str, given: dict[str, Any], known: dict[str, Any], libra
             yield f"{prefix}{key}", f"{problem} ({library}.{key})."
 
 
+def held_out_count(rows: int, validation_split: float) -> int:
+    """How many of `rows` a `validation_split` holds out for the eval loss: at least one, never all (none below two
+    rows or without a split)."""
+    if validation_split <= 0 or rows < 2:
+        return 0
+    return min(rows - 1, max(1, round(rows * validation_split)))
+
+
 def schedule_kwargs(given: dict[str, Any]) -> dict[str, Any]:
     """`eval_steps` or `save_steps` given alone sets the other: checkpoints land on evaluations (which
     `load_best_model_at_end` needs), and an integer beside the other's default fraction is no mix transformers
@@ -447,20 +455,13 @@ def online_errors(train: TrainConfig) -> list[tuple[str, str]]:
 def online_value_errors(trainer: str, given: dict[str, Any]) -> list[tuple[str, str]]:
     """The online trainer's config built from its own keys, so TRL's checks (beta's range, the served teacher's
     loss_top_k) run at config load; side-effect free as in `sft_value_errors`."""
-    import torch
-
-    class _ValueCheck(online_config_class(trainer)):  # type: ignore[misc, valid-type]
-        @property
-        def device(self) -> torch.device:
-            return torch.device("cpu")
-
     try:
-        _ValueCheck(output_dir=tempfile.gettempdir(), use_cpu=True, bf16=False, **given)
+        _value_check_class(online_config_class(trainer))(output_dir=tempfile.gettempdir(), use_cpu=True, bf16=False,
+                                                         **given)
     except (ValueError, TypeError) as err:
         message = " ".join(str(err).split())
-        named = next((k for k in given if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", message)), None)
         key = "trl" if trainer != GKD_TRAINER else "gkd"
-        return [(f"train.distillation.{key}" + (f".{named}" if named else ""), f"TRL rejects it: {message}")]
+        return [(_key_named_in(message, given, set(given), f"train.distillation.{key}"), f"TRL rejects it: {message}")]
     return []
 
 
@@ -525,35 +526,38 @@ def sft_value_errors(sft_kwargs: dict[str, Any], given: set[str] = frozenset()) 
     # use_cpu skips transformers' "bf16 needs a GPU" check here; the trainer runs it where it trains
     kwargs["use_cpu"] = True
     try:
-        _value_check_class()(output_dir=tempfile.gettempdir(), **kwargs)
+        from trl import SFTConfig
+
+        _value_check_class(SFTConfig)(output_dir=tempfile.gettempdir(), **kwargs)
     except (ValueError, TypeError) as err:
         message = " ".join(str(err).split())
         return [(_key_named_in(message, sft_kwargs, given), f"TRL's SFTConfig rejects it: {message}")]
     return []
 
 
-def _key_named_in(message: str, sft_kwargs: dict[str, Any], given: set[str]) -> str:
-    """The `train.` key an SFTConfig error is about: the one it names, else the one whose value it quotes (the
-    YAML's own keys first: they are the likelier cause than ragtune's defaults)."""
+def _key_named_in(message: str, sft_kwargs: dict[str, Any], given: set[str], section: str = "train") -> str:
+    """The `section.` key a TRL config error is about (SFTConfig's under `train`, an online trainer's under
+    `train.distillation.trl`/`gkd`): the one it names, else the one whose value it quotes (the YAML's own keys
+    first: they are the likelier cause than ragtune's defaults)."""
     keys = sorted(sft_kwargs, key=lambda k: k not in given)
     for key in keys:
         if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message):
-            return f"train.{key}"
+            return f"{section}.{key}"
     for key in keys:
         if isinstance(sft_kwargs[key], str) and sft_kwargs[key] in message:
-            return f"train.{key}"
-    return "train"
+            return f"{section}.{key}"
+    return section
 
 
 @functools.cache
-def _value_check_class() -> type:
-    """SFTConfig whose `device` is a plain CPU device: TrainingArguments' __post_init__ would otherwise set up
-    accelerate's process-wide PartialState (a process group under torchrun, CUDA in this process) at config load,
-    and the trainer would later inherit that state instead of its own."""
+def _value_check_class(config_class: type) -> type:
+    """`config_class` (SFTConfig, an online trainer's config) whose `device` is a plain CPU device:
+    TrainingArguments' __post_init__ would otherwise set up accelerate's process-wide PartialState (a process group
+    under torchrun, CUDA in this process) at config load, and the trainer would later inherit that state instead of
+    its own."""
     import torch
-    from trl import SFTConfig
 
-    class _ValueCheck(SFTConfig):
+    class _ValueCheck(config_class):  # type: ignore[misc, valid-type]
         @property
         def device(self) -> torch.device:
             return torch.device("cpu")

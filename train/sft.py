@@ -46,7 +46,7 @@ from ragtune.core.errors import UserFacingError
 from ragtune.core.llm import check_same_tokenizer
 from ragtune.core.models import adapter_weight_names, dense_copy, load_causal_lm, load_tokenizer, resolve_model
 from ragtune.core.run_dir import RunDir, check_shared_folder, sha256_file
-from ragtune.train.config import GKD_TRAINER, DistillationConfig, peft_config_class
+from ragtune.train.config import GKD_TRAINER, DistillationConfig, held_out_count, peft_config_class
 from ragtune.train.data_stats import describe_rows
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ def split_rows(rows: list[dict[str, Any]], validation_split: float, validation_f
     """Held-out rows for eval loss: the validation file when given, else a seeded fraction (at least one row)."""
     if validation_file is not None:
         return rows, load_rows(validation_file)
-    if validation_split <= 0 or len(rows) < 2:
+    n_eval = held_out_count(len(rows), validation_split)
+    if not n_eval:
         return rows, []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(rows) - 1, max(1, round(len(rows) * validation_split)))
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -102,13 +102,17 @@ class BackendUnavailable(UserFacingError):
 
 
 class RowLost(Exception):
-    """A row an endpoint lost without an HTTP answer (dropped connection, broken stream): another replica may
-    answer it."""
+    """A row an endpoint lost without an HTTP answer (dropped connection, broken stream): one endpoint records it
+    as the row's failure; a replica set sends it to another replica."""
 
 
-def collect(futures: list[Future]) -> list[Completion]:
-    """The rows of one `chat` call in order. An endpoint that stops answering cancels the rows not started and
-    raises BackendUnavailable carrying the rows finished before it."""
+def fan_out(pool: ThreadPoolExecutor, row: Callable[[list[Message], Schema | None], Completion],
+            conversations: list[list[Message]], json_schema: Schemas | None) -> list[Completion]:
+    """One `chat` call: `row(conversation, schema)` for every conversation on `pool`, the Completions in order.
+    An endpoint that stops answering cancels the rows not started and raises BackendUnavailable carrying the rows
+    finished before it."""
+    schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
+    futures = [pool.submit(row, c, schema) for c, schema in zip(conversations, schemas)]
     done: list[Completion | None] = []
     failure: BackendUnavailable | None = None
     for future in futures:
@@ -240,9 +244,8 @@ class ReplicaBackend:
         if not self._probed:
             self.probe()
         params = self.replicas[0].params(max_new_tokens, temperature, top_logprobs)
-        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
-        return collect([self._pool.submit(self._row, c, params, schema, stop_when)
-                        for c, schema in zip(conversations, schemas)])
+        return fan_out(self._pool, lambda c, schema: self._row(c, params, schema, stop_when), conversations,
+                       json_schema)
 
     def _row(self, messages: list[Message], params: dict[str, Any], schema: Schema | None,
              stop_when: Callable[[str], bool] | None) -> Completion:
@@ -251,8 +254,7 @@ class ReplicaBackend:
             index = self._take()
             replica = self.replicas[index]
             try:
-                completion = replica._request(messages, replica._with_schema(params, schema), stop_when,
-                                              lost_raises=True)
+                completion = replica._request(messages, replica._with_schema(params, schema), stop_when)
             except (RowLost, BackendUnavailable) as err:
                 lost = str(err)
                 if isinstance(err, BackendUnavailable) or not self._answers(replica):
@@ -674,9 +676,16 @@ class OpenAIChatBackend:
         if not self._probed:
             self.probe()
         params = self.params(max_new_tokens, temperature, top_logprobs)
-        schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
-        return collect([self._pool.submit(self._request, c, self._with_schema(params, schema), stop_when)
-                        for c, schema in zip(conversations, schemas)])
+        return fan_out(self._pool, lambda c, schema: self._row(c, self._with_schema(params, schema), stop_when),
+                       conversations, json_schema)
+
+    def _row(self, messages: list[Message], params: dict[str, Any],
+             stop_when: Callable[[str], bool] | None) -> Completion:
+        """One row on this endpoint alone: a row it lost is that row's failure."""
+        try:
+            return self._request(messages, params, stop_when)
+        except RowLost as err:
+            return Completion(None, str(err))
 
     def params(self, max_new_tokens: int | None, temperature: float | None, top_logprobs: int | None) -> dict[str, Any]:
         """The request's sampling parameters, the role's defaults where the call gives none."""
@@ -699,9 +708,8 @@ class OpenAIChatBackend:
             "name": schema.get("title", "response"), "schema": schema}}}
 
     def _request(self, messages: list[Message], params: dict[str, Any],
-                 stop_when: Callable[[str], bool] | None = None, lost_raises: bool = False) -> Completion:
-        """One row. `lost_raises`: a row the endpoint lost (no answer after retries, a broken stream) raises
-        `RowLost` instead of becoming a failed Completion, so a replica set can send it elsewhere."""
+                 stop_when: Callable[[str], bool] | None = None) -> Completion:
+        """One row; a row the endpoint lost (no answer after retries, a broken stream) raises `RowLost`."""
         import openai
 
         try:
@@ -716,13 +724,9 @@ class OpenAIChatBackend:
             if isinstance(err, openai.APITimeoutError):
                 return Completion(None, f"timed out after {self.timeout:g}s on every retry ({self._cause(err)}; the "
                                         "server answers /models: it is slow; raise `timeout`)")
-            if lost_raises:
-                raise RowLost(self._cause(err)) from None
-            return Completion(None, f"no answer after retries: {self._cause(err)}")
-        except httpx.HTTPError as err:  # a stream that broke after its headers: this row's failure
-            if lost_raises:
-                raise RowLost(f"stream broken: {type(err).__name__}: {err}") from None
-            return Completion(None, f"stream broken: {type(err).__name__}: {err}")
+            raise RowLost(f"no answer after retries: {self._cause(err)}") from None
+        except httpx.HTTPError as err:  # a stream that broke after its headers
+            raise RowLost(f"stream broken: {type(err).__name__}: {err}") from None
         except Exception as err:  # noqa: BLE001 - a body the SDK cannot parse is this row's failure
             return Completion(None, f"malformed response: {type(err).__name__}: {err}")
         return self._completion(response, params)
