@@ -22,7 +22,7 @@ from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
 
 FAITHFUL_SCHEMA = yes_no_schema("faithful")
 FAITHFUL_PROMPT = (

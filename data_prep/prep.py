@@ -56,7 +56,7 @@ from ragtune.data_prep.state import LazyBackend, StepState
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex
 
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
     from ragtune.core.llm import ChatBackend
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ragtune.core.rag import ask_teacher, teacher_candidates, teacher_extra, tea
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
     from ragtune.core.llm import ChatBackend
 
 log = logging.getLogger(__name__)

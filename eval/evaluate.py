@@ -41,7 +41,7 @@ from ragtune.core.artifacts import read_jsonl
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from ragtune.core.run_dir import RunDir, sha256_file
 from ragtune.eval.answer import EvalError
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
 
 FORMAT = '{"question": str, "reference": str (optional), "contexts": [str, ...] (optional), "id": str (optional)}'
 # A reference with fewer claims (content words and figures) than this is matched only verbatim: "Mobility,

@@ -18,7 +18,7 @@ from ragtune.eval.stats import (MIN_GAP, gap_closed, mean_with_ci, paired_differ
                                 spread)
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
 
 BASELINE = "base"
 RETRIEVER = "retriever"

@@ -182,7 +182,7 @@ def main() -> None:
     args.questions = min(args.questions, len(QUESTIONS))
 
     from ragtune.eval import evaluate
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.run_dir import RunDir
 
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))

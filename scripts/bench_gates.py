@@ -41,7 +41,7 @@ CAPITALISED = re.compile(r"\b[A-Z][A-Za-z&]+")
 
 def gates_json(path: Path, *overrides: str) -> dict[str, Any]:
     """`ragtune gates PATH --json` as a user runs it."""
-    command = [sys.executable, "-m", "ragtune.cli", "gates", str(path), "--json"]
+    command = [sys.executable, "-m", "ragtune.app.cli", "gates", str(path), "--json"]
     for override in overrides:
         command += ["--set", override]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -133,7 +133,7 @@ def main() -> int:
             path = write_jsonl(demo_candidates(args.run), Path(scratch) / "demo.jsonl")
             result["demo"] = {"run": str(args.run), "candidates": sum(1 for _ in path.open())}
             for measure in ("support", "bigram"):
-                command = [sys.executable, "-m", "ragtune.cli", "gates", str(path), "--json", "--config", str(args.config),
+                command = [sys.executable, "-m", "ragtune.app.cli", "gates", str(path), "--json", "--config", str(args.config),
                            "--set", f"data_prep.answer_gates.measure={measure}", "--set", "output_dir=" + scratch]
                 report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
                 result["demo"][measure] = report["labels"]

@@ -81,7 +81,7 @@ def main() -> None:
                         help="weights of both sides (the teacher role's torch_dtype: vLLM's --dtype); fp32 by default, "
                              "where vLLM's kernels and HF's agree token for token")
     args = parser.parse_args()
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
 
     run = load_config(args.config)  # ragtune's own defaults where the file sets nothing
     for name, value in (("max_new_tokens", run.teacher.max_new_tokens), ("batch_size", run.teacher.max_concurrency),
@@ -96,7 +96,7 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core import engine
     from ragtune.core.artifacts import write_jsonl
     from ragtune.core.llm import HFChatBackend, make_backend

@@ -139,7 +139,7 @@ def build_baseline(model_dir: Path, rows: list[dict[str, Any]], out: Path) -> An
 def build_ragtune(model_dir: Path, rows: list[dict[str, Any]], out: Path, overrides: list[str]) -> Any:
     import yaml
 
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.run_dir import RunDir
     from ragtune.train.sft import build_trainer
 

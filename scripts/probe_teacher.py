@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.artifacts import read_jsonl
 from ragtune.core.llm import HFChatBackend
 from ragtune.core.rag import (

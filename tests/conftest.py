@@ -131,9 +131,9 @@ def prepped_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tin
                 excerpt_pdf: Path) -> Path:
     """A run folder whose prep stage ran for real (SmolLM2 the teacher; 6 training, 3 held-out questions), made once
     per session: `prepped_config` gives each test a copy, so runs that share prep (repeats, sweeps) start from it."""
-    from ragtune.cli import stage_functions
-    from ragtune.config import load_config
-    from ragtune.pipeline import run_pipeline
+    from ragtune.app.cli import stage_functions
+    from ragtune.app.config import load_config
+    from ragtune.app.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("prepped")
     student = untied_tiny_model(tiny_llama_dir, root / "student", seed=0)  # untied: its answers are not all empty

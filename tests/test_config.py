@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.config import ConfigError, load_config
+from ragtune.app.config import ConfigError, load_config
 
 
 def test_valid_config_resolves_documents_and_overrides(write_config, excerpt_pdf):
@@ -67,7 +67,7 @@ def test_cli_reports_config_error_before_loading_any_model(write_config):
     path = write_config()
     path.write_text(path.read_text() + "train:\n  lerning_rate: 0.1\n")
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "train", str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "train", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "train.lerning_rate" in result.stderr and "learning_rate" in result.stderr
     assert str(path) in result.stderr
@@ -101,7 +101,7 @@ def test_building_sft_config_at_load_makes_no_folder_and_no_device_state(write_c
 
 def test_negative_learning_rate_fails_dry_run_in_one_line(write_config):
     path = write_config(train={"learning_rate": -1.0})
-    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(path), "--dry-run"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "run", str(path), "--dry-run"], capture_output=True,
                             text=True, timeout=300, check=False)
     line = path.read_text().splitlines().index("  learning_rate: -1.0") + 1
     assert result.returncode == 2

@@ -23,7 +23,7 @@ from ragtune.core.grounding import lexical_overlap
 from ragtune.data_prep.questions import drop_leakage, enough_questions, parse_questions
 from ragtune.core.rag import build_closed_book_messages, build_rag_messages, load_index, retrieve
 from ragtune.core.artifacts import read_jsonl
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.run_dir import RunDir
 
 REPO = Path(__file__).parent.parent
@@ -112,7 +112,7 @@ def test_raft_contexts() -> None:
 
 def test_leakage_check_drops_near_duplicates_with_reason() -> None:
     from ragtune.core.rag import embedding_model
-    from ragtune.config import EmbeddingConfig
+    from ragtune.app.config import EmbeddingConfig
 
     train = [{"id": "t0", "question": "What was Uber's revenue in 2021?"}]
     eval_questions = [{"id": "e0", "question": "What was the revenue of Uber in 2021?"},
@@ -163,7 +163,7 @@ def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_
     closer to another chunk (or whose chunk the split's search leaves out) is "not retrievable"; earlier rejects stay."""
     from llama_index.core.schema import TextNode
 
-    from ragtune.config import EmbeddingConfig
+    from ragtune.app.config import EmbeddingConfig
     from ragtune.core.rag import build_index, embedding_model
     from ragtune.data_prep.questions import roundtrip_verdicts
 
@@ -307,7 +307,7 @@ def test_killed_teacher_run_resumes_to_the_same_rows(prepared: dict[str, Any], t
     for path in (resumed_dir.train_jsonl, resumed_dir.answers_rejected, resumed_dir.stats):
         path.unlink(missing_ok=True)
 
-    script = ("import sys; from pathlib import Path; from ragtune.config import load_config; "
+    script = ("import sys; from pathlib import Path; from ragtune.app.config import load_config; "
               "from ragtune.core.run_dir import RunDir; from ragtune.data_prep.prep import run; "
               "run(load_config(sys.argv[1]), RunDir(Path(sys.argv[2])))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.run_dir import RunDir
 
 from conftest import untied_tiny_model

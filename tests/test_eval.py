@@ -23,7 +23,7 @@ import yaml
 from conftest import untied_tiny_model
 from ragtune.eval import evaluate, report
 from ragtune.core.artifacts import read_jsonl
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.run_dir import RunDir
 
 EXCERPT_PDF = Path(__file__).parent / "data" / "uber_10k_excerpt.pdf"

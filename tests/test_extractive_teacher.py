@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.artifacts import read_jsonl
 from ragtune.core.errors import UserFacingError
 from ragtune.core.gates import check_answer
@@ -140,8 +140,8 @@ def test_extract_refuses_settings_it_cannot_honour(write_config, data_prep: dict
 def test_prep_with_the_extractive_teacher_trains_only_sentences_of_the_rows_contexts(prepped_config) -> None:
     """prep's answers step on a real prep (SmolLM2 the teacher, gates on): every kept row's answer is verbatim a
     complete sentence of the contexts in its own prompt, and every question is a kept row or a rejected one."""
-    from ragtune.cli import stage_functions
-    from ragtune.pipeline import run_pipeline
+    from ragtune.app.cli import stage_functions
+    from ragtune.app.pipeline import run_pipeline
 
     path = prepped_config(data_prep={"chunk_size": 256, "chunk_overlap": 16, "num_train_questions": 6,
                                      "num_eval_questions": 3, "teacher_answer": "extract",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragtune.config import load_config
-from ragtune.pipeline import fingerprints
+from ragtune.app.config import load_config
+from ragtune.app.pipeline import fingerprints
 
 
 @pytest.mark.parametrize("override", [

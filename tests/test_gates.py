@@ -395,7 +395,7 @@ def _labelled(tmp_path: Any) -> Any:
 
 
 def test_ragtune_gates_reports_kept_and_reasons_per_label_auroc_and_thresholds(tmp_path: Any, capsys: Any) -> None:
-    from ragtune.cli import main
+    from ragtune.app.cli import main
 
     path = _labelled(tmp_path)
     assert main(["gates", str(path), "--json"]) == 0
@@ -416,7 +416,7 @@ def test_ragtune_gates_reports_kept_and_reasons_per_label_auroc_and_thresholds(t
 
 
 def test_ragtune_gates_names_a_malformed_line(tmp_path: Any, capsys: Any) -> None:
-    from ragtune.cli import main
+    from ragtune.app.cli import main
 
     path = _labelled(tmp_path)
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ragtune.cli import main
+from ragtune.app.cli import main
 from ragtune.core.artifacts import read_jsonl
 from ragtune.core.grounding import NUMBER, _digits, _figure_found, figures, normalize, support
 from ragtune.eval.answer import EvalError
@@ -155,8 +155,8 @@ def test_leak_check_matches_verbatim_or_every_claim_not_a_few_words(tmp_path: Pa
 
 def test_an_edited_golden_file_changes_evals_fingerprint_only(write_config, tmp_path: Path) -> None:
     """`ragtune run` reruns eval (not prep or train) when the golden set's content changes under the same name."""
-    from ragtune.config import load_config
-    from ragtune.pipeline import fingerprints
+    from ragtune.app.config import load_config
+    from ragtune.app.pipeline import fingerprints
 
     golden = tmp_path / "golden.jsonl"
     golden.write_text('{"question": "How many countries?", "reference": "Over 70."}\n', encoding="utf-8")

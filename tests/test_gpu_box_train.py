@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
-from ragtune.config import ConfigError, load_config
+from ragtune.app.config import ConfigError, load_config
 from ragtune.core.run_dir import RunDir
 from test_train import make_config  # noqa: F401  (the fixture: the tiny Llama's train config)
 
@@ -185,7 +185,7 @@ def test_a_chunk_longer_than_the_embedder_reads_is_a_dry_run_warning_naming_the_
     """The packaged MiniLM reads 256 word pieces: a 512-token chunk is embedded only in part. `--dry-run` says so
     (prep logs it too); loading the config stays silent, so every command's stderr is not one line longer.
     gpu-qlora.yaml chunks within the window."""
-    from ragtune.dry_run import dry_run
+    from ragtune.app.dry_run import dry_run
 
     stages = {stage: "run" for stage in ("prep", "train", "merge", "eval", "report")}
     config = load_config(write_config(data_prep={"chunk_size": 512, "chunk_overlap": 64}))
@@ -235,7 +235,7 @@ def test_global_batch_size_keeps_the_schedule_when_the_world_size_changes(write_
 def test_dry_run_prints_steps_per_epoch_and_warns_when_eval_never_runs(write_config):
     """On 8 GPUs gpu-qlora.yaml's old integer eval_steps/save_steps (50) were never reached: --dry-run says so, and
     with fractions it prints the evaluations the run gets. gpu-qlora.yaml asks for questions the sample can give."""
-    from ragtune.dry_run import schedule_checks
+    from ragtune.app.dry_run import schedule_checks
 
     train = {"validation_split": 0.05, "early_stopping_patience": 3, "per_device_train_batch_size": 4,
              "global_batch_size": 128, "num_train_epochs": 2, "eval_strategy": "steps", "eval_steps": 50,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.cli import main
-from ragtune.config import ConfigError, load_config
+from ragtune.app.cli import main
+from ragtune.app.config import ConfigError, load_config
 from ragtune.core import engine
 from ragtune.core.gpu_plan import gpu_plan, visible_devices
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import free_port
 from ragtune.core.llm import BackendUnavailable, HFChatBackend, OpenAIChatBackend, make_backend
-from ragtune.config import LLMRole
+from ragtune.app.config import LLMRole
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 2+2?",
@@ -102,7 +102,7 @@ def test_json_schema_output_is_valid_by_construction(smollm2_backend):
 
 def _start_server(model_dir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        [sys.executable, "-m", "ragtune.app.cli", "serve", "--model", str(model_dir), "--port", str(port),
          "--served-model-name", "student", "--max-tokens", "32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

@@ -14,7 +14,7 @@ from ragtune.core.run_dir import RunDir
 
 
 def _ragtune(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "ragtune.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", *args], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
     assert result.returncode == 0, f"ragtune {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result

@@ -67,7 +67,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
     run_dir = RunDir(tmp_path / "run")
     before = set(_vllm_processes())
 
-    _run(sys.executable, "-m", "ragtune.cli", "prep", str(config))
+    _run(sys.executable, "-m", "ragtune.app.cli", "prep", str(config))
     rows = read_jsonl(run_dir.train_jsonl)
     assert rows and all(r["meta"]["usage"]["prompt_tokens"] > 0 for r in rows)  # vLLM's usage, per row
     [log] = run_dir.logs.glob("vllm-*.log")  # one server for teacher and judge: the same model
@@ -79,7 +79,7 @@ def test_prep_on_vllm_then_two_process_training_then_run_finishes_on_vllm(write_
     train = json.loads(run_dir.manifest.read_text())["stages"]["train"]
     assert train["status"] == "done" and train["world_size"] == 2
 
-    finished = _run(sys.executable, "-m", "ragtune.cli", "run", str(config))
+    finished = _run(sys.executable, "-m", "ragtune.app.cli", "run", str(config))
     executed = [line.split()[1].rstrip(":") for line in finished.stdout.splitlines()
                 if line.startswith("[ragtune]") and ("running" in line or "resuming" in line)]
     assert executed == ["merge", "eval", "report"]  # prep and train were up to date

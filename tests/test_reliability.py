@@ -24,7 +24,7 @@ HOLDER_NAME = ".ragtune.lock.json"  # ragtune.core.lock.HOLDER_NAME, spelled out
 def ragtune(log: Path, *args: str) -> subprocess.Popen:
     """A ragtune process writing its output to `log` (a pipe nobody reads would fill up and stall it)."""
     with log.open("w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "ragtune.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "ragtune.app.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -63,7 +63,7 @@ def test_a_second_ragtune_on_the_same_folder_fails_at_once_naming_the_first(writ
         wait_started(first, run, tmp_path / "first.log")
         start = time.monotonic()
         try:
-            second = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(config)], capture_output=True,
+            second = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "run", str(config)], capture_output=True,
                                     text=True, timeout=180, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         except subprocess.TimeoutExpired:
             pytest.fail("the second ragtune was still working on the same folder after 180 s")
@@ -258,7 +258,7 @@ def _fake_stages(run_dir: Path, calls: list[str], fail: str | None = None) -> di
 @pytest.fixture
 def cheap_config(write_config):
     """A valid config whose preflight needs no model (the student is not on this machine: a warning, not an error)."""
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
 
     path = write_config(student={"model": "no-such-org/no-such-student"})
     return path, load_config(path)
@@ -267,7 +267,7 @@ def cheap_config(write_config):
 def test_run_only_a_killed_stage_resumes_from_its_checkpoints(cheap_config):
     """Before, `--only train` planned `run`, and `run` retires a recorded stage's outputs: the checkpoints went to
     stale/ and training started over."""
-    from ragtune.pipeline import run_pipeline
+    from ragtune.app.pipeline import run_pipeline
 
     _, config = cheap_config
     run_dir, calls = Path(config.output_dir), []
@@ -288,7 +288,7 @@ def test_run_only_a_killed_stage_resumes_from_its_checkpoints(cheap_config):
 def test_a_run_with_nothing_to_do_writes_nothing(cheap_config, tmp_path: Path):
     """Before, every `ragtune run` rewrote manifest.json (versions, git commit), so an up-to-date run failed on a
     read-only folder; now neither the pipeline nor the CLI touches it, and the preflight is skipped."""
-    from ragtune.pipeline import run_pipeline
+    from ragtune.app.pipeline import run_pipeline
 
     path, config = cheap_config
     run_dir, calls, preflights = Path(config.output_dir), [], []
@@ -301,7 +301,7 @@ def test_a_run_with_nothing_to_do_writes_nothing(cheap_config, tmp_path: Path):
         decisions = run_pipeline(config, only=only, stage_functions=_fake_stages(run_dir, calls),
                                  before_work=lambda: preflights.append(1))
         assert set(decisions.values()) == {"skip"}
-    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "run", str(path)], capture_output=True, text=True,
                             timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "nothing to do: every stage is up to date" in result.stdout
@@ -420,7 +420,7 @@ USER_ERRORS = [
 def test_every_user_error_is_one_line_and_exit_2(setup, expected, write_config, tmp_path: Path):
     with ExitStack() as held:
         argv = setup(tmp_path, write_config, held)
-        result = subprocess.run([sys.executable, "-m", "ragtune.cli", *argv], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", *argv], capture_output=True, text=True,
                                 timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     print(result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
@@ -433,7 +433,7 @@ def test_memory_a_stage_freed_goes_back_to_the_os_between_stages() -> None:
     """glibc keeps freed heap pages below a live allocation; `release_freed_memory` (run after every stage) returns
     them, so eval's vLLM server does not sit beside training's leftovers."""
     script = textwrap.dedent("""
-        from ragtune.pipeline import release_freed_memory
+        from ragtune.app.pipeline import release_freed_memory
 
         def rss_mb():
             with open("/proc/self/status") as f:

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from ragtune.cli import main
+from ragtune.app.cli import main
 from ragtune.core.run_dir import Manifest, RunDir
 from ragtune.eval.summary import pooled_verdict
 

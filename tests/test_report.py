@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import untied_tiny_model
-from ragtune.config import load_config
+from ragtune.app.config import load_config
 from ragtune.core.artifacts import read_jsonl, write_json
 from ragtune.core.grounding import final_answer, grounding
 from ragtune.core.run_dir import Manifest, RunDir
@@ -304,7 +304,7 @@ def test_cost_and_benefit_from_the_runs_own_files(reported: dict[str, Any]) -> N
 
 def test_unpriced_costs_are_named_and_the_cli_prices_a_finished_run(reported: dict[str, Any], tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from ragtune.cli import main
+    from ragtune.app.cli import main
 
     run = RunDir(tmp_path / "unpriced")
     shutil.copytree(reported["run"].root, run.root)

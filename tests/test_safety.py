@@ -17,10 +17,10 @@ import httpx
 import pytest
 import yaml
 
-from ragtune.cli import main
+from ragtune.app.cli import main
 from ragtune.core.lock import RunLock
 from ragtune.core.run_dir import NotARunFolder, check_run_folder
-from ragtune.dry_run import document_checks, writable_check
+from ragtune.app.dry_run import document_checks, writable_check
 
 
 def _dead_pid() -> int:
@@ -212,7 +212,7 @@ def test_dry_run_cli_reports_a_foreign_output_dir_and_an_unreadable_pdf(
     config.update(output_dir=str(foreign), documents=[*config["documents"], str(fake)])
     path = tmp_path / "foreign.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "ragtune.cli", "run", str(path), "--dry-run"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "run", str(path), "--dry-run"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     print(result.stdout, result.stderr)
     assert result.returncode == 1 and "Traceback" not in result.stderr

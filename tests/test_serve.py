@@ -30,7 +30,7 @@ def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None
     log = Path(tempfile.mkdtemp(prefix="ragtune-serve-")) / "server.log"  # a pipe nobody reads could fill up
     with log.open("w") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ragtune.cli", "serve", "--model", str(model_dir), "--port", str(port), *flags],
+            [sys.executable, "-m", "ragtune.app.cli", "serve", "--model", str(model_dir), "--port", str(port), *flags],
             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
@@ -400,7 +400,7 @@ def test_a_key_is_required_on_v1_but_not_on_health(key_server):
 
 
 def test_binding_beyond_loopback_without_a_key_warns_what_is_exposed():
-    from ragtune.serve import exposure_warning
+    from ragtune.app.serve import exposure_warning
 
     for private in ("127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"):
         assert exposure_warning(private, 8000, None, rag=True) is None
@@ -442,7 +442,7 @@ def rag_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     from llama_index.core.schema import TextNode
 
     from conftest import EXCERPT_PDF, untied_tiny_model
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.rag import build_index, embedding_model
     from ragtune.core.run_dir import RunDir
 
@@ -544,7 +544,7 @@ def test_rag_refuses_a_query_that_cannot_fit_before_embedding_it(rag_server):
 def test_rag_needs_a_config_and_an_index(rag_run, tmp_path: Path, capsys):
     import yaml
 
-    from ragtune.cli import main
+    from ragtune.app.cli import main
 
     assert main(["serve", "--rag", "--model", str(rag_run["student"])]) == 2
     assert "--rag retrieves from a run's index: pass --config CONFIG" in capsys.readouterr().err

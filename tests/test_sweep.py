@@ -9,10 +9,10 @@ import optuna
 import pytest
 import yaml
 
-from ragtune.cli import main
-from ragtune.config import ConfigError, load_config
+from ragtune.app.cli import main
+from ragtune.app.config import ConfigError, load_config
 from ragtune.core.run_dir import Manifest, RunDir
-from ragtune.sweep import objective_value
+from ragtune.app.sweep import objective_value
 
 SEARCH = {
     "train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import free_port
-from ragtune.config import ConfigError, load_config
+from ragtune.app.config import ConfigError, load_config
 from ragtune.core.run_dir import RunDir
 
 # The shape of data_prep's rows (system prompt, RAG user turn with context + question, teacher answer).

@@ -229,7 +229,7 @@ def test_lora_adapters_answer_like_peft_from_one_server(server, smollm2_dir, ada
 
 def test_eval_answers_base_and_adapters_from_the_one_server(server, smollm2_dir, adapters, write_config, tmp_path):
     """`eval.backend: vllm`: the base and every adapter answer through the registry's one server, by name."""
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.run_dir import RunDir
     from ragtune.eval.answer import ModelSpec, load_backend
 
@@ -250,7 +250,7 @@ def test_eval_answers_base_and_adapters_from_the_one_server(server, smollm2_dir,
 def test_eval_teacher_answers_from_the_server_of_base_and_adapters_when_served_alike(server, adapters, write_config,
                                                                                      tmp_path):
     """Base and adapters answer first, from one server; the teacher, the same model in the same dtype, reuses it."""
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.run_dir import RunDir
     from ragtune.eval.answer import REFERENCE_MODEL, ModelSpec, generation_order, load_backend
 
@@ -280,7 +280,7 @@ def test_prep_spreads_the_teacher_over_replicas_and_finishes_on_one_when_the_oth
         server, log_dir, write_config, tmp_path):
     """`teacher.base_url` as two vLLM servers: both answer prep's rows; one is SIGKILLed mid-stage, the stage finishes
     on the other, and every question ends once (kept or rejected), none failed."""
-    from ragtune.config import load_config
+    from ragtune.app.config import load_config
     from ragtune.core.artifacts import read_jsonl
     from ragtune.core.run_dir import RunDir
     from ragtune.data_prep import prep

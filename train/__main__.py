@@ -6,7 +6,7 @@ adapter/, the loss curve and the stage record in manifest.json, so a later `ragt
 
 import sys
 
-from ragtune.cli import main
+from ragtune.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

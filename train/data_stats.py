@@ -11,7 +11,7 @@ from ragtune.core.chat_rows import validate_chat_jsonl
 from ragtune.core.models import load_tokenizer
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
 
 
 def sft_setting(config: "RagtuneConfig", key: str) -> Any:

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from ragtune.core.roles import ConfigError, Strict
 
 if TYPE_CHECKING:
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
     from ragtune.core.roles import LLMRole
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"

@@ -1,6 +1,6 @@
 """The model roles every stage relies on (teacher, judge, student, embedding), and the config error type.
 
-Stage sections are owned by their stage (`ragtune.data_prep.config`, …); `ragtune.config` composes them.
+Stage sections are owned by their stage (`ragtune.data_prep.config`, …); `ragtune.app.config` composes them.
 """
 
 from __future__ import annotations

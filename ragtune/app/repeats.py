@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from ragtune.config import RagtuneConfig
+from ragtune.app.config import RagtuneConfig
 from ragtune.core.artifacts import write_json
-from ragtune.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
+from ragtune.app.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
 from ragtune.core.run_dir import RunDir
 
 REPEATS_DIR = "repeats"

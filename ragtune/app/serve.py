@@ -58,7 +58,7 @@ from ragtune.core.rag import Chunk, build_rag_messages, load_index, retrieve
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex
 
-    from ragtune.config import RagtuneConfig
+    from ragtune.app.config import RagtuneConfig
     from ragtune.core.llm import HFChatBackend
     from ragtune.core.rag import RagPrompts
 

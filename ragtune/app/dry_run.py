@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ragtune.config import ConfigError, LLMRole, RagtuneConfig, embedding_window_warnings
+from ragtune.app.config import ConfigError, LLMRole, RagtuneConfig, embedding_window_warnings
 from ragtune.core import engine
 from ragtune.core.run_dir import NotARunFolder, check_run_folder
-from ragtune.pipeline import PIPELINE
+from ragtune.app.pipeline import PIPELINE
 
 if TYPE_CHECKING:
     from ragtune.core.gpu_plan import ServerPlan

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ragtune.config import RagtuneConfig, load_config
+from ragtune.app.config import RagtuneConfig, load_config
 from ragtune.core import engine
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash

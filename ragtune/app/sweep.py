@@ -23,11 +23,11 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from ragtune.config import ConfigError, RagtuneConfig, SweepConfig
+from ragtune.app.config import ConfigError, RagtuneConfig, SweepConfig
 from ragtune.core.artifacts import write_json
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import RunDir
-from ragtune.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
+from ragtune.app.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
 
 SWEEP_DIR = "sweep"
 STORAGE_NAME = "sweep.db"

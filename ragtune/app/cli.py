@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ragtune.config import ConfigError, RagtuneConfig, load_config
-from ragtune.pipeline import STAGES, plan, run_pipeline
+from ragtune.app.config import ConfigError, RagtuneConfig, load_config
+from ragtune.app.pipeline import STAGES, plan, run_pipeline
 from ragtune.core import engine
 from ragtune.core.lock import RunLock
 from ragtune.core.errors import UserFacingError
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
     p.add_argument("--served-model-name", help="the `model` name clients send (default: the model reference)")
     p.add_argument("--torch-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    from ragtune.serve import MAX_QUEUE, MAX_REQUEST_BYTES, REQUEST_TIMEOUT, STEP_TOKENS
+    from ragtune.app.serve import MAX_QUEUE, MAX_REQUEST_BYTES, REQUEST_TIMEOUT, STEP_TOKENS
 
     p.add_argument("--step-tokens", type=int, default=STEP_TOKENS,
                    help="new tokens per request per scheduling round: a short request waits at most one round")
@@ -180,7 +180,7 @@ def stage_functions(config: RagtuneConfig, adapters: list[Path] | None = None) -
 
 
 def _run_single(config: RagtuneConfig, name: str, function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    from ragtune.pipeline import fingerprints, input_hashes
+    from ragtune.app.pipeline import fingerprints, input_hashes
 
     run_dir = RunDir(config.output_dir)
     manifest = Manifest(run_dir)
@@ -224,10 +224,10 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = RunDir(config.output_dir)
     if args.dry_run:
-        from ragtune.dry_run import dry_run
+        from ragtune.app.dry_run import dry_run
 
         return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
-    from ragtune.dry_run import preflight
+    from ragtune.app.dry_run import preflight
 
     if args.repeats > 1:
         return _run_repeats(args, config)
@@ -241,8 +241,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_repeats(args: argparse.Namespace, config: RagtuneConfig) -> int:
     """`ragtune run CONFIG --repeats N`: the run, N−1 more seeds on its prep, and the pooled verdicts."""
-    from ragtune.dry_run import preflight
-    from ragtune.repeats import REPEATS_DIR, pooled_report, pooled_table, run_repeats
+    from ragtune.app.dry_run import preflight
+    from ragtune.app.repeats import REPEATS_DIR, pooled_report, pooled_table, run_repeats
 
     with _locked(config):
         runs = run_repeats(config, args.overrides, args.repeats, start=args.start, only=args.only, force=args.force,
@@ -258,8 +258,8 @@ def _run_repeats(args: argparse.Namespace, config: RagtuneConfig) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """`ragtune sweep CONFIG --trials N`: prep once, then an Optuna study of trial run folders on it."""
-    from ragtune.dry_run import preflight
-    from ragtune.sweep import best_line, run_sweep
+    from ragtune.app.dry_run import preflight
+    from ragtune.app.sweep import best_line, run_sweep
 
     config = load_config(args.config, args.overrides)
     with _locked(config):
@@ -294,7 +294,7 @@ def _stage(args: argparse.Namespace) -> int:
     run_dir = RunDir(config.output_dir)
     name = args.command
     functions = stage_functions(config, getattr(args, "adapters", None))
-    from ragtune.dry_run import preflight
+    from ragtune.app.dry_run import preflight
 
     unlocked = name == "train" and (args.check or os.environ.get("RANK", "0") != "0")
     if unlocked:
@@ -364,8 +364,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _gates(args: argparse.Namespace) -> int:
-    from ragtune.calibrate import calibrate, read_labelled, render
-    from ragtune.config import answer_gates_from_overrides
+    from ragtune.app.calibrate import calibrate, read_labelled, render
+    from ragtune.app.config import answer_gates_from_overrides
 
     gates = (load_config(args.config, args.overrides).data_prep.answer_gates if args.config
              else answer_gates_from_overrides(args.overrides))
@@ -376,7 +376,7 @@ def _gates(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from ragtune.core.llm import HFChatBackend
-    from ragtune.serve import serve
+    from ragtune.app.serve import serve
 
     model, adapter, rag = args.model, args.adapter, None
     if args.rag and not args.config:
@@ -391,7 +391,7 @@ def _serve(args: argparse.Namespace) -> int:
             model = config.student.model
             adapter = adapter or (str(run_dir.adapter) if run_dir.adapter.exists() else None)
         if args.rag:
-            from ragtune.serve import RagPrompt
+            from ragtune.app.serve import RagPrompt
 
             rag = RagPrompt.for_run(config)  # before the model loads: a run without an index fails at once
     if model is None:
