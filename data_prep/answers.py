@@ -1,6 +1,6 @@
-"""Teacher answers for prep's training rows: best-of-N candidates, one longer retry of a truncated answer, the
-answer gates (`ragtune.core.gates`), an optional LLM faithfulness verdict by the judge, and the row (or rejected row) each
-question ends as. Nothing is lost: a question is a kept row in data/train.jsonl or a rejected one, with every
+"""Teacher answers for prep's training rows: the teacher's gated best-of-N candidates (`ragtune.core.teacher`, the
+same call as eval's references), an optional LLM faithfulness verdict by the judge, and the row (or rejected row)
+each question ends as. Nothing is lost: a question is a kept row in data/train.jsonl or a rejected one, with every
 candidate's text and reason, in data/answers.rejected.jsonl."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender
-from ragtune.core.gates import Verdict, gate_candidates, pick_best
+from ragtune.core.gates import AnswerGates, Verdict
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import build_closed_book_messages, teacher_candidates, teacher_view
-from ragtune.data_prep.config import AnswerGates, DataPrepConfig
+from ragtune.core.rag import build_closed_book_messages
+from ragtune.core.teacher import BestOfN, best_of_n
 from ragtune.data_prep.questions import yes_no_schema
 from ragtune.data_prep.state import LazyBackend
 
@@ -60,30 +60,21 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
         batch_size = teacher.get().batch_size if order else 1
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            views = [teacher_view(job.messages, config.data_prep) for job in batch]
-            per_job = teacher_candidates(teacher.get(), views, config.data_prep, config.teacher,
-                                         top_logprobs=config.data_prep.teacher_top_logprobs,
-                                         contexts=[job.contexts for job in batch])
-            verdicts = [gate(job, candidates, config.data_prep) for job, candidates in zip(batch, per_job)]
+            picks = best_of_n(teacher.get(), [job.messages for job in batch], config.data_prep, config.teacher,
+                              questions=[job.question["question"] for job in batch],
+                              contexts=[job.contexts for job in batch], oracle_in=[job.oracle_in for job in batch],
+                              top_logprobs=config.data_prep.teacher_top_logprobs)
             if config.data_prep.answer_gates.llm_faithfulness:
-                _judge_faithfulness(batch, per_job, verdicts, judge, config.data_prep.answer_gates)
-            for job, candidates, job_verdicts in zip(batch, per_job, verdicts):
-                if all(c.error is not None for c in candidates):
+                _judge_faithfulness(batch, picks, judge, config.data_prep.answer_gates)
+            for job, pick in zip(batch, picks):
+                if all(c.error is not None for c in pick.candidates):
                     failures.append({"id": f"answers:{job.question['id']}:{time.time_ns()}", "step": "answers",
-                                     "question_id": job.question["id"], "error": candidates[0].error})
+                                     "question_id": job.question["id"], "error": pick.candidates[0].error})
                     continue
-                _keep_or_reject(job, candidates, job_verdicts, config, teacher.get().model_name, rows, rejected,
-                                logprobs)
+                _keep_or_reject(job, pick, config, teacher.get().model_name, rows, rejected, logprobs)
                 generated += 1
                 bar.update(1)
     return generated
-
-
-def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Verdict]:
-    """The answer gates' verdict on every candidate of one training question."""
-    return gate_candidates(candidates, job.contexts, prep.answer_gates, oracle_in_context=job.oracle_in,
-                           chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
-                           question=job.question["question"])
 
 
 # a judge call that errors (timeout, invalid JSON) is asked again this many times before its candidate keeps the
@@ -91,27 +82,26 @@ def gate(job: AnswerJob, candidates: list[Any], prep: DataPrepConfig) -> list[Ve
 JUDGE_ATTEMPTS = 3
 
 
-def _judge_faithfulness(batch: list[AnswerJob], per_job: list[list[Any]], verdicts: list[list[Verdict]],
-                        judge: LazyBackend, gates: AnswerGates) -> None:
+def _judge_faithfulness(batch: list[AnswerJob], picks: list[BestOfN], judge: LazyBackend, gates: AnswerGates) -> None:
     """The judge decides the candidates the lexical grounding score cannot: every one that passed the form gates
     and scores at least `judge_min_grounding` is kept when the judge calls it faithful and rejected as "unfaithful"
     when it does not (InstructLab-style filter, widened to the lexical gate's unsure band below `min_grounding`).
     A judge error or unparsable verdict is retried; one that persists leaves the lexical verdict."""
-    pairs = [(k, i) for k, job_verdicts in enumerate(verdicts) for i, v in enumerate(job_verdicts)
+    pairs = [(k, i) for k, pick in enumerate(picks) for i, v in enumerate(pick.verdicts)
              if v.ok or (v.reason == "ungrounded" and v.grounding >= gates.judge_min_grounding)]
     for _ in range(JUDGE_ATTEMPTS):
         if not pairs:
             return
         prompts = [[{"role": "user", "content": FAITHFUL_PROMPT.replace("{context_str}", "\n\n".join(batch[k].contexts))
-                     .replace("{answer}", final_answer(per_job[k][i].text))}] for k, i in pairs]
+                     .replace("{answer}", final_answer(picks[k].candidates[i].text))}] for k, i in pairs]
         undecided = []
         for (k, i), answer in zip(pairs, judge.get().chat(prompts, max_new_tokens=16, json_schema=FAITHFUL_SCHEMA)):
             faithful = _faithful(answer)
             if faithful is None:
                 undecided.append((k, i))
                 continue
-            v = verdicts[k][i]
-            verdicts[k][i] = (Verdict(True, None, v.grounding, v.refusal, "the judge: faithful", v.on_topic) if faithful
+            v = picks[k].verdicts[i]
+            picks[k].verdicts[i] = (Verdict(True, None, v.grounding, v.refusal, "the judge: faithful", v.on_topic) if faithful
                               else Verdict(False, "unfaithful", v.grounding, v.refusal,
                                            f"the judge: {(answer.text or '')[:80]!r}", v.on_topic))
         pairs = undecided
@@ -128,13 +118,12 @@ def _faithful(answer: Any) -> bool | None:
     return verdict if isinstance(verdict, bool) else None
 
 
-def _keep_or_reject(job: AnswerJob, candidates: list[Any], verdicts: list[Verdict], config: "RagtuneConfig",
-                    teacher_model: str, rows: JsonlAppender, rejected: JsonlAppender,
-                    logprobs: JsonlAppender | None = None) -> None:
+def _keep_or_reject(job: AnswerJob, pick: BestOfN, config: "RagtuneConfig", teacher_model: str, rows: JsonlAppender,
+                    rejected: JsonlAppender, logprobs: JsonlAppender | None = None) -> None:
     """The candidate `pick_best` chooses among those that passed becomes the training row(s), else the question is
     one rejected row."""
     prep = config.data_prep
-    best = pick_best(verdicts, [c.text for c in candidates])
+    candidates, verdicts, best = pick.candidates, pick.verdicts, pick.best
     if best is None:
         rejected.append({
             "id": job.question["id"], "question_id": job.question["id"], "question": job.question["question"],

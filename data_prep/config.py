@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ragtune.core.teacher import TeacherStyle
 
 DOCUMENT_SUFFIXES = (".pdf", ".md", ".markdown", ".txt", ".html", ".htm")  # what data_prep.documents reads
 
@@ -41,12 +43,6 @@ TEXT_QA_TEMPLATE = (
 
 CLOSED_BOOK_SYSTEM_PROMPT = "You are an expert Q&A system that is trusted around the world. Answer the query accurately."
 
-CHAIN_OF_THOUGHT_INSTRUCTION = (
-    "\n\nFirst reason step by step, quoting the sentences of the context you rely on between "
-    "##begin_quote## and ##end_quote##. Then give the final answer on a last line starting with <ANSWER>:"
-)
-
-
 def _require(template: str, *names: str) -> str:
     missing = [name for name in names if "{" + name + "}" not in template]
     if missing:
@@ -54,52 +50,10 @@ def _require(template: str, *names: str) -> str:
     return template
 
 
-class RaftConfig(BaseModel):
-    """RAFT (Zhang et al. 2024): with probability `oracle_probability` the question's source chunk is among the
-    `num_contexts` contexts, otherwise only distractors; distractors are retrieved non-oracle chunks, topped up at
-    random. `num_contexts` defaults to `similarity_top_k`, so a training row shows as many contexts as eval does."""
+class DataPrepConfig(TeacherStyle):
+    """The `data_prep:` section; the teacher's own keys (`teacher_answer`, `raft`, `answer_gates`, …) come from
+    `ragtune.core.teacher.TeacherStyle`, which eval reads too."""
 
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = False
-    oracle_probability: float = Field(0.8, ge=0, le=1)
-    num_contexts: int | None = Field(None, ge=1)
-    chain_of_thought: bool = False
-    chain_of_thought_instruction: str = CHAIN_OF_THOUGHT_INSTRUCTION
-
-
-class AnswerGates(BaseModel):
-    """What a teacher answer must pass to become a training row (`ragtune.core.gates`): finished (not cut at
-    max_new_tokens), grounded in the contexts it was shown, no loop, RAFT quotes verbatim, no refusal when the
-    oracle chunk was shown. Every rejected answer goes to data/answers.rejected.jsonl with its reason and text."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    # how grounding is measured (ragtune.core.gates.MEASURES): "support", the share of the answer's words and figures
-    # (beyond the question's) found in its contexts, for a teacher that paraphrases and computes (with every gate:
-    # keeps 97% of FinanceBench's correct GPT-4 answers, rejects 88% of them shown another filing's pages, and both
-    # refusals; bigram keeps 44%; scripts/bench_gates.py); "bigram", the share
-    # of its content-word pairs, for a small teacher that invents around the question's words (SmolLM2-135M:
-    # AUC 0.97 against 0.91 for single words). `ragtune gates FILE --config C` measures both on your teacher
-    measure: Literal["support", "bigram"] = "support"
-    # the grounding score an answer needs; None: the measure's measured default (support 0.35, bigram 0.3)
-    min_grounding: float | None = Field(None, ge=0, le=1)
-    # share of the question's content words the answer must contain: an answer about something else is off topic.
-    # 0 (off) by default: a strong teacher's "$1.2 billion." shares no word with "What was 2021 revenue?"; an
-    # extractive teacher (`teacher_answer: extract`) needs it, its sentence is grounded whatever it chose
-    min_question_overlap: float = Field(0.0, ge=0, le=1)
-    # a truncated answer is asked again once with this budget (None: twice teacher.max_new_tokens)
-    retry_max_new_tokens: int | None = Field(None, ge=1)
-    # the judge role decides where the lexical gate is unsure: every candidate that passed the form gates (no
-    # loop, finished, no refusal with the oracle shown) and scores at least `judge_min_grounding` is kept or
-    # rejected by the judge's faithfulness verdict (an LLM call each; worth it with a strong judge). A judge error
-    # is retried; one that persists leaves the lexical verdict, never "unfaithful"
-    llm_faithfulness: bool = False
-    # below this, an answer is ungrounded whatever the judge says: on FinanceBench's dev half every correct answer
-    # scores at least 0.2 (support), and 64% of them shown another filing's pages score less (no judge call)
-    judge_min_grounding: float = Field(0.2, ge=0, le=1)
-
-
-class DataPrepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # SentenceSplitter arguments
@@ -138,21 +92,6 @@ class DataPrepConfig(BaseModel):
     max_failure_fraction: float = Field(0.5, ge=0, le=1)
     system_prompt: str = SYSTEM_PROMPT
     text_qa_template: str = TEXT_QA_TEMPLATE
-    # appended to the teacher's user message only (not to the saved row): how the teacher should answer, e.g.
-    # "Answer in one or two sentences, using the context's own words." The student learns the behaviour without it.
-    teacher_instruction: str | None = None
-    # end each teacher answer after this many sentences (a stop sequence at the sentence boundary: generation
-    # stops, the answer keeps its complete sentences; None: the teacher's own end). For a small teacher that runs
-    # on until max_new_tokens or loops; a sentence boundary is a period, ! or ? followed by a capitalised word
-    teacher_max_sentences: int | None = Field(None, ge=1)
-    # "generate": the teacher writes its answer. "extract": it chooses one complete sentence of the contexts it is
-    # shown, verbatim, by decoding under a JSON schema that allows only those sentences (vLLM structured outputs;
-    # xgrammar on hf): a RAFT-style quote as the whole answer, for a teacher too small to write grounded answers.
-    # On the demo's first 16 questions SmolLM2-135M's extracted answers were all grounded (its generated ones: 7
-    # of 16 kept at best-of-6); with a strong teacher, generate.
-    teacher_answer: Literal["generate", "extract"] = "generate"
-    raft: RaftConfig = RaftConfig()
-    answer_gates: AnswerGates = AnswerGates()
     # also emit (question without context -> the teacher's RAG answer) rows, to bake knowledge in
     closed_book_rows: bool = False
     # store the teacher's `top_logprobs` most likely tokens with their log-probs per answer token in

@@ -5,7 +5,9 @@ The LlamaIndex "GPT-4 teaches GPT-3.5" recipe, made robust, resumable and fit fo
 1. chunks     read PDF/MD/TXT/HTML into clean page Documents (`documents.py`), split them with
               LlamaIndex's `SentenceSplitter` → data/chunks.jsonl (id, text, metadata: file, page)
 2. index      embed the chunks into a `VectorStoreIndex` persisted under data/index/ (`ragtune.core.rag`),
-              which eval and serve reload for the very same retrieval (the teacher starts during steps 1-2)
+              which eval and serve reload for the very same retrieval (the teacher starts during steps 1-2);
+              with `retriever:`, steps 1-2 take the nodes of your own LlamaIndex index and retrieve through it
+              (`own_index.py`)
 3. split      a seeded shuffle of pages (or documents): the first `train_fraction` of them give training
               questions, the rest held-out evaluation questions — never both from one page
 4. questions  the teacher writes `num_questions_per_chunk` questions per chunk; the output is parsed,
@@ -45,6 +47,7 @@ from ragtune.core.gpu_plan import gpu_plan
 from ragtune.core.rag import build_rag_messages, embedding_model, retrieve
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 from ragtune.core.llm import check_same_tokenizer, make_backend
+from ragtune.core.teacher import teacher_fingerprint
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
 from ragtune.data_prep.questions import (
@@ -83,7 +86,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     # the judge only for data_prep.answer_gates.llm_faithfulness
     judge_backend = LazyBackend(lambda: make_backend(config.judge, run_dir.logs, servers.judge))
     embed_model = embedding_model(config.embedding)
-    if config.data_prep.chunk_size > embed_model.max_length:  # `ragtune run --dry-run` says it before any work
+    if config.retriever is None and config.data_prep.chunk_size > embed_model.max_length:  # --dry-run says it too
         log.warning("data_prep.chunk_size %d is longer than the %d word pieces %s reads: retrieval and the leakage, "
                     "near-duplicate and round-trip checks see only the start of each chunk", config.data_prep.chunk_size,
                     embed_model.max_length, config.embedding.model)
@@ -125,8 +128,14 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
 
 
 def make_chunks(config: "RagtuneConfig", run_dir: RunDir, state: StepState) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Read, clean and split the documents into data/chunks.jsonl; return the chunk rows and their facts."""
+    """Read, clean and split the documents into data/chunks.jsonl (or take the nodes of your own index,
+    `retriever:`); return the chunk rows and their facts."""
     from llama_index.core.node_parser import SentenceSplitter
+
+    if config.retriever is not None:
+        from ragtune.data_prep.own_index import index_chunks
+
+        return index_chunks(config, run_dir, state)
 
     from ragtune.data_prep.documents import CLEANING_VERSION, load_documents
 
@@ -168,8 +177,14 @@ def _chunk_id(metadata: dict[str, Any], number: int) -> str:
 
 def make_index(config: "RagtuneConfig", run_dir: RunDir, state: StepState, chunks: list[dict[str, Any]],
                embed_model: Any) -> "VectorStoreIndex":
-    """Embed the chunks into a persisted `VectorStoreIndex` (or reload it when it is up to date)."""
+    """Embed the chunks into a persisted `VectorStoreIndex` (or reload it when it is up to date); with
+    `retriever:`, open your own index instead."""
     from llama_index.core.schema import TextNode
+
+    if config.retriever is not None:
+        from ragtune.data_prep.own_index import own_index
+
+        return own_index(config, run_dir, state, embed_model)
 
     from ragtune.core.rag import build_index, load_index
 
@@ -191,9 +206,12 @@ def make_index(config: "RagtuneConfig", run_dir: RunDir, state: StepState, chunk
 
 
 def region_of(chunk: dict[str, Any], split_unit: str) -> str:
-    """The page (`file#page=N`) or document a chunk belongs to: the unit the split never cuts through."""
+    """The page (`file#page=N`) or document a chunk belongs to: the unit the split never cuts through (a node of
+    your own index without a page label: its document)."""
     metadata = chunk["metadata"]
-    return metadata["document"] if split_unit == "document" else f"{metadata['document']}#page={metadata['page']}"
+    if split_unit == "document" or metadata["page"] is None:
+        return metadata["document"]
+    return f"{metadata['document']}#page={metadata['page']}"
 
 
 def split_regions(chunks: list[dict[str, Any]], prep: DataPrepConfig, seed: int) -> dict[str, set[str]]:
@@ -341,13 +359,9 @@ def make_answers(config: "RagtuneConfig", run_dir: RunDir, state: StepState, ind
     and append kept rows to data/train.jsonl and rejected answers to data/answers.rejected.jsonl."""
     prep = config.data_prep
     fingerprint = short_hash(
-        state.fingerprint("questions"), state.fingerprint("index"), config.teacher.model,
-        config.teacher.max_new_tokens, config.teacher.temperature, config.teacher.num_candidates,
-        config.teacher.candidate_temperature, config.seed,
-        prep.model_dump(include={"similarity_top_k", "system_prompt", "text_qa_template", "raft", "answer_gates",
-                                 "teacher_instruction", "teacher_max_sentences", "teacher_answer",
-                                 "teacher_top_logprobs",
-                                 "closed_book_rows", "closed_book_system_prompt"}),
+        state.fingerprint("questions"), state.fingerprint("index"), teacher_fingerprint(config.teacher, prep),
+        config.seed, prep.model_dump(include={"similarity_top_k", "system_prompt", "text_qa_template", "raft",
+                                              "teacher_top_logprobs", "closed_book_rows", "closed_book_system_prompt"}),
     )
     logprobs_path = run_dir.teacher_logprobs
     if state.is_done("answers", fingerprint, run_dir.train_jsonl):

@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 
 from ragtune.core.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
 from ragtune.core.errors import UserFacingError, check_failures
-from ragtune.core.gates import gate_candidates, pick_best
 from ragtune.core.grounding import final_answer
-from ragtune.core.rag import ask_teacher, teacher_candidates, teacher_extra, teacher_view
+from ragtune.core.teacher import ask_teacher, best_of_n, teacher_fingerprint, teacher_view
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
@@ -215,19 +214,27 @@ def retrieve_contexts(config: "RagtuneConfig", run_dir: RunDir, questions: list[
 # --- answers ------------------------------------------------------------------------------------
 
 
+def is_rag(mode: str) -> bool:
+    """`rag`, or one of its retrieval conditions `rag@<condition>` (eval/conditions.py): answered with contexts."""
+    return mode.split("@", 1)[0] == "rag"
+
+
+def contexts_file(run_dir: RunDir, mode: str) -> Path:
+    """Where a rag mode's contexts are: eval/retrieval.jsonl for `rag`, eval/contexts.<condition>.jsonl for
+    `rag@<condition>`."""
+    return run_dir.retrieval if mode == "rag" else run_dir.eval / f"contexts.{mode.split('@', 1)[1]}.jsonl"
+
+
 def answer_fingerprint(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec, mode: str) -> str:
     """What an answers file depends on: the model, the questions, the contexts, the prompt, generation."""
     prep = config.data_prep
-    prompt = [prep.system_prompt, prep.text_qa_template] if mode == "rag" else [prep.closed_book_system_prompt]
-    retrieval = read_jsonl(run_dir.retrieval) if mode == "rag" else []
+    prompt = [prep.system_prompt, prep.text_qa_template] if is_rag(mode) else [prep.closed_book_system_prompt]
+    retrieval = read_jsonl(contexts_file(run_dir, mode)) if is_rag(mode) else []
     oracle = sha256_file(run_dir.chunks) if mode == "rag" and spec.kind == "teacher" else None
     engine = config.eval.backend if spec.kind != "teacher" else None
-    if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`), its rag reference gated as a row is
-        prompt += [teacher_extra(prep), prep.teacher_max_sentences, prep.teacher_answer, config.teacher.max_new_tokens]
-        if mode == "rag":
-            teacher = config.teacher
-            prompt += [teacher.num_candidates, teacher.temperature, teacher.candidate_temperature,
-                       prep.answer_gates.model_dump()]
+    if spec.kind == "teacher":  # the teacher answers as in prep (`_generate`): the same settings change both
+        # best-of-N and the gates choose only the rag reference; closed book is one greedy answer
+        prompt += [teacher_fingerprint(config.teacher, prep, best_of_n=mode == "rag")]
     return short_hash(spec.fingerprint, mode, prompt, config.eval.max_new_tokens, prep.raft.chain_of_thought,
                       sha256_file(questions_path(config, run_dir)), sorted({r["fingerprint"] for r in retrieval}), oracle,
                       *([engine] if engine != "hf" else []))
@@ -255,14 +262,15 @@ def generate_answers(
     questions: list[dict[str, Any]],
     retrieval: dict[str, dict[str, Any]],
     specs: list[ModelSpec] = (),
+    conditions: dict[str, dict[str, tuple[list[str], list[str]]]] | None = None,
 ) -> dict[str, Any]:
     """Answer every question in every mode with one model (loaded only if some answer is missing); `specs`
     are all the models of this eval, so a vLLM server for the base starts with every adapter at once.
+    `conditions` holds, per retrieval-condition mode `rag@<condition>`, the (context ids, texts) of each question it
+    asks (eval/conditions.py; a question it skipped is not there).
 
     Returns timing facts per mode: seconds generating, answers generated, tokens, and errors recorded.
     """
-    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
-
     backend: ChatBackend | None = None
     facts: dict[str, Any] = {}
     # rag-mode (context ids, context texts) per question: the retrieved ones; the teacher's include the oracle
@@ -271,10 +279,12 @@ def generate_answers(
         chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
         rag_contexts = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
     for mode in modes:
+        mode_contexts = (conditions or {}).get(mode, rag_contexts)
+        asked = [q for q in questions if q["id"] in mode_contexts]
         fingerprint = answer_fingerprint(config, run_dir, spec, mode)
         with open_rows(run_dir, run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
-            todo = [q for q in questions if q["id"] not in rows.done_keys]
-            mode_facts = {"generated": 0, "reused": len(questions) - len(todo), "seconds": 0.0, "completion_tokens": 0}
+            todo = [q for q in asked if q["id"] not in rows.done_keys]
+            mode_facts = {"generated": 0, "reused": len(asked) - len(todo), "seconds": 0.0, "completion_tokens": 0}
             if todo and backend is None:
                 started = time.perf_counter()
                 backend = load_backend(config, spec, run_dir, specs)
@@ -283,33 +293,12 @@ def generate_answers(
                 batch_size = backend.batch_size if backend is not None else 1
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
-                    context_ids = [rag_contexts[q["id"]][0] if mode == "rag" else [] for q in batch]
-                    contexts = [rag_contexts[q["id"]][1] if mode == "rag" else [] for q in batch]
-                    conversations = [
-                        build_rag_messages(q["question"], ctx, config.data_prep) if mode == "rag"
-                        else build_closed_book_messages(q["question"], config.data_prep)
-                        for q, ctx in zip(batch, contexts)
-                    ]
-                    started = time.perf_counter()
                     assert backend is not None
-                    completions, gated = _generate(backend, conversations, spec, config, batch, contexts, mode)
-                    mode_facts["seconds"] += time.perf_counter() - started
-                    for question, ids, ctx, completion, verdict in zip(batch, context_ids, contexts, completions, gated):
-                        text = None if completion.error else (completion.text or "").strip()
-                        rows.append({
-                            "question_id": question["id"], "question": question["question"], "contexts": ctx,
-                            "context_ids": ids,
-                            "answer": user_answer(text, config), "raw_answer": text,
-                            "error": completion.error, "model": spec.name, "mode": mode,
-                            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                            **verdict, "fingerprint": fingerprint,
-                        })
-                        mode_facts["generated"] += 1
-                        mode_facts["completion_tokens"] += completion.completion_tokens
+                    _answer_batch(backend, spec, config, mode, batch, mode_contexts, rows, mode_facts, fingerprint)
                     bar.update(len(batch))
             mode_facts["seconds"] = round(mode_facts["seconds"], 2)
             mode_facts["errors"] = sum(1 for r in rows.rows if r.get("error"))
-            check_failures(f"eval answers of {spec.name} ({mode})", mode_facts["errors"], len(questions),
+            check_failures(f"eval answers of {spec.name} ({mode})", mode_facts["errors"], len(asked),
                            (r.get("error") for r in rows.rows), config.eval.max_failure_fraction,
                            run_dir.answers(spec.name, mode))
             mode_facts["empty"] = sum(1 for r in rows.rows if r.get("answer") == "")
@@ -318,6 +307,31 @@ def generate_answers(
         del backend
         gc.collect()
     return facts
+
+
+def _answer_batch(backend: "ChatBackend", spec: ModelSpec, config: "RagtuneConfig", mode: str,
+                  batch: list[dict[str, Any]], rag_contexts: dict[str, tuple[list[str], list[str]]],
+                  rows: JsonlAppender, mode_facts: dict[str, Any], fingerprint: str) -> None:
+    """One batch of questions answered in `mode` and appended to the answers file, with its time and tokens."""
+    from ragtune.core.rag import build_closed_book_messages, build_rag_messages
+
+    context_ids = [rag_contexts[q["id"]][0] if is_rag(mode) else [] for q in batch]
+    contexts = [rag_contexts[q["id"]][1] if is_rag(mode) else [] for q in batch]
+    conversations = [build_rag_messages(q["question"], ctx, config.data_prep) if is_rag(mode)
+                     else build_closed_book_messages(q["question"], config.data_prep) for q, ctx in zip(batch, contexts)]
+    started = time.perf_counter()
+    completions, gated = _generate(backend, conversations, spec, config, batch, contexts, mode)
+    mode_facts["seconds"] += time.perf_counter() - started
+    for question, ids, ctx, completion, verdict in zip(batch, context_ids, contexts, completions, gated):
+        text = None if completion.error else (completion.text or "").strip()
+        rows.append({
+            "question_id": question["id"], "question": question["question"], "contexts": ctx, "context_ids": ids,
+            "answer": user_answer(text, config), "raw_answer": text, "error": completion.error, "model": spec.name,
+            "mode": mode, "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            **verdict, "fingerprint": fingerprint,
+        })
+        mode_facts["generated"] += 1
+        mode_facts["completion_tokens"] += completion.completion_tokens
 
 
 def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]], spec: ModelSpec,
@@ -338,17 +352,15 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
         answers = ask_teacher(backend, views, prep, temperature=0.0, max_new_tokens=config.teacher.max_new_tokens)
         return answers, [{} for _ in answers]
     chosen, facts = [], []
-    per_question = teacher_candidates(backend, views, prep, config.teacher, contexts=contexts)
-    for question, ctx, candidates in zip(questions, contexts, per_question):
-        verdicts = gate_candidates(candidates, ctx, prep.answer_gates, oracle_in_context=True,
-                                   chain_of_thought=prep.raft.enabled and prep.raft.chain_of_thought,
-                                   question=question["question"])
-        best = pick_best(verdicts, [c.text for c in candidates])
-        pick = 0 if best is None else best
-        chosen.append(candidates[pick])
-        facts.append({"candidate": pick, "gate": verdicts[pick].reason, "grounding": round(verdicts[pick].grounding, 3),
+    picks = best_of_n(backend, conversations, prep, config.teacher, questions=[q["question"] for q in questions],
+                      contexts=contexts, oracle_in=[True] * len(questions))
+    for pick in picks:
+        best = 0 if pick.best is None else pick.best
+        verdict = pick.verdicts[best]
+        chosen.append(pick.candidates[best])
+        facts.append({"candidate": best, "gate": verdict.reason, "grounding": round(verdict.grounding, 3),
                       "candidates": [{"text": c.text, "reason": v.reason, "grounding": round(v.grounding, 3),
-                                      "finish_reason": c.finish_reason} for c, v in zip(candidates, verdicts)]})
+                                      "finish_reason": c.finish_reason} for c, v in zip(pick.candidates, pick.verdicts)]})
     return chosen, facts
 
 

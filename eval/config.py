@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ragtune.core.roles import refuse_owned_engine_args
 
@@ -27,6 +27,9 @@ RETRIEVAL_METRICS = (
     "context_precision", "context_recall",  # LLM judge, the teacher's answer as reference
     "non_llm_context_precision_with_reference", "non_llm_context_recall",  # string match vs the oracle chunk
 )
+# `eval.retrieval_conditions` by name (eval/conditions.py), besides `{top_k: N}`: `retrieved` is rag mode itself
+NAMED_CONDITIONS = ("retrieved", "oracle", "distractors_only")
+CONDITIONS_EXAMPLE = "[oracle, distractors_only, {top_k: [1, 3, 5]}]"
 MetricName = Literal[
     "faithfulness", "answer_relevancy", "answer_correctness", "semantic_similarity", "bleu_score", "chrf_score",
     "rouge_score", "non_llm_string_similarity", "grounding", "context_precision", "context_recall",
@@ -44,6 +47,12 @@ class EvalConfig(BaseModel):
     # what is answered: `rag` (retrieved contexts, the deployed setting) and `closed_book` (no context)
     modes: list[Literal["rag", "closed_book"]] = Field(default_factory=lambda: ["rag", "closed_book"], min_length=1)
     metrics: list[MetricName] = Field(default_factory=lambda: [*ANSWER_METRICS, *RETRIEVAL_METRICS], min_length=1)
+    # RAFT's question, did the student learn to read the context or memorise answers (eval/conditions.py): the rag
+    # questions answered again by every student under other contexts: `oracle` (the source chunk first, then the
+    # retrieved ones), `distractors_only` (the source chunk taken out), `{top_k: N}` or `{top_k: [1, 3, 5]}` (another
+    # similarity_top_k); `retrieved` is rag mode itself. Off: each condition costs every student one more answer
+    # per question, scored on the judge-free metrics
+    retrieval_conditions: list[str] = Field(default_factory=list)
     # extra adapter folders to score besides this run's own (the CLI's --adapters adds more)
     adapters: list[str] = Field(default_factory=list)
     # which forms of this run's fine-tuned student are scored: `adapter` (base + adapter/ through PEFT) and/or
@@ -89,3 +98,38 @@ class EvalConfig(BaseModel):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    @field_validator("retrieval_conditions", mode="before")
+    @classmethod
+    def _conditions(cls, value: Any) -> list[str]:
+        return condition_names(value)
+
+    @model_validator(mode="after")
+    def _conditions_need_rag(self) -> "EvalConfig":
+        if self.retrieval_conditions and "rag" not in self.modes:
+            raise ValueError("eval.retrieval_conditions answers rag mode's questions under other contexts: add `rag` "
+                             "to eval.modes, or set eval.retrieval_conditions: []")
+        return self
+
+
+def condition_names(value: Any) -> list[str]:
+    """`eval.retrieval_conditions` as names, each once: `retrieved`, `oracle`, `distractors_only` and `top_k=N` (from
+    `{top_k: N}`, `{top_k: [N, ...]}` or the name itself, as `config.resolved()` writes it back)."""
+    if not isinstance(value, list):
+        raise ValueError(f"eval.retrieval_conditions is a list, e.g. {CONDITIONS_EXAMPLE}")
+    names: list[str] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and entry.startswith("top_k="):
+            entry = {"top_k": int(entry[6:]) if entry[6:].isdigit() else entry[6:]}
+        if isinstance(entry, dict) and list(entry) == ["top_k"]:
+            ks = entry["top_k"] if isinstance(entry["top_k"], list) else [entry["top_k"]]
+            if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+                raise ValueError(f"eval.retrieval_conditions[{i}]: top_k is a whole number of chunks >= 1 or a list "
+                                 f"of them, e.g. {{top_k: [1, 3, 5]}} (got {entry['top_k']!r})")
+            names += [f"top_k={k}" for k in ks]
+        elif isinstance(entry, str) and entry in NAMED_CONDITIONS:
+            names.append(entry)
+        else:
+            raise ValueError(f"eval.retrieval_conditions[{i}]: {entry!r} is not a retrieval condition; use "
+                             f"{', '.join(NAMED_CONDITIONS)} or {{top_k: N}}, e.g. {CONDITIONS_EXAMPLE}")
+    return list(dict.fromkeys(names))

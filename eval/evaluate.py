@@ -4,7 +4,9 @@
              eval/golden.py) with its references checked for leaks into data/train.jsonl
 1. answers   those questions answered by the base student, each adapter, the merged model and the teacher,
              in `rag` and `closed_book` modes, through the retriever and prompt of training (`eval.answer`)
-             → eval/answers.<model>.<mode>.jsonl
+             → eval/answers.<model>.<mode>.jsonl; with `eval.retrieval_conditions`, the students again in
+             rag mode under other contexts (oracle, distractors only, another top_k: `eval.conditions`)
+             → eval/answers.<model>.rag@<condition>.jsonl, scored on the metrics that need no judge
 2. scores    Ragas metrics per (question, metric): LLM-judged (faithfulness, answer relevancy, answer
              correctness, context precision/recall) and the non-LLM floor (semantic similarity, BLEU, chrF,
              ROUGE, string similarity, string-matched context precision/recall) (`eval.score`)
@@ -30,14 +32,15 @@ from ragtune.eval.answer import (
     MODES, REFERENCE_MODEL, ModelSpec, answer_fingerprint, generate_answers, generation_order, load_questions,
     model_specs, open_rows, retrieve_contexts,
 )
+from ragtune.eval.conditions import condition_contexts, condition_modes, judge_free
 from ragtune.eval.config import RETRIEVAL_METRICS
 from ragtune.eval.golden import leaked_references, load_golden, question_source
 from ragtune.eval.score import (
-    EMBEDDING_METRICS, LLM_METRICS, answer_jobs, build_metrics, reference_answers, retrieval_jobs, run_jobs,
+    EMBEDDING_METRICS, LLM_METRICS, Job, answer_jobs, build_metrics, reference_answers, retrieval_jobs, run_jobs,
     sanity_jobs,
 )
 from ragtune.eval.summary import RETRIEVER, summarize, write_summary
-from ragtune.core.artifacts import read_jsonl
+from ragtune.core.artifacts import JsonlAppender, read_jsonl
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
@@ -61,18 +64,21 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     specs = model_specs(config, run_dir, [Path(a) for a in adapters])
 
     ################
-    # 1. Retrieval (once, shared by every model)
+    # 1. Retrieval (once, shared by every model), and the contexts of each `eval.retrieval_conditions`
     ################
     step = time.perf_counter()
     retrieval = retrieve_contexts(config, run_dir, questions)
+    conditions = condition_contexts(config, run_dir, questions, retrieval)
     timings: dict[str, Any] = {"retrieval_seconds": round(time.perf_counter() - step, 2), "generation": {}}
 
     ################
     # 2. Answers
     ################
     for spec in generation_order(specs):
-        modes = config.eval.modes if spec.kind != "teacher" else [m for m in MODES if m in config.eval.modes or m == "rag"]
-        timings["generation"][spec.name] = generate_answers(config, run_dir, spec, modes, questions, retrieval, specs)
+        modes = [*config.eval.modes, *conditions] if spec.kind != "teacher" else \
+            [m for m in MODES if m in config.eval.modes or m == "rag"]
+        timings["generation"][spec.name] = generate_answers(config, run_dir, spec, modes, questions, retrieval, specs,
+                                                            conditions)
 
     ################
     # 3. Scores and the judge's sanity check
@@ -115,38 +121,7 @@ def load_eval_questions(config: "RagtuneConfig", run_dir: RunDir
 def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], questions: list[dict[str, Any]],
           retrieval: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Score every saved answer, the retrieval, and the judge sanity pairs that are not scored yet."""
-    ev = config.eval
-    metrics = list(ev.metrics)
-    references = reference_answers(questions, read_jsonl(run_dir.answers(REFERENCE_MODEL, "rag")))
-    reference_fp = answer_fingerprint(config, run_dir, _spec(specs, REFERENCE_MODEL), "rag")
-    chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
-    judge_fp = judge_fingerprint(config)
-    retrieval_fp = sorted({r["fingerprint"] for r in retrieval.values()})
-
-    appenders, jobs = [], []
-    for spec in specs:
-        for mode in ev.modes:
-            answers_path = run_dir.answers(spec.name, mode)
-            if not answers_path.exists():
-                continue
-            fingerprint = short_hash(answer_fingerprint(config, run_dir, spec, mode), reference_fp, judge_fp)
-            rows = open_rows(run_dir, run_dir.scores(spec.name, mode), "key", fingerprint)
-            appenders.append(rows)
-            jobs += answer_jobs(rows, read_jsonl(answers_path), metrics, is_reference_model=spec.kind == "teacher",
-                                references=references, retrieval=retrieval, fingerprint=fingerprint)
-    if any(m in RETRIEVAL_METRICS for m in metrics):
-        fingerprint = short_hash(retrieval_fp, reference_fp, judge_fp)
-        rows = open_rows(run_dir, run_dir.scores(RETRIEVER, "rag"), "key", fingerprint)
-        appenders.append(rows)
-        jobs += retrieval_jobs(rows, questions, metrics, references=references, retrieval=retrieval,
-                               chunk_text=chunk_text, fingerprint=fingerprint)
-    if ev.judge_sanity_pairs and any(m in LLM_METRICS for m in metrics):
-        fingerprint = short_hash("sanity", retrieval_fp, reference_fp, judge_fp)
-        rows = open_rows(run_dir, run_dir.judge_sanity, "key", fingerprint)
-        appenders.append(rows)
-        jobs += sanity_jobs(rows, questions, metrics, ev.judge_sanity_pairs, references=references,
-                            retrieval=retrieval, chunk_text=chunk_text, fingerprint=fingerprint)
-
+    appenders, jobs = pending_jobs(config, run_dir, specs, questions, retrieval)
     facts: dict[str, Any] = {"scored": len(jobs), "llm_scored": sum(j.metric in LLM_METRICS for j in jobs)}
     judge, embeddings = None, None
     try:
@@ -158,7 +133,7 @@ def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], ques
             step = time.perf_counter()
             embeddings = make_embeddings(config)
             facts["embeddings_load_seconds"] = round(time.perf_counter() - step, 2)
-        calls = build_metrics(sorted({j.metric for j in jobs}), judge, embeddings, ev.strictness)
+        calls = build_metrics(sorted({j.metric for j in jobs}), judge, embeddings, config.eval.strictness)
         step = time.perf_counter()
         parallel = config.judge.batch_size if config.judge.backend == "hf" else config.judge.max_concurrency
         asyncio.run(run_jobs(jobs, calls, concurrency=max(16, 4 * parallel)))
@@ -175,6 +150,46 @@ def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], ques
     del judge, embeddings
     gc.collect()
     return facts
+
+
+def pending_jobs(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], questions: list[dict[str, Any]],
+                 retrieval: dict[str, dict[str, Any]]) -> tuple[list[JsonlAppender], list[Job]]:
+    """The scoring jobs not saved yet (each model's answers, the retrieval, the judge sanity pairs), and the score
+    files they append to, open: the caller closes them. A saved row counts only under the same fingerprint (of what
+    is scored, the reference answers and the judge)."""
+    ev = config.eval
+    metrics = list(ev.metrics)
+    references = reference_answers(questions, read_jsonl(run_dir.answers(REFERENCE_MODEL, "rag")))
+    reference_fp = answer_fingerprint(config, run_dir, _spec(specs, REFERENCE_MODEL), "rag")
+    chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
+    judge_fp = judge_fingerprint(config)
+    retrieval_fp = sorted({r["fingerprint"] for r in retrieval.values()})
+
+    appenders, jobs = [], []
+    for spec in specs:
+        for mode in [*ev.modes, *condition_modes(ev)]:  # a retrieval condition is scored without the judge
+            answers_path = run_dir.answers(spec.name, mode)
+            if not answers_path.exists():
+                continue
+            fingerprint = short_hash(answer_fingerprint(config, run_dir, spec, mode), reference_fp, judge_fp)
+            rows = open_rows(run_dir, run_dir.scores(spec.name, mode), "key", fingerprint)
+            appenders.append(rows)
+            jobs += answer_jobs(rows, read_jsonl(answers_path), metrics if mode in ev.modes else judge_free(metrics),
+                                is_reference_model=spec.kind == "teacher",
+                                references=references, retrieval=retrieval, fingerprint=fingerprint)
+    if any(m in RETRIEVAL_METRICS for m in metrics):
+        fingerprint = short_hash(retrieval_fp, reference_fp, judge_fp)
+        rows = open_rows(run_dir, run_dir.scores(RETRIEVER, "rag"), "key", fingerprint)
+        appenders.append(rows)
+        jobs += retrieval_jobs(rows, questions, metrics, references=references, retrieval=retrieval,
+                               chunk_text=chunk_text, fingerprint=fingerprint)
+    if ev.judge_sanity_pairs and any(m in LLM_METRICS for m in metrics):
+        fingerprint = short_hash("sanity", retrieval_fp, reference_fp, judge_fp)
+        rows = open_rows(run_dir, run_dir.judge_sanity, "key", fingerprint)
+        appenders.append(rows)
+        jobs += sanity_jobs(rows, questions, metrics, ev.judge_sanity_pairs, references=references,
+                            retrieval=retrieval, chunk_text=chunk_text, fingerprint=fingerprint)
+    return appenders, jobs
 
 
 def make_judge(config: "RagtuneConfig", run_dir: RunDir) -> Any:
@@ -207,8 +222,7 @@ def judge_fingerprint(config: "RagtuneConfig") -> str:
 
     import ragtune.core.grounding
 
-    judge = config.judge.model_dump(exclude={"price_per_million_input_tokens", "price_per_million_output_tokens",
-                                             "max_concurrency", "batch_size", "timeout", "max_retries", "api_key_env"})
+    judge = config.judge.model_dump(exclude={"max_concurrency", "batch_size", "timeout", "max_retries", "api_key_env"})
     return short_hash(judge, config.embedding.model, config.eval.strictness, config.eval.judge_max_length,
                       config.eval.judge_max_items, version("ragas"), sha256_file(ragtune.core.grounding.__file__))
 

@@ -1,7 +1,8 @@
 """eval/summary.json: per model and mode, means with CIs and failure counts; against the base, paired
 differences on the questions scored for both, with bootstrap CIs, win/tie/loss, a verdict and, where the
 teacher is scored, the share of the teacher's lead the tuned model closed; plus the retriever's scores, the
-judge's sanity check, warnings a reader must see first, and timings."""
+retrieval conditions (eval/conditions.py), the judge's sanity check, warnings a reader must see first, and
+timings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ragtune.core.artifacts import read_jsonl, write_json
 from ragtune.core.run_dir import RunDir
 from ragtune.eval.answer import REFERENCE_MODEL, ModelSpec
+from ragtune.eval.conditions import condition_summary
 from ragtune.eval.config import ANSWER_METRICS, RETRIEVAL_METRICS
 from ragtune.eval.score import LLM_METRICS, REFERENCE_ANSWER_METRICS, discrimination, load_scores, reason_key
 from ragtune.eval.stats import (MIN_GAP, gap_closed, mean_with_ci, paired_difference, paired_ragas_score, ragas_score,
@@ -62,6 +64,8 @@ def summarize(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], 
         "results": results,
         "comparisons": comparisons,
         "retrieval": retrieval_summary,
+        **({"retrieval_conditions": condition_summary(config, run_dir, specs, questions, retrieval, boot)}
+           if ev.retrieval_conditions else {}),
         "judge": {"backend": config.judge.backend, "model": config.judge.model, "sanity": sanity},
         "stats": {**boot, "seed": config.seed, "method": "percentile bootstrap (scipy.stats.bootstrap), paired over questions",
                   "tie_tolerance": ev.tie_tolerance},

@@ -166,7 +166,50 @@ def answer_throughput(config: Any, run_dir: Any, backend: str) -> tuple[dict[str
     return {"seconds": round(seconds, 1), "answers": count, "answers_per_s": round(count / seconds, 3)}, answers
 
 
-def main() -> None:
+def engine_comparison(args: argparse.Namespace, config: Any, run_dir: Any) -> dict[str, Any]:
+    """Answer generation on the hf backend, then on vLLM: throughput and the share of identical answers."""
+    hf, hf_answers = answer_throughput(config, run_dir, "hf")
+    vllm, vllm_answers = answer_throughput(config, run_dir, "vllm")
+    same = [a == b for key in hf_answers for a, b in zip(hf_answers[key], vllm_answers.get(key, []))]
+    return {"model": args.model or "tiny random Llama (2 layers)", "questions": args.questions,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "load_average": os.getloadavg(), "hf": hf,
+            "vllm": vllm, "engine_ratio": round(vllm["answers_per_s"] / hf["answers_per_s"], 2),
+            "identical": round(sum(same) / max(1, len(same)), 3)}
+
+
+def eval_and_judge(args: argparse.Namespace, config: Any, run_dir: Any) -> dict[str, Any]:
+    """The whole eval stage, its time breakdown, and the judge one call at a time vs batched."""
+    from ragtune.eval import evaluate
+
+    started = time.perf_counter()
+    facts = evaluate.run(config, run_dir, [])
+    eval_seconds = time.perf_counter() - started
+    timings = facts["timings"]
+    n_judge = args.judge_questions or args.questions
+    baseline = judge_throughput(config, run_dir, batched=False, n_questions=n_judge)
+    ragtune = judge_throughput(config, run_dir, batched=True, n_questions=n_judge)
+    return {
+        "model": args.model or "tiny random Llama (2 layers)", "questions": args.questions,
+        "eval_seconds": round(eval_seconds, 1),
+        "breakdown": {
+            "generation_seconds_per_question": timings["generation_seconds_per_question"],
+            "judge_seconds": timings.get("judge", {}).get("seconds"),
+            "judge_seconds_per_llm_scored_sample": timings.get("judge_seconds_per_llm_scored_sample"),
+            "llm_scored_samples": timings.get("llm_scored"), "all_scored_samples": timings.get("scored"),
+            "embeddings_seconds": timings.get("embeddings_seconds"),
+            "embedding_texts_cached": timings.get("embedding_texts_cached"),
+            "scoring_wall_seconds": timings.get("scoring_seconds"),
+            "judge_calls": timings.get("judge", {}).get("calls"), "judge_requests": timings.get("judge", {}).get("requests"),
+            "judge_cached": timings.get("judge", {}).get("cached"),
+        },
+        "judge_baseline_one_call_at_a_time": baseline,
+        "judge_ragtune_batched": ragtune,
+        "ratio": round(baseline["seconds"] / ragtune["seconds"], 2),
+    }
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="student/teacher/judge model (default: tiny random Llamas)")
     parser.add_argument("--questions", type=int, default=8, help=f"at most {len(QUESTIONS)}")
@@ -178,10 +221,13 @@ def main() -> None:
     parser.add_argument("--judge-questions", type=int, default=None, help="questions in the judge comparison")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folder here")
     parser.add_argument("--engine", action="store_true", help="only compare answer generation: vllm vs hf")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.questions = min(args.questions, len(QUESTIONS))
 
-    from ragtune.eval import evaluate
     from ragtune.app.config import load_config
     from ragtune.core.run_dir import RunDir
 
@@ -204,41 +250,9 @@ def main() -> None:
         config = load_config(config_path)
         run_dir = RunDir(run_path)
         if args.engine:
-            hf, hf_answers = answer_throughput(config, run_dir, "hf")
-            vllm, vllm_answers = answer_throughput(config, run_dir, "vllm")
-            same = [a == b for key in hf_answers for a, b in zip(hf_answers[key], vllm_answers.get(key, []))]
-            print(json.dumps({"model": args.model or "tiny random Llama (2 layers)", "questions": args.questions,
-                              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                              "load_average": os.getloadavg(), "hf": hf,
-                              "vllm": vllm, "engine_ratio": round(vllm["answers_per_s"] / hf["answers_per_s"], 2),
-                              "identical": round(sum(same) / max(1, len(same)), 3)}, indent=2), file=stdout)
+            print(json.dumps(engine_comparison(args, config, run_dir), indent=2), file=stdout)
             return
-        started = time.perf_counter()
-        facts = evaluate.run(config, run_dir, [])
-        eval_seconds = time.perf_counter() - started
-        timings = facts["timings"]
-        n_judge = args.judge_questions or args.questions
-        baseline = judge_throughput(config, run_dir, batched=False, n_questions=n_judge)
-        ragtune = judge_throughput(config, run_dir, batched=True, n_questions=n_judge)
-        result = {
-            "model": args.model or "tiny random Llama (2 layers)", "questions": args.questions,
-            "eval_seconds": round(eval_seconds, 1),
-            "breakdown": {
-                "generation_seconds_per_question": timings["generation_seconds_per_question"],
-                "judge_seconds": timings.get("judge", {}).get("seconds"),
-                "judge_seconds_per_llm_scored_sample": timings.get("judge_seconds_per_llm_scored_sample"),
-                "llm_scored_samples": timings.get("llm_scored"), "all_scored_samples": timings.get("scored"),
-                "embeddings_seconds": timings.get("embeddings_seconds"),
-                "embedding_texts_cached": timings.get("embedding_texts_cached"),
-                "scoring_wall_seconds": timings.get("scoring_seconds"),
-                "judge_calls": timings.get("judge", {}).get("calls"), "judge_requests": timings.get("judge", {}).get("requests"),
-                "judge_cached": timings.get("judge", {}).get("cached"),
-            },
-            "judge_baseline_one_call_at_a_time": baseline,
-            "judge_ragtune_batched": ragtune,
-            "ratio": round(baseline["seconds"] / ragtune["seconds"], 2),
-        }
-        print(json.dumps(result, indent=2), file=stdout)
+        print(json.dumps(eval_and_judge(args, config, run_dir), indent=2), file=stdout)
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
     finally:

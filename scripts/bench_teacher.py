@@ -93,19 +93,15 @@ def main() -> None:
         print(json.dumps(bench(args, Path(work)), indent=2))
 
 
-def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import torch
-
+def prepare_run(args: argparse.Namespace, work: Path, questions: list[str]) -> tuple[Any, Any, Any, list, Any, dict]:
+    """A run folder with the config, chunks, index and the training questions; every page a training page."""
     from ragtune.app.config import load_config
-    from ragtune.core import engine
     from ragtune.core.artifacts import write_jsonl
-    from ragtune.core.llm import HFChatBackend, make_backend
     from ragtune.core.rag import embedding_model
     from ragtune.core.run_dir import RunDir
-    from ragtune.data_prep.prep import make_answers, make_chunks, make_index, region_of
-    from ragtune.data_prep.state import LazyBackend, StepState
+    from ragtune.data_prep.prep import make_chunks, make_index, region_of
+    from ragtune.data_prep.state import StepState
 
-    questions = QUESTIONS[: args.questions]
     config_path = work / "config.yaml"
     config_path.write_text(yaml.safe_dump({
         "name": "bench", "output_dir": str(work / "run"), "documents": [args.documents],
@@ -130,6 +126,19 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ])
     # every page is a training page here: both sides retrieve from the whole index
     split = {"train": {region_of(c, config.data_prep.split_unit) for c in chunks}, "eval": set()}
+    return config, run_dir, state, chunks, index, split
+
+
+def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+
+    from ragtune.core import engine
+    from ragtune.core.llm import HFChatBackend, make_backend
+    from ragtune.data_prep.prep import make_answers
+    from ragtune.data_prep.state import LazyBackend
+
+    questions = QUESTIONS[: args.questions]
+    config, run_dir, state, chunks, index, split = prepare_run(args, work, questions)
 
     hf = HFChatBackend(args.model, torch_dtype=args.torch_dtype, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens)

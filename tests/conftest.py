@@ -131,16 +131,15 @@ def prepped_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tin
                 excerpt_pdf: Path) -> Path:
     """A run folder whose prep stage ran for real (SmolLM2 the teacher; 6 training, 3 held-out questions), made once
     per session: `prepped_config` gives each test a copy, so runs that share prep (repeats, sweeps) start from it."""
-    from ragtune.app.cli import stage_functions
     from ragtune.app.config import load_config
-    from ragtune.app.pipeline import run_pipeline
+    from ragtune.app.pipeline import RunOptions, run_pipeline
 
     root = tmp_path_factory.mktemp("prepped")
     student = untied_tiny_model(tiny_llama_dir, root / "student", seed=0)  # untied: its answers are not all empty
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(_tiny_run_config(root / "run", student, smollm2_dir, excerpt_pdf), sort_keys=False))
     config = load_config(path)
-    run_pipeline(config, only="prep", stage_functions=stage_functions(config))
+    run_pipeline(config, RunOptions(only="prep"))
     return root / "run"
 
 

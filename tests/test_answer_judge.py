@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from ragtune.core.gates import check_answer
+from ragtune.core.gates import AnswerGates, check_answer
 from ragtune.core.llm import Completion, OpenAIChatBackend
 from ragtune.data_prep.answers import JUDGE_ATTEMPTS, AnswerJob, _judge_faithfulness
-from ragtune.data_prep.config import AnswerGates
+from ragtune.core.teacher import BestOfN
 from ragtune.data_prep.state import LazyBackend
 
 REVENUE = ("Revenue Year Ended December 31, 2020 to 2021 (In millions) 2020 2021 Mobility $ 6,089 $ 6,953 Delivery "
@@ -82,22 +82,23 @@ def _judge(url: str, judges: list[Judge], faithful: dict[str, bool], errors: dic
     return LazyBackend(lambda: OpenAIChatBackend(model="judge", base_url=url, max_retries=0, max_consecutive_failures=99))
 
 
-def _gated(gates: AnswerGates) -> tuple[list[AnswerJob], list[list[Completion]], list[list[Any]]]:
+def _gated(gates: AnswerGates) -> tuple[list[AnswerJob], list[BestOfN], list[list[Any]]]:
     job = AnswerJob({"id": "q1", "question": QUESTION}, [], [REVENUE], ["c1"], True)
     candidates = [Completion(text, finish_reason="stop") for text in ANSWERS.values()]
     verdicts = [check_answer(c.text, "stop", job.contexts, question=QUESTION, min_grounding=gates.min_grounding)
                 for c in candidates]
-    return [job], [candidates], [verdicts]
+    pick = BestOfN(candidates, verdicts)
+    return [job], [pick], [pick.verdicts]
 
 
 def test_the_judge_decides_the_unsure_band_and_vetoes_a_passed_answer(judge_server: Any) -> None:
     url, judges = judge_server
     gates = AnswerGates(llm_faithfulness=True)
-    jobs, candidates, verdicts = _gated(gates)
+    jobs, picks, verdicts = _gated(gates)
     before = dict(zip(ANSWERS, verdicts[0]))
     assert before["copied"].ok and before["unsure"].reason == "ungrounded" and before["invented"].reason == "ungrounded"
     assert gates.judge_min_grounding <= before["unsure"].grounding and before["invented"].grounding < gates.judge_min_grounding
-    _judge_faithfulness(jobs, candidates, verdicts, _judge(url, judges, {"copied": False, "unsure": True}), gates)
+    _judge_faithfulness(jobs, picks, _judge(url, judges, {"copied": False, "unsure": True}), gates)
     after = dict(zip(ANSWERS, verdicts[0]))
     assert sorted(judges[-1].asked) == ["copied", "unsure"]  # the form gates' rejects and the clearly ungrounded: no call
     assert after["copied"].reason == "unfaithful" and after["unsure"].ok and after["unsure"].detail == "the judge: faithful"
@@ -107,9 +108,9 @@ def test_the_judge_decides_the_unsure_band_and_vetoes_a_passed_answer(judge_serv
 def test_a_judge_error_is_retried_and_never_recorded_as_unfaithful(judge_server: Any) -> None:
     url, judges = judge_server
     gates = AnswerGates(llm_faithfulness=True)
-    jobs, candidates, verdicts = _gated(gates)
+    jobs, picks, verdicts = _gated(gates)
     # "unsure" fails once, then is judged faithful; "copied" fails every attempt: it keeps the lexical verdict
-    _judge_faithfulness(jobs, candidates, verdicts, _judge(url, judges, {"copied": False, "unsure": True},
+    _judge_faithfulness(jobs, picks, _judge(url, judges, {"copied": False, "unsure": True},
                                                             {"unsure": 1, "copied": JUDGE_ATTEMPTS}), gates)
     after = dict(zip(ANSWERS, verdicts[0]))
     assert judges[-1].asked.count("unsure") == 2 and judges[-1].asked.count("copied") == JUDGE_ATTEMPTS

@@ -264,7 +264,7 @@ def test_vllm_endpoint_is_asked_for_token_ids_and_its_logprobs_become_ids(stream
 def test_top_k_kl_is_zero_for_the_teachers_own_distribution_and_positive_otherwise():
     import torch
 
-    from ragtune.train.sft import top_k_kl
+    from ragtune.train.offline_distillation import top_k_kl
 
     teacher_logits = torch.tensor([[3.0, 1.0, 0.0, -20.0, -20.0]])
     top = teacher_logits.log_softmax(-1).topk(3)
@@ -366,7 +366,8 @@ def test_online_distillation_falls_back_to_gkd_on_a_trl_without_distillation_tra
     are an error that says what to do."""
     import trl
 
-    from ragtune.train.config import DistillationConfig, TrainConfig, library_key_errors, online_trainer
+    from ragtune.train.config import TrainConfig, library_key_errors
+    from ragtune.train.distillation_config import DistillationConfig, online_trainer
 
     # TRL exports lazily: an older TRL is one whose export table lacks the class
     monkeypatch.delattr(trl, "DistillationTrainer", raising=False)

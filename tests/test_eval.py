@@ -695,3 +695,105 @@ def test_gap_closed_from_real_score_rows(tmp_path: Path) -> None:
     assert gap_to_teacher(base, tuned, base, qids, "grounding")["gap_closed"] is None
     assert gap_to_teacher(base, tuned, None, qids, "grounding")["gap_closed"] is None
     assert gap_closed(0.5, 0.9, 0.5 + MIN_GAP / 2) is None and gap_closed(0.5, 0.6, 0.7) == pytest.approx(0.5)
+
+
+# --- retrieval conditions: did the student learn to read the context? -------------------------------
+
+CONDITION_METRICS = ["grounding", "rouge_score", "chrf_score"]
+
+
+def test_retrieval_conditions_answer_the_rag_questions_under_other_contexts(
+    prepared_data: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """`oracle` puts the source chunk first, `distractors_only` never shows it (topped up to similarity_top_k from
+    the next rank), `{top_k: 1}` is the retriever's first rank; every student answers each, the teacher none; the
+    judge-free metrics score every answer, and the summary and report.md hold the table."""
+    from ragtune.eval.score import load_scores
+
+    config, run = make_run(tmp_path, prepared_data, models, modes=["rag"], tuned_models=["adapter"],
+                           metrics=[*CONDITION_METRICS, "faithfulness"], judge_sanity_pairs=0,
+                           retrieval_conditions=["oracle", "distractors_only", {"top_k": 1}])
+    evaluate.run(config, run, [])
+    chunk_text, retrieval = dict(CHUNKS), {r["question_id"]: r for r in read_jsonl(run.retrieval)}
+    source = {q["id"]: q["source_chunk_id"] for q in QUESTIONS if "dropped" not in q}
+    for model in ("base", "adapter"):
+        rows = {name: read_jsonl(run.answers(model, f"rag@{name}")) for name in ("oracle", "distractors_only", "top_k=1")}
+        for name, answers in rows.items():
+            assert [r["question_id"] for r in answers] == ["q1", "q2", "q3"] and all(r["error"] is None for r in answers)
+            scores = read_jsonl(run.scores(model, f"rag@{name}"))  # judge-free only: no faithfulness
+            assert sorted((r["question_id"], r["metric"]) for r in scores) == sorted(
+                (q, m) for q in source for m in CONDITION_METRICS)
+            assert all((r["value"] is None) == bool(r["error"]) for r in scores)
+        for row in rows["oracle"]:
+            qid = row["question_id"]
+            assert row["context_ids"][0] == source[qid] and row["contexts"][0] == chunk_text[source[qid]]
+            assert len(row["contexts"]) == 2 and row["context_ids"][1] != source[qid]
+        for row in rows["distractors_only"]:
+            assert source[row["question_id"]] not in row["context_ids"] and len(row["contexts"]) == 2
+            assert chunk_text[source[row["question_id"]]] not in row["contexts"]
+        assert [r["context_ids"] for r in rows["top_k=1"]] == [retrieval[q]["context_ids"][:1] for q in source]
+    assert not list(run.eval.glob("answers.teacher.rag@*"))
+
+    part = json.loads(run.summary.read_text())["retrieval_conditions"]
+    facts = {c["name"]: c for c in part["conditions"]}
+    assert list(facts) == ["retrieved", "oracle", "distractors_only", "top_k=1"] and part["metrics"] == CONDITION_METRICS
+    assert (facts["oracle"]["source_in_context"], facts["distractors_only"]["source_in_context"]) == (1.0, 0.0)
+    assert facts["top_k=1"]["contexts_per_question"] == 1.0 and all(c["skipped"] == 0 for c in facts.values())
+    base, tuned = (load_scores(run.scores(m, "rag@oracle")) for m in ("base", "adapter"))
+    entry = part["comparisons"]["oracle"]["adapter"]["rouge_score"]
+    assert entry["n"] == 3 and entry["delta"] == pytest.approx(
+        sum(tuned[q]["rouge_score"]["value"] - base[q]["rouge_score"]["value"] for q in source) / 3)
+    assert part["readings"][0].startswith("adapter vs base, rouge_score: ") and "with distractors only" in part["readings"][0]
+    assert_no_nan(run.summary)
+
+    report.run([run.root])
+    section = run.report_md.read_text().split("### Retrieval conditions")[1].split("\n### ")[0]
+    assert "| condition | model | metric | n | base | tuned | delta (95% CI) | verdict |" in section
+    assert len([line for line in section.splitlines() if line.startswith("| oracle | adapter |")]) == 3
+    assert f"- {part['readings'][0]}" in section
+    again = evaluate.run(config, run, [])["timings"]["generation"]  # resumed: every condition's answers reused
+    assert all(again[m][f"rag@{c}"]["generated"] == 0 for m in ("base", "adapter") for c in facts if c != "retrieved")
+
+
+def test_golden_question_without_contexts_is_skipped_and_counted(
+    prepared_data: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A golden row's `contexts` stand in for the source chunk (a chunk holding one is the source); a golden
+    question without them is skipped under oracle and distractors_only, and the summary and report count it."""
+    golden = tmp_path / "golden.jsonl"
+    passage = "Uber Eats lets consumers order food from restaurants"  # held in chunk c2
+    golden.write_text(json.dumps({"id": "g1", "question": "What does Uber Eats let consumers do?",
+                                  "reference": "Order food from restaurants.", "contexts": [passage]}) + "\n"
+                      + json.dumps({"id": "g2", "question": "What was Uber's revenue in 2021?",
+                                    "reference": "17.5 billion dollars."}) + "\n")
+    config, run = make_run(tmp_path, prepared_data, models, adapter=False, modes=["rag"], metrics=["rouge_score"],
+                           judge_sanity_pairs=0, questions_file=str(golden),
+                           retrieval_conditions=["oracle", "distractors_only"])
+    evaluate.run(config, run, [])
+    (oracle,) = read_jsonl(run.answers("base", "rag@oracle"))
+    assert oracle["context_ids"][0] == "golden#1" and oracle["contexts"][0] == passage
+    assert len(oracle["contexts"]) == 2 and oracle["context_ids"][1] != "c2"
+    (distractors,) = read_jsonl(run.answers("base", "rag@distractors_only"))
+    assert distractors["question_id"] == "g1" and len(distractors["contexts"]) == 2 and "c2" not in distractors["context_ids"]
+    facts = {c["name"]: c for c in json.loads(run.summary.read_text())["retrieval_conditions"]["conditions"]}
+    for name in ("oracle", "distractors_only"):
+        assert (facts[name]["questions"], facts[name]["skipped"]) == (1, 1)
+        assert list(facts[name]["skip_reasons"]) == ["golden question without `contexts`: no source passage to put in or take out"]
+    assert facts["retrieved"]["skipped"] == 0
+    report.run([run.root])
+    md = run.report_md.read_text()
+    assert "- oracle: 1 of 2 questions skipped (golden question without `contexts`" in md
+    assert "| oracle | base | rouge_score | 1 |" in md  # no tuned model: the base's means alone
+
+
+def test_retrieval_condition_errors_name_the_key(write_config: Any) -> None:
+    from ragtune.app.config import ConfigError
+
+    for conditions, problem in ((["orcale"], r"\[0\]: 'orcale' is not a retrieval condition"),
+                                ([{"top_k": 0}], r"top_k is a whole number of chunks >= 1")):
+        with pytest.raises(ConfigError, match=r"config.yaml:\d+: eval.retrieval_conditions: .*" + problem):
+            load_config(write_config(eval={"retrieval_conditions": conditions}))
+    with pytest.raises(ConfigError, match=r"add `rag` to eval.modes"):
+        load_config(write_config(eval={"retrieval_conditions": ["oracle"], "modes": ["closed_book"]}))
+    config = load_config(write_config(eval={"retrieval_conditions": ["oracle", {"top_k": [1, 3]}, "top_k=1"]}))
+    assert config.eval.retrieval_conditions == ["oracle", "top_k=1", "top_k=3"]

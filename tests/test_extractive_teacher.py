@@ -14,7 +14,8 @@ from ragtune.core.artifacts import read_jsonl
 from ragtune.core.errors import UserFacingError
 from ragtune.core.gates import check_answer
 from ragtune.core.llm import HFChatBackend
-from ragtune.core.rag import build_rag_messages, context_sentences, sentence_schema, teacher_candidates, teacher_view
+from ragtune.core.rag import build_rag_messages
+from ragtune.core.teacher import context_sentences, sentence_schema, teacher_candidates, teacher_view
 
 # Real chunks of Uber's 2021 10-K as the demo's 128-token splitter cut them: a bullet list cut mid-item, a chunk that
 # starts mid-sentence, a definition, a table row.
@@ -140,15 +141,14 @@ def test_extract_refuses_settings_it_cannot_honour(write_config, data_prep: dict
 def test_prep_with_the_extractive_teacher_trains_only_sentences_of_the_rows_contexts(prepped_config) -> None:
     """prep's answers step on a real prep (SmolLM2 the teacher, gates on): every kept row's answer is verbatim a
     complete sentence of the contexts in its own prompt, and every question is a kept row or a rejected one."""
-    from ragtune.app.cli import stage_functions
-    from ragtune.app.pipeline import run_pipeline
+    from ragtune.app.pipeline import RunOptions, run_pipeline
 
     path = prepped_config(data_prep={"chunk_size": 256, "chunk_overlap": 16, "num_train_questions": 6,
                                      "num_eval_questions": 3, "teacher_answer": "extract",
                                      "teacher_instruction": INSTRUCTION,
                                      "answer_gates": {"enabled": True, "min_question_overlap": 0.1}})
     config = load_config(path)
-    run_pipeline(config, only="prep", stage_functions=stage_functions(config))
+    run_pipeline(config, RunOptions(only="prep"))
     data = path.parent / "run" / "data"
     chunks = {c["id"]: c["text"] for c in read_jsonl(data / "chunks.jsonl")}
     rows, rejected = read_jsonl(data / "train.jsonl"), read_jsonl(data / "answers.rejected.jsonl")
@@ -171,9 +171,9 @@ def _prep() -> Any:
 
 
 def _teacher_role(smollm2_dir: Path) -> Any:
-    from ragtune.core.roles import LLMRole
+    from ragtune.core.roles import TeacherRole
 
-    return LLMRole(backend="hf", model=str(smollm2_dir), max_new_tokens=96)
+    return TeacherRole(backend="hf", model=str(smollm2_dir), max_new_tokens=96)
 
 
 def test_best_of_n_prefers_the_grounded_sentence_most_on_topic() -> None:

@@ -27,7 +27,7 @@ from peft.utils import load_peft_weights
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM
 from ragtune.core.models import adapter_weight_names
-from ragtune.train.sft import FSDPAdapterCheckpoints, nested_wrappers_spliced_out
+from ragtune.train.adapter import FSDPAdapterCheckpoints, nested_wrappers_spliced_out
 
 class Accelerator:
     # what accelerate's Accelerator does for FSDP1 in get_state_dict and unwrap_model; offload_to_cpu is off: on CPU
@@ -116,7 +116,8 @@ def test_qlora_under_deepspeed_zero3_is_refused_with_the_reason(write_config, ti
     path = write_config(student={"model": str(tiny_llama_dir)}, train={"method": "qlora"})
     with pytest.raises(ConfigError, match=r"train\.method.*qlora is not supported under DeepSpeed ZeRO-3.*fsdp_qlora"):
         load_config(path)
-    from ragtune.train.config import TrainConfig, parallel_errors
+    from ragtune.train.config import TrainConfig
+    from ragtune.train.parallelism import parallel_errors
 
     assert parallel_errors(TrainConfig(method="lora")) == []  # ZeRO-3 shards LoRA (SFTConfig then needs deepspeed)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
@@ -133,21 +134,21 @@ def test_qlora_under_deepspeed_zero3_is_refused_with_the_reason(write_config, ti
 def test_4bit_probe_runs_on_the_ranks_own_device(monkeypatch):
     """Each rank probes bitsandbytes on the GPU of its LOCAL_RANK, not on `cuda` (GPU 0, before accelerate sets the
     rank's device: 8 CUDA contexts on one GPU); without an accelerator, on the CPU, where the probe really runs."""
-    from ragtune.train import sft
+    from ragtune.train import student
 
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert sft.rank_device("cuda") == "cuda:3" and sft.rank_device("xpu") == "xpu:3"
+    assert student.rank_device("cuda") == "cuda:3" and student.rank_device("xpu") == "xpu:3"
     monkeypatch.delenv("LOCAL_RANK")
-    assert sft.rank_device("cuda") == "cuda:0"
-    assert sft.rank_device() == "cpu"  # this machine: no accelerator
-    assert sft.bnb_4bit_works() is None and sft.bnb_4bit_works("cpu") is None
+    assert student.rank_device("cuda") == "cuda:0"
+    assert student.rank_device() == "cpu"  # this machine: no accelerator
+    assert student.bnb_4bit_works() is None and student.bnb_4bit_works("cpu") is None
 
 
 def test_ddp_does_not_search_for_unused_parameters_of_a_peft_model(make_config):  # noqa: F811
     """transformers asks DDP for `find_unused_parameters=True` whenever the model is no PreTrainedModel, as a PeftModel
     is not: a graph search after every forward. ragtune turns it off for PEFT methods, with or without activation
     checkpointing; full fine-tuning keeps transformers' rule, and the YAML's value wins."""
-    from ragtune.train import sft
+    from ragtune.train import arguments, sft
 
     cases = [({}, False), ({"activation_checkpointing": True}, False), ({"ddp_find_unused_parameters": True}, True)]
     for i, (train, expected) in enumerate(cases):
@@ -156,7 +157,7 @@ def test_ddp_does_not_search_for_unused_parameters_of_a_peft_model(make_config):
         assert trainer.args.ddp_find_unused_parameters is expected, train
         assert trainer.accelerator.ddp_handler.find_unused_parameters is expected, train
     full = make_config(name="full.yaml", run="full", method="full")
-    assert sft.sft_config(full, RunDir(full.output_dir), has_eval=False, bf16=False).ddp_find_unused_parameters is None
+    assert arguments.sft_config(full, RunDir(full.output_dir), has_eval=False, bf16=False).ddp_find_unused_parameters is None
 
 
 def test_either_name_of_activation_checkpointing_reaches_sftconfig(make_config, monkeypatch):  # noqa: F811
@@ -164,10 +165,10 @@ def test_either_name_of_activation_checkpointing_reaches_sftconfig(make_config, 
     ragtune's default `activation_checkpointing: false` overrode, so it trained without checkpointing. On a
     transformers before the rename, `activation_checkpointing` in the YAML was an unknown key."""
     from ragtune.train import config as train_config
-    from ragtune.train import sft
+    from ragtune.train import arguments
 
     old = make_config(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    args = sft.sft_config(old, RunDir(old.output_dir), has_eval=False, bf16=False)
+    args = arguments.sft_config(old, RunDir(old.output_dir), has_eval=False, bf16=False)
     assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
     fields = {k: v for k, v in train_config.sft_config_fields().items() if not k.startswith("activation_checkpointing")}
@@ -203,7 +204,7 @@ def test_global_batch_size_keeps_the_schedule_when_the_world_size_changes(write_
                                                                           monkeypatch):
     """`train.global_batch_size` is split into accumulation steps per world size (recorded in the facts); a split
     that is not whole is an error naming the process counts that work; and eval/save steps are fractions."""
-    from ragtune.train import sft
+    from ragtune.train import arguments, sft
     from test_train import default_rows, write_rows
 
     config = load_config(write_config(student={"model": str(tiny_llama_dir)}, train={
@@ -215,7 +216,7 @@ def test_global_batch_size_keeps_the_schedule_when_the_world_size_changes(write_
     with pytest.raises(ConfigError, match=r"Run on 1, 2, 4 processes"):
         config.train.batch(3)
     monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch --num_processes 2` sets in each process
-    assert sft.world_size() == 2
+    assert arguments.world_size() == 2
     monkeypatch.delenv("WORLD_SIZE")
     trainer, facts, _ = sft.build_trainer(config, RunDir(config.output_dir))
     assert trainer.args.gradient_accumulation_steps == 4

@@ -235,12 +235,15 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path: Path):
 # ------------------------------------------------------------------- `run --only` resumes, a no-op run writes nothing
 
 
-def _fake_stages(run_dir: Path, calls: list[str], fail: str | None = None) -> dict[str, Callable[[], dict]]:
-    """Small real stage functions: each writes a file where the real stage writes its output; `fail` is killed
-    (an exception) after writing a checkpoint, as a training killed mid-run leaves one."""
+def _fake_stages(run_dir: Path, calls: list[str], fail: str | None = None) -> tuple:
+    """The pipeline's stages with small real entry points: each writes a file where the real stage writes its output;
+    `fail` is killed (an exception) after writing a checkpoint, as a training killed mid-run leaves one."""
+    from dataclasses import replace
 
-    def stage(name: str) -> Callable[[], dict]:
-        def run() -> dict:
+    from ragtune.app.pipeline import PIPELINE
+
+    def stage(name: str) -> Callable[..., dict]:
+        def run(config: object, run_dir_: object, options: object) -> dict:
             calls.append(name)
             if name == "train":
                 found = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
@@ -252,7 +255,16 @@ def _fake_stages(run_dir: Path, calls: list[str], fail: str | None = None) -> di
             return {}
         return run
 
-    return {name: stage(name) for name in ("prep", "train", "merge", "eval", "report")}
+    return tuple(replace(s, run=stage(s.name)) for s in PIPELINE)
+
+
+def _run_fake(monkeypatch: pytest.MonkeyPatch, config: object, calls: list[str], fail: str | None = None,
+              **options: object) -> dict[str, str]:
+    """`run_pipeline` on the fake stages, with `options` as RunOptions."""
+    from ragtune.app import pipeline
+
+    monkeypatch.setattr(pipeline, "PIPELINE", _fake_stages(Path(config.output_dir), calls, fail))
+    return pipeline.run_pipeline(config, pipeline.RunOptions(**options))
 
 
 @pytest.fixture
@@ -264,42 +276,37 @@ def cheap_config(write_config):
     return path, load_config(path)
 
 
-def test_run_only_a_killed_stage_resumes_from_its_checkpoints(cheap_config):
+def test_run_only_a_killed_stage_resumes_from_its_checkpoints(cheap_config, monkeypatch):
     """Before, `--only train` planned `run`, and `run` retires a recorded stage's outputs: the checkpoints went to
     stale/ and training started over."""
-    from ragtune.app.pipeline import run_pipeline
-
     _, config = cheap_config
     run_dir, calls = Path(config.output_dir), []
     with pytest.raises(RuntimeError, match="killed"):
-        run_pipeline(config, stage_functions=_fake_stages(run_dir, calls, fail="train"))
+        _run_fake(monkeypatch, config, calls, fail="train")
     assert calls == ["prep", "train"]
-    decisions = run_pipeline(config, only="train", stage_functions=_fake_stages(run_dir, calls))
+    decisions = _run_fake(monkeypatch, config, calls, only="train")
     assert decisions["train"] == "resume" and calls == ["prep", "train", "train"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["train"]["resumed_from"] == "checkpoint-1"
     assert not (run_dir / "stale").exists()
-    again = run_pipeline(config, only="train", stage_functions=_fake_stages(run_dir, calls))
+    again = _run_fake(monkeypatch, config, calls, only="train")
     assert again["train"] == "skip" and len(calls) == 3
-    forced = run_pipeline(config, only="train", force=True, stage_functions=_fake_stages(run_dir, calls))
+    forced = _run_fake(monkeypatch, config, calls, only="train", force=True)
     assert forced == {"prep": "skip", "train": "run", "merge": "skip", "eval": "skip", "report": "skip"}
 
 
-def test_a_run_with_nothing_to_do_writes_nothing(cheap_config, tmp_path: Path):
+def test_a_run_with_nothing_to_do_writes_nothing(cheap_config, tmp_path: Path, monkeypatch):
     """Before, every `ragtune run` rewrote manifest.json (versions, git commit), so an up-to-date run failed on a
     read-only folder; now neither the pipeline nor the CLI touches it, and the preflight is skipped."""
-    from ragtune.app.pipeline import run_pipeline
-
     path, config = cheap_config
     run_dir, calls, preflights = Path(config.output_dir), [], []
-    run_pipeline(config, stage_functions=_fake_stages(run_dir, calls), before_work=lambda: preflights.append(1))
+    _run_fake(monkeypatch, config, calls, before_work=lambda c: preflights.append(1))
     assert len(calls) == 5 and preflights == [1]
     manifest = run_dir / "manifest.json"
     before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
     time.sleep(0.05)  # so that a rewrite would show in the mtime
     for only in (None, "train"):
-        decisions = run_pipeline(config, only=only, stage_functions=_fake_stages(run_dir, calls),
-                                 before_work=lambda: preflights.append(1))
+        decisions = _run_fake(monkeypatch, config, calls, only=only, before_work=lambda c: preflights.append(1))
         assert set(decisions.values()) == {"skip"}
     result = subprocess.run([sys.executable, "-m", "ragtune.app.cli", "run", str(path)], capture_output=True, text=True,
                             timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})

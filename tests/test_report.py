@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 EXCERPT_PDF = Path(__file__).parent / "data" / "uber_10k_excerpt.pdf"
 METRICS = ["grounding", "rouge_score", "chrf_score", "non_llm_context_recall"]
+CONDITIONS = ["oracle", "distractors_only", {"top_k": 1}]  # with rag mode itself, 4 rows per model and metric
 FACTS = [  # (chunk id, chunk text, question, teacher-style answer)
     ("c1", "Uber operates a ridesharing platform connecting riders with drivers in over 70 countries.",
      "In how many countries does Uber operate its ridesharing platform?", "In over 70 countries."),
@@ -115,7 +116,8 @@ def reported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "train": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_strategy": "steps",
                   "eval_steps": 2, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
                   "validation_split": 0.2, "learning_rate": 1e-3},
-        "eval": {"metrics": METRICS, "tuned_models": ["adapter"], "max_new_tokens": 16, "n_resamples": 500},
+        "eval": {"metrics": METRICS, "tuned_models": ["adapter"], "max_new_tokens": 16, "n_resamples": 500,
+                 "retrieval_conditions": CONDITIONS},
         "cost": {"price_per_cpu_hour": 0.5},
     }, sort_keys=False))
     # the teacher as a priced API: $30 / $60 per million tokens in / out
@@ -230,12 +232,16 @@ def test_new_sections_render_in_headless_chromium(reported: dict[str, Any], tmp_
                          timeout=120).stdout
     boxes = dict(re.findall(r'data-check="([a-z-]+)"[^>]*?data-box="(\d+x\d+)"', dom))
     for section in ("verdicts", "side-by-side", "data-counts", "data-rejected", "data-tokens", "loss-plot", "cost",
-                    "cost-per-query", "break-even"):
+                    "cost-per-query", "break-even", "retrieval-condition-contexts", "retrieval-conditions"):
         width, height = map(int, boxes[section].split("x"))  # laid out by the browser with a real size
         assert width > 100 and height > 40, (section, boxes[section])
     side = dom.split('data-check="side-by-side"')[1].split("</table>")[0]
     assert len(re.findall(r"<tr data-question=", side)) == report.SIDE_BY_SIDE >= 5
     assert len(re.findall(r'data-model="(base|adapter|teacher)"', side)) == 3 * report.SIDE_BY_SIDE
+    conditions = dom.split('data-check="retrieval-conditions"')[1].split("</table>")[0]
+    judge_free = [m for m in METRICS if m != "non_llm_context_recall"]  # a retrieval metric: scored once, not per model
+    assert len(re.findall(r"<tr><td>(retrieved|oracle|distractors_only|top_k=1)</td><td>adapter</td>", conditions)) \
+        == 4 * len(judge_free)
     plot = dom.split('class="loss-curve"')[1].split("</svg>")[0]
     assert 'data-series="train loss"' in plot and 'data-series="eval loss"' in plot
     assert int(dom.split('data-rendered-shapes="')[1].split('"')[0]) == int(dom.split('data-svg-shapes="')[1].split('"')[0])

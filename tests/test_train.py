@@ -86,22 +86,22 @@ def test_label_check_trains_answer_and_end_of_turn_only(make_config, capsys):
 
 
 def test_label_check_sees_rows_through_packing(make_config):
-    from ragtune.train import sft
+    from ragtune.train import label_check, sft
 
     rows = default_rows(6)
     rows[4]["messages"][-1]["content"] = " "
     config = make_config(rows=rows, packing=True, max_length=512, validation_split=0.0)
-    with pytest.raises(sft.LabelCheckError, match=r"1 of 6 rows:\n  \S+train\.jsonl:5: no answer token"):
+    with pytest.raises(label_check.LabelCheckError, match=r"1 of 6 rows:\n  \S+train\.jsonl:5: no answer token"):
         sft.run(config, RunDir(config.output_dir), check_only=True)
 
 
 def test_label_check_names_the_row_with_an_empty_answer(make_config):
-    from ragtune.train import sft
+    from ragtune.train import label_check, sft
 
     rows = default_rows(6)
     rows[2]["messages"][-1]["content"] = ""
     config = make_config(rows=rows, validation_split=0.0)
-    with pytest.raises(sft.LabelCheckError) as err:
+    with pytest.raises(label_check.LabelCheckError) as err:
         sft.run(config, RunDir(config.output_dir), check_only=True)
     message = str(err.value)
     assert "train.jsonl:3" in message and "no answer token is trained" in message
@@ -109,22 +109,23 @@ def test_label_check_names_the_row_with_an_empty_answer(make_config):
 
 
 def test_label_check_fails_when_max_length_cuts_the_end_of_turn(make_config):
-    from ragtune.train import sft
+    from ragtune.train import label_check, sft
 
     rows = default_rows(4)
     rows[1]["messages"][-1]["content"] = "a long answer " * 200
     config = make_config(rows=rows, validation_split=0.0, max_length=300)
-    with pytest.raises(sft.LabelCheckError, match=r"train\.jsonl:2: the end-of-turn token \['<\|im_end\|>'\] is not trained"):
+    with pytest.raises(label_check.LabelCheckError, match=r"train\.jsonl:2: the end-of-turn token \['<\|im_end\|>'\] is not trained"):
         sft.run(config, RunDir(config.output_dir), check_only=True)
 
 
 def test_bad_row_is_reported_with_file_and_line(make_config):
     from ragtune.train import sft
+    from ragtune.train.rows import TrainDataError
 
     rows = default_rows(3)
     rows[1] = {"messages": [{"role": "user", "content": "no answer turn"}]}
     config = make_config(rows=rows)
-    with pytest.raises(sft.TrainDataError, match=r"train\.jsonl:2: the last message must be the assistant"):
+    with pytest.raises(TrainDataError, match=r"train\.jsonl:2: the last message must be the assistant"):
         sft.run(config, RunDir(config.output_dir), check_only=True)
 
 
@@ -237,7 +238,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM
 from ragtune.core.models import adapter_weight_names
-from ragtune.train.sft import save_fsdp_adapter
+from ragtune.train.adapter import save_fsdp_adapter
 
 class OneProcessFSDP:
     # what accelerate's Accelerator does for FSDP1 in get_state_dict and unwrap_model, on one gloo process
@@ -301,10 +302,10 @@ def test_defaults_take_the_installed_transformers_name_for_activation_checkpoint
 
 
 def test_qlora_runs_4bit_on_cpu_and_merges_onto_full_precision(make_config):
-    from ragtune.train import merge, sft
+    from ragtune.train import merge, sft, student
 
     # bitsandbytes (a dependency, >= 0.45) has a CPU backend: 4-bit NF4 quantize + matmul work without a GPU.
-    assert sft.bnb_4bit_works() is None, f"bitsandbytes 4-bit does not run on this CPU: {sft.bnb_4bit_works()}"
+    assert student.bnb_4bit_works() is None, f"bitsandbytes 4-bit does not run on this CPU: {student.bnb_4bit_works()}"
     config = make_config(method="qlora", learning_rate=5e-2)
     run_dir = RunDir(config.output_dir)
     facts = sft.run(config, run_dir)
@@ -320,11 +321,11 @@ def test_qlora_without_a_4bit_backend_fails_unless_the_lora_fallback_is_asked_fo
     `train.qlora_fallback: lora` trains LoRA and says so in the facts."""
     import sys
 
-    from ragtune.train import sft
+    from ragtune.train import sft, student
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # a machine without bitsandbytes: its import fails
     config = make_config(method="qlora")
-    with pytest.raises(sft.QLoRAUnavailableError) as err:
+    with pytest.raises(student.QLoRAUnavailableError) as err:
         sft.run(config, RunDir(config.output_dir), check_only=True)
     message = str(err.value)
     assert "train.method: qlora" in message and "ModuleNotFoundError" in message
@@ -496,19 +497,19 @@ def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_conf
     import torch
 
     from ragtune.core import precision
-    from ragtune.train import sft
+    from ragtune.train import sft, student
 
     monkeypatch.setenv("RAGTUNE_CACHE_DIR", str(tmp_path / "cache"))
     # the probe's cache is keyed by the thread count: fix it, so the builds below meet the injected entries
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     config = make_config()
     run_dir = RunDir(config.output_dir)
-    measured = sft.training_precision(config, "lora")
+    measured = student.training_precision(config, "lora")
     probe = measured["probe"]
     assert measured["requested"] == "auto" and measured["device"] == "cpu" and probe["cached"] is False
     assert set(probe["gflops"]) == set(precision.MODES) and probe["gflops"]["fp32"] > 0
     assert measured["choice"] == precision.pick(probe["gflops"]) and probe["seconds"] < 30
-    assert sft.training_precision(config, "lora")["probe"]["cached"] is True
+    assert student.training_precision(config, "lora")["probe"]["cached"] is True
 
     cache = Path(probe["cache_file"])
     entry = json.loads(cache.read_text())
@@ -531,7 +532,7 @@ def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_conf
     cache.write_text(json.dumps({**entry, "gflops": cases[1][0]}))
     # `student.torch_dtype: auto` (the demo's, for eval's vLLM servers) trains in the probe's choice too
     config.config_path.write_text(config.config_path.read_text().replace("student:\n", "student:\n  torch_dtype: auto\n"))
-    auto = sft.training_precision(load_config(config.config_path), "lora")
+    auto = student.training_precision(load_config(config.config_path), "lora")
     assert auto["choice"] == "bf16_weights" and auto["torch_dtype"] == "bfloat16"
     facts = sft.run(make_config(max_steps=1, run="bf16", name="bf16.yaml"), RunDir(tmp_path / "bf16"))
     assert facts["precision"]["choice"] == "bf16_weights" and facts["precision"]["torch_dtype"] == "bfloat16"

@@ -20,8 +20,9 @@ import pytest
 
 from ragtune.core import engine
 from ragtune.core.llm import BackendUnavailable, HFChatBackend, make_backend
-from ragtune.core.rag import build_rag_messages, context_sentences, teacher_candidates, teacher_view
-from ragtune.core.roles import LLMRole
+from ragtune.core.rag import build_rag_messages
+from ragtune.core.teacher import context_sentences, teacher_candidates, teacher_view
+from ragtune.core.roles import LLMRole, TeacherRole
 from ragtune.data_prep.config import DataPrepConfig
 
 MODEL = "smollm2-135m-instruct"
@@ -193,7 +194,7 @@ def test_extractive_teacher_chooses_through_structured_outputs_as_the_hf_backend
     sentence of its own contexts, the same greedy choice as xgrammar on the hf backend."""
     prep = DataPrepConfig(teacher_answer="extract",
                           teacher_instruction="\n\nAnswer with the one sentence of the context that answers the query.")
-    role = LLMRole(backend="vllm", model=MODEL, max_new_tokens=96)
+    role = TeacherRole(backend="vllm", model=MODEL, max_new_tokens=96)
     contexts = [[FACTS[i][0], FACTS[i + 1][0]] for i in range(0, 10, 2)]
     views = [teacher_view(build_rag_messages(FACTS[i][1], c, prep), prep) for i, c in zip(range(0, 10, 2), contexts)]
     remote = teacher_candidates(make_backend(role), views, prep, role, contexts=contexts)

@@ -1,5 +1,6 @@
 """Token statistics of the training rows, counted with the student's tokenizer against the train config's
-`max_length`: they belong to the train stage (its config, its fingerprint), not to prep."""
+`max_length`: they belong to the train stage (its config, its fingerprint), not to prep. A row the trainer would
+cut stops training before it starts (`check_lengths`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ragtune.core.artifacts import write_json
 from ragtune.core.chat_rows import validate_chat_jsonl
 from ragtune.core.models import load_tokenizer
+from ragtune.core.run_dir import RunDir
+from ragtune.train.rows import TrainDataError
 
 if TYPE_CHECKING:
     from ragtune.app.config import RagtuneConfig
@@ -31,3 +35,19 @@ def describe_rows(config: "RagtuneConfig", path: Path) -> dict[str, Any]:
     return validate_chat_jsonl(path, tokenizer=load_tokenizer(student.model, student.trust_remote_code),
                                max_length=sft_setting(config, "max_length"),
                                epochs=float(sft_setting(config, "num_train_epochs")))
+
+
+def check_lengths(config: "RagtuneConfig", run_dir: RunDir, write: bool, cuts_rows: bool = True) -> dict[str, Any]:
+    """Token statistics of data/train.jsonl (logs/data_stats.json, for the report); a row longer than
+    `max_length` stops training before it starts, where the trainer cuts rows (`cuts_rows`): SFTConfig would cut
+    its end, the answer it is meant to teach."""
+    stats = describe_rows(config, run_dir.train_jsonl)
+    if write:
+        write_json(run_dir.data_stats, stats)
+    if cuts_rows and stats.get("rows_over_max_length"):
+        raise TrainDataError(
+            f"{run_dir.train_jsonl}: {stats['rows_over_max_length']} rows are longer than train.max_length "
+            f"({stats['max_length']} tokens; longest {stats['tokens_per_row']['max']}), lines "
+            f"{', '.join(map(str, stats['lines_over_max_length']))}: truncation would cut their answers. Raise "
+            "train.max_length, or lower data_prep.chunk_size / similarity_top_k and run prep again.")
+    return {k: stats[k] for k in ("rows", "tokens_total", "tokens_per_row", "training_tokens") if k in stats}

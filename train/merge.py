@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ragtune.core.artifacts import iter_jsonl
 from ragtune.core.errors import UserFacingError
 from ragtune.core.models import adapter_weight_names, dense_copy, load_causal_lm, resolve_model
 from ragtune.core.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from ragtune.app.config import RagtuneConfig
+    from ragtune.core.roles import StudentConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ def merge_dtype(student_dtype: str) -> str:
     return student_dtype if student_dtype in ("bfloat16", "float16") else "float32"
 
 
-def merge_device_map(student: Any, dtype: str) -> str | None:
+def merge_device_map(student: "StudentConfig", dtype: str) -> str | None:
     """`student.device_map` when set; else the first GPU when the base in `dtype` fits in its free memory with
     room for the merge (x1.3); else None (CPU). Counted on an empty (meta-device) copy, so nothing loads twice."""
     import torch
@@ -86,7 +90,7 @@ def logits_for(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
     return out
 
 
-def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
+def run(config: "RagtuneConfig", run_dir: RunDir) -> dict[str, Any]:
     """Merge adapter/ into the base and save merged/ (safetensors + tokenizer + chat template); returns facts."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

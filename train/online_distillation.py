@@ -2,7 +2,7 @@
 
 The student answers the training prompts itself and learns the teacher's next-token distribution on its own answers
 (on-policy distillation, Agarwal et al., ICLR 2024): what it is taught is where its own answers go, not only where the
-teacher's went. The trainer is the installed TRL's (`train.config.online_trainer`, recorded in the manifest):
+teacher's went. The trainer is the installed TRL's (`distillation_config.online_trainer`, recorded in the manifest):
 
 - `trl.DistillationTrainer` (stable since TRL 1.10): generalized JSD (`beta`: 0 forward KL, 1 reverse KL) over the
   whole vocabulary, computed in chunks; the teacher is `teacher.model`, loaded next to the student. It reads the
@@ -16,13 +16,18 @@ teacher's went. The trainer is the installed TRL's (`train.config.online_trainer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trl
 
 from ragtune.core.models import load_causal_lm
-from ragtune.train.config import GKD_TRAINER, SERVER_TRAINER, DistillationConfig, online_config_class, online_trainer
-from ragtune.train.sft import FSDPAdapterCheckpoints
+from ragtune.train.adapter import FSDPAdapterCheckpoints
+from ragtune.train.distillation_config import (
+    GKD_TRAINER, SERVER_TRAINER, DistillationConfig, online_config_class, online_trainer,
+)
+
+if TYPE_CHECKING:
+    from ragtune.app.config import RagtuneConfig
 
 
 def online_args(distillation: DistillationConfig, output_dir: str, kwargs: dict[str, Any]) -> Any:
@@ -34,8 +39,9 @@ def online_args(distillation: DistillationConfig, output_dir: str, kwargs: dict[
     return config_class(output_dir=output_dir, **{k: v for k, v in kwargs.items() if k in fields}, **own)
 
 
-def build_online_trainer(config: Any, args: Any, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
-                         eval_rows: list[dict[str, Any]], peft: Any, callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
+def build_online_trainer(config: "RagtuneConfig", args: Any, model: Any, tokenizer: Any,
+                         train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], peft: Any,
+                         callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
     """The online trainer for this config, and its facts for the manifest: which trainer and why, where the teacher
     runs, and the TRL settings it was given."""
     from datasets import Dataset

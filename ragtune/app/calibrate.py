@@ -18,7 +18,7 @@ from typing import Any
 from ragtune.core.artifacts import ArtifactError, iter_jsonl
 from ragtune.core.gates import gate_candidates, threshold
 from ragtune.core.llm import Completion
-from ragtune.data_prep.config import AnswerGates
+from ragtune.core.gates import AnswerGates
 
 KEEP_TARGETS = (0.90, 0.95)
 

@@ -7,17 +7,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from ragtune.app.config import ConfigError, RagtuneConfig, load_config
-from ragtune.app.pipeline import STAGES, plan, run_pipeline
-from ragtune.core import engine
+from ragtune.app.pipeline import STAGES, RunOptions, plan, run_one, run_pipeline, stage_named
 from ragtune.core.lock import RunLock
 from ragtune.core.errors import UserFacingError
-from ragtune.core.run_dir import Manifest, RunDir
+from ragtune.core.run_dir import RunDir
 
 log = logging.getLogger("ragtune")
 
@@ -48,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_stage_commands(sub)
+    _add_file_commands(sub)
+    _add_serve_command(sub)
+    return parser
+
+
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """`run`, `sweep` and one command per stage."""
     p = sub.add_parser("run", help="all stages: prep → train → merge → eval → report (skips up-to-date stages)")
     _add_config(p)
     p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on")
@@ -77,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=Path, metavar="FILE",
                    help='your golden set instead of prep\'s held-out questions (sets eval.questions_file): one '
                         '{"question", "reference"?, "contexts"?, "id"?} per line')
+
+
+def _add_file_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands over files a run (or the user) made: `report`, `validate`, `gates`."""
     p = sub.add_parser("report", help="build report.html/report.md from saved eval files (no model is loaded)")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="where to write the comparison report (default: the first run dir)")
@@ -99,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set data_prep.answer_gates.measure=bigram (repeatable)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """`serve`: an OpenAI-compatible server over the tuned student."""
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server over a model or model+adapter")
     p.add_argument("--config", type=Path, help="serve this run's merged/ model (or student + adapter/)")
     p.add_argument("--model", help="model reference (hub id, folder, .gguf, smollm2-135m-instruct)")
@@ -123,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; a larger one gets 413 before it is parsed")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise); prefer the "
                                      "RAGTUNE_SERVE_API_KEY environment variable, which `ps` does not show")
-    return parser
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -145,54 +157,6 @@ def _setup_logging(verbosity: int) -> None:
             transformers.logging.set_verbosity_error()
         except ImportError:
             pass
-
-
-def stage_functions(config: RagtuneConfig, adapters: list[Path] | None = None) -> dict[str, Callable[[], dict[str, Any]]]:
-    """The stage entry points, imported lazily so `--help` and validation stay fast."""
-    run_dir = RunDir(config.output_dir)
-
-    def prep() -> dict[str, Any]:
-        from ragtune.data_prep.prep import run
-
-        return run(config, run_dir)
-
-    def train() -> dict[str, Any]:
-        from ragtune.train.sft import run
-
-        return run(config, run_dir)
-
-    def merge() -> dict[str, Any]:
-        from ragtune.train.merge import run
-
-        return run(config, run_dir)
-
-    def evaluate() -> dict[str, Any]:
-        from ragtune.eval.evaluate import run
-
-        return run(config, run_dir, adapters or [])
-
-    def report() -> dict[str, Any]:
-        from ragtune.eval.report import run
-
-        return run([run_dir.root], None)
-
-    return {"prep": prep, "train": train, "merge": merge, "eval": evaluate, "report": report}
-
-
-def _run_single(config: RagtuneConfig, name: str, function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    from ragtune.app.pipeline import fingerprints, input_hashes
-
-    run_dir = RunDir(config.output_dir)
-    manifest = Manifest(run_dir)
-    manifest.record_run(config.resolved(), input_hashes(config))
-    current = fingerprints(config)[name]
-    manifest.update_stage(name, fingerprint=current["fingerprint"], inputs=current)
-    try:
-        with manifest.timed_stage(name) as facts:
-            facts.update(function() or {})
-    finally:
-        engine.shutdown_all()  # the managed vLLM servers end with the stage, on errors too
-    return facts
 
 
 def print_verdict(run_dir: RunDir) -> None:
@@ -220,33 +184,36 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _options(args: argparse.Namespace) -> RunOptions:
+    """`--from`, `--only`, `--force` of `ragtune run` (and sweep's defaults), with the preflight before any work."""
+    from ragtune.app.dry_run import preflight
+
+    return RunOptions(start=getattr(args, "start", None), only=getattr(args, "only", None),
+                      force=getattr(args, "force", False), before_work=preflight)
+
+
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = RunDir(config.output_dir)
     if args.dry_run:
         from ragtune.app.dry_run import dry_run
 
-        return dry_run(config, plan(config, run_dir, start=args.start, only=args.only, force=args.force))
-    from ragtune.app.dry_run import preflight
-
+        return dry_run(config, plan(config, run_dir, _options(args)))
     if args.repeats > 1:
         return _run_repeats(args, config)
     with _locked(config):  # one ragtune per run folder; a second one fails here, naming this one
         # preflight (seconds: it loads the student's tokenizer) runs under the lock, and only when a stage will run
-        run_pipeline(config, start=args.start, only=args.only, force=args.force, stage_functions=stage_functions(config),
-                     before_work=lambda: preflight(config))
+        run_pipeline(config, _options(args))
     print_verdict(run_dir)
     return 0
 
 
 def _run_repeats(args: argparse.Namespace, config: RagtuneConfig) -> int:
     """`ragtune run CONFIG --repeats N`: the run, N−1 more seeds on its prep, and the pooled verdicts."""
-    from ragtune.app.dry_run import preflight
     from ragtune.app.repeats import REPEATS_DIR, pooled_report, pooled_table, run_repeats
 
     with _locked(config):
-        runs = run_repeats(config, args.overrides, args.repeats, start=args.start, only=args.only, force=args.force,
-                           stage_functions=stage_functions, before_work=preflight)
+        runs = run_repeats(config, args.overrides, args.repeats, _options(args))
         if not all(run.summary.exists() for run in runs):
             print("[ragtune] repeats: no pooled report until every repeat is evaluated", flush=True)
             return 0
@@ -258,12 +225,11 @@ def _run_repeats(args: argparse.Namespace, config: RagtuneConfig) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """`ragtune sweep CONFIG --trials N`: prep once, then an Optuna study of trial run folders on it."""
-    from ragtune.app.dry_run import preflight
     from ragtune.app.sweep import best_line, run_sweep
 
     config = load_config(args.config, args.overrides)
     with _locked(config):
-        summary = run_sweep(config, args.overrides, args.trials, stage_functions=stage_functions, before_work=preflight)
+        summary = run_sweep(config, args.overrides, args.trials, _options(args))
     print(summary["table"])
     print(f"\n{best_line(summary)}\nreport: {summary['report_html']}")
     return 0
@@ -293,7 +259,7 @@ def _stage(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     run_dir = RunDir(config.output_dir)
     name = args.command
-    functions = stage_functions(config, getattr(args, "adapters", None))
+    options = RunOptions(adapters=tuple(getattr(args, "adapters", None) or ()))
     from ragtune.app.dry_run import preflight
 
     unlocked = name == "train" and (args.check or os.environ.get("RANK", "0") != "0")
@@ -302,19 +268,16 @@ def _stage(args: argparse.Namespace) -> int:
         # and records the stage (accelerate's PartialState cannot tell before the Trainer joins the gloo group on
         # CPU: every rank would call itself main); every rank runs the preflight, so all stop on its error.
         preflight(config)
-        if args.check:
-            from ragtune.train.sft import run
+        from ragtune.train.sft import run
 
-            run(config, run_dir, check_only=True)
-        else:
-            functions["train"]()
+        run(config, run_dir, check_only=args.check)
         return 0
     with _locked(config):  # before the preflight: a second ragtune on this folder is refused at once
         if name in ("prep", "train"):
             preflight(config)
-        facts = _run_single(config, name, functions[name])
+        facts = run_one(config, name, options)
         if name == "eval":
-            functions["report"]()
+            stage_named("report").run(config, run_dir, options)
     if name == "train":
         print(json.dumps(facts, indent=2, default=str))
     if name == "eval":

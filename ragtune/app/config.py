@@ -23,8 +23,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from ragtune.core.artifacts import NotUtf8Error, read_text
 from ragtune.core.gpu_plan import GpusConfig
-from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig
-from ragtune.data_prep.config import DOCUMENT_SUFFIXES, AnswerGates, DataPrepConfig
+from ragtune.core.gates import AnswerGates
+from ragtune.core.retriever import RetrieverConfig, retriever_errors
+from ragtune.core.roles import ConfigError, EmbeddingConfig, LLMRole, Strict, StudentConfig, TeacherRole
+from ragtune.data_prep.config import DOCUMENT_SUFFIXES, DataPrepConfig
 from ragtune.eval.config import EvalConfig
 from ragtune.train.config import TrainConfig, library_key_errors
 
@@ -123,11 +125,13 @@ class SweepConfig(Strict):
 class RagtuneConfig(Strict):
     name: str
     output_dir: Path
-    documents: list[str] = Field(min_length=1)
-    teacher: LLMRole
+    documents: list[str] = Field(default_factory=list)  # required unless `retriever:` is set (`retriever_errors`)
+    teacher: TeacherRole
     student: StudentConfig
     judge: LLMRole
     embedding: EmbeddingConfig = EmbeddingConfig()
+    # your own LlamaIndex index instead of `documents:` (ragtune.core.retriever)
+    retriever: RetrieverConfig | None = None
     seed: int = 42
     data_prep: DataPrepConfig = DataPrepConfig()
     train: TrainConfig = TrainConfig()
@@ -170,6 +174,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(_explain_validation(path, err, raw, lines)) from None
     for key_path, message in library_key_errors(config.train):
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
+    explicit_embedding = "embedding" in config.model_fields_set
+    for key_path, message in retriever_errors(config.retriever, config.documents, explicit_embedding):
+        raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     for key_path, message in shared_server_errors(config):
         raise ConfigError(f"{_where(path, key_path, lines)}: {message}")
     for key_path, message in sweep_key_errors(config):
@@ -206,6 +213,8 @@ def embedding_window_warnings(config: RagtuneConfig) -> list[tuple[str, str]]:
     """Chunks longer than the embedder reads: it truncates each to its window, so retrieval, the round-trip, leakage
     and near-duplicate checks see only the chunk's beginning (the packaged MiniLM reads 256 word pieces). A warning,
     not an error: a longer chunk still gives the teacher and the student the whole text."""
+    if config.retriever is not None:  # your index's nodes are the chunks: ragtune splits nothing
+        return []
     window = embedding_window(config.embedding.model)
     size = config.data_prep.chunk_size
     if window is None or size <= window:

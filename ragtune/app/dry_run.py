@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ragtune.app.config import ConfigError, LLMRole, RagtuneConfig, embedding_window_warnings
 from ragtune.core import engine
+from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import NotARunFolder, check_run_folder
 from ragtune.app.pipeline import PIPELINE
 
@@ -128,7 +129,7 @@ def schedule_checks(config: RagtuneConfig, processes: int) -> list[tuple[str, st
                             steps_per_epoch)
     save_strategy = kwargs.get("save_strategy")
     if train.early_stopping_patience and "save_strategy" not in (train.model_extra or {}):
-        save_strategy = kwargs.get("eval_strategy")  # train.sft.sft_config: checkpoints follow evaluations
+        save_strategy = kwargs.get("eval_strategy")  # train.arguments.sft_config: checkpoints follow evaluations
     saves, n_saves = _every(save_strategy, kwargs.get("save_steps"), total, steps_per_epoch)
     checks = [("ok", f"train schedule: {rows - held} training rows ({rows} {source}; {held} held out) on {processes} "
                      f"process{'es' * (processes > 1)}: global batch {batch['global_batch_size']} = "
@@ -388,6 +389,21 @@ def preflight(config: RagtuneConfig) -> None:
             log.warning(message)
 
 
+def _retriever_check(config: RagtuneConfig) -> tuple[str, str]:
+    """Your own index opens with the named embedding model (its vectors' size checked) and holds nodes."""
+    from ragtune.core.rag import embedding_model
+    from ragtune.core.retriever import open_index, stored_nodes
+
+    try:
+        open_index(config.retriever, embedding_model(config.embedding))
+        nodes = stored_nodes(config.retriever)
+    except UserFacingError as err:
+        return "error", f"retriever: {err}"
+    if not nodes:
+        return "error", f"retriever: {config.retriever.describe()} holds no nodes; index your documents first"
+    return "ok", f"retriever: {config.retriever.describe()}, {len(nodes)} nodes"
+
+
 def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     """Print every check and the stage plan; exit status 1 when any check is an error."""
     checks: list[tuple[str, str]] = [("ok", f"config: {config.config_path} is valid")]
@@ -400,6 +416,8 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     from ragtune.core.models import resolve_embedding
 
     checks.append(("ok", f"embedding: {resolve_embedding(config.embedding.model)}"))
+    if config.retriever is not None:
+        checks.append(_retriever_check(config))
     checks.extend(_training_check(config))
     checks.extend(placement_checks(config))
     checks += [writable_check(config.output_dir), max_length_check(config)]

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from ragtune.app.config import RagtuneConfig, load_config
 from ragtune.core import engine
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
+from ragtune.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,76 @@ STAGES = ("prep", "train", "merge", "eval", "report")
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How stages are run, whoever runs them (`ragtune run`, `ragtune STAGE`, repeats, sweep trials)."""
+
+    start: str | None = None  # `--from`: this stage and every later one run
+    only: str | None = None  # `--only`: just this stage, decided as in a full run
+    force: bool = False  # rerun what is up to date
+    adapters: tuple[Path, ...] = ()  # `ragtune eval --adapters`: more adapter folders to score
+    before_work: Callable[[RagtuneConfig], None] | None = None  # the CLI's preflight, only when some stage runs
+
+
+StageEntry = Callable[[RagtuneConfig, RunDir, RunOptions], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
+    run: StageEntry  # the stage's entry point (imported when called, so `--help` and validation stay fast)
     code: tuple[str, ...]  # packages whose source is part of the fingerprint (every stage runs on the core)
     config_keys: tuple[str, ...]  # config sections the stage consumes
     upstream: tuple[str, ...]
     outputs: Callable[[RunDir], list[Path]]  # retired to stale/ when the fingerprint changes
 
 
+def _prep(config: RagtuneConfig, run_dir: RunDir, options: RunOptions) -> dict[str, Any]:
+    from ragtune.data_prep.prep import run
+
+    return run(config, run_dir)
+
+
+def _train(config: RagtuneConfig, run_dir: RunDir, options: RunOptions) -> dict[str, Any]:
+    from ragtune.train.sft import run
+
+    return run(config, run_dir)
+
+
+def _merge(config: RagtuneConfig, run_dir: RunDir, options: RunOptions) -> dict[str, Any]:
+    from ragtune.train.merge import run
+
+    return run(config, run_dir)
+
+
+def _eval(config: RagtuneConfig, run_dir: RunDir, options: RunOptions) -> dict[str, Any]:
+    from ragtune.eval.evaluate import run
+
+    return run(config, run_dir, list(options.adapters))
+
+
+def _report(config: RagtuneConfig, run_dir: RunDir, options: RunOptions) -> dict[str, Any]:
+    from ragtune.eval.report import run
+
+    return run([run_dir.root], None)
+
+
 # prep retires its own outputs step by step (data/prep_state.json): a changed eval-question count keeps every
 # chunk, the index and the training questions.
 PIPELINE = (
-    Stage("prep", ("ragtune.data_prep", "ragtune.core"), ("documents", "embedding", "teacher", "data_prep", "seed"), (),
-          lambda r: []),
-    Stage("train", ("ragtune.train", "ragtune.core"), ("student", "train", "seed"), ("prep",),
+    Stage("prep", _prep, ("ragtune.data_prep", "ragtune.core"), ("documents", "embedding", "teacher", "data_prep", "seed"),
+          (), lambda r: []),
+    Stage("train", _train, ("ragtune.train", "ragtune.core"), ("student", "train", "seed"), ("prep",),
           lambda r: [r.checkpoints, r.adapter, r.logs]),
-    Stage("merge", ("ragtune.train", "ragtune.core"), ("student", "train"), ("train",), lambda r: [r.merged]),
-    Stage("eval", ("ragtune.eval", "ragtune.core"), ("student", "teacher", "judge", "embedding", "eval", "seed"), ("prep", "train", "merge"),
-          lambda r: []),
-    Stage("report", ("ragtune.eval", "ragtune.core"), ("eval", "cost"), ("eval",), lambda r: [r.report_html, r.report_md]),
+    Stage("merge", _merge, ("ragtune.train", "ragtune.core"), ("student", "train"), ("train",), lambda r: [r.merged]),
+    Stage("eval", _eval, ("ragtune.eval", "ragtune.core"), ("student", "teacher", "judge", "embedding", "eval", "seed"),
+          ("prep", "train", "merge"), lambda r: []),
+    Stage("report", _report, ("ragtune.eval", "ragtune.core"), ("eval", "cost"), ("eval",),
+          lambda r: [r.report_html, r.report_md]),
 )
+
+
+def stage_named(name: str) -> Stage:
+    return next(stage for stage in PIPELINE if stage.name == name)
 
 
 def code_hash(package: str) -> str:
@@ -65,7 +116,13 @@ def code_hash(package: str) -> str:
 
 
 def input_hashes(config: RagtuneConfig) -> dict[str, str]:
-    return {str(p): sha256_file(p) for p in config.document_paths}
+    """The documents' contents, or your own index's nodes (`retriever:`): either changed re-runs prep."""
+    hashes = {str(p): sha256_file(p) for p in config.document_paths}
+    if config.retriever is not None:
+        from ragtune.core.retriever import store_fingerprint
+
+        hashes["retriever"] = store_fingerprint(config.retriever)
+    return hashes
 
 
 # How a model is reached or paced, never what it writes: changing one must not throw finished work away.
@@ -104,8 +161,7 @@ def fingerprints(config: RagtuneConfig) -> dict[str, dict[str, str]]:
     return result
 
 
-def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, only: str | None = None,
-         force: bool = False) -> dict[str, str]:
+def plan(config: RagtuneConfig, run_dir: RunDir, options: RunOptions = RunOptions()) -> dict[str, str]:
     """Decide for every stage: `run`, `resume` (same fingerprint, interrupted) or `skip` (done, unchanged).
 
     `only` narrows the plan to one stage, decided like in a full run: a killed training resumes from its
@@ -114,6 +170,7 @@ def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, on
     manifest = Manifest(run_dir)
     prints = fingerprints(config)
     decisions: dict[str, str] = {}
+    start, only, force = options.start, options.only, options.force
     forced_from = STAGES.index(start) if start else None
     for i, name in enumerate(STAGES):
         recorded = manifest.data["stages"].get(name, {})
@@ -131,61 +188,63 @@ def plan(config: RagtuneConfig, run_dir: RunDir, *, start: str | None = None, on
     return decisions
 
 
-def run_pipeline(
-    config: RagtuneConfig,
-    *,
-    start: str | None = None,
-    only: str | None = None,
-    force: bool = False,
-    stage_functions: dict[str, Callable[[], dict[str, Any]]],
-    before_work: Callable[[], None] | None = None,
-) -> dict[str, str]:
+def run_pipeline(config: RagtuneConfig, options: RunOptions = RunOptions()) -> dict[str, str]:
     """Run the planned stages in order; returns the decision taken for each stage.
 
-    `before_work` (the CLI's preflight checks) runs only when some stage will run. A run with nothing to do writes
-    nothing: manifest.json keeps its bytes and mtime, and an up-to-date run on a read-only folder succeeds.
+    `options.before_work` (the CLI's preflight checks) runs only when some stage will run. A run with nothing to do
+    writes nothing: manifest.json keeps its bytes and mtime, and an up-to-date run on a read-only folder succeeds.
     """
     run_dir = RunDir(config.output_dir)
-    decisions = plan(config, run_dir, start=start, only=only, force=force)
+    decisions = plan(config, run_dir, options)
     if all(decision == "skip" for decision in decisions.values()):
-        print(f"[ragtune] nothing to do: {'`' + only + '` is' if only else 'every stage is'} up to date "
+        print(f"[ragtune] nothing to do: {'`' + options.only + '` is' if options.only else 'every stage is'} up to date "
               "(--force reruns)", flush=True)
         return decisions
-    if before_work is not None:
-        before_work()
+    if options.before_work is not None:
+        options.before_work(config)
     prints = fingerprints(config)
-    manifest = Manifest(run_dir)
-    manifest.record_run(config.resolved(), input_hashes(config))
+    Manifest(run_dir).record_run(config.resolved(), input_hashes(config))
     for stage in PIPELINE:
         decision = decisions[stage.name]
         if decision == "skip":
             log.info("%s: up to date, skipped", stage.name)
             continue
-        recorded = dict(manifest.data["stages"].get(stage.name, {}))
+        recorded = dict(Manifest(run_dir).data["stages"].get(stage.name, {}))
         changed = sorted(k for k, v in prints[stage.name].items()
                          if k != "fingerprint" and recorded.get("inputs", {}).get(k) != v) if recorded else []
         reason = f" (changed: {', '.join(changed)})" if changed and decision == "run" else ""
         if decision == "run" and recorded:
-            _discard(stage, run_dir, recorded, prints[stage.name])
-        manifest.update_stage(stage.name, fingerprint=prints[stage.name]["fingerprint"], inputs=prints[stage.name])
+            run_dir.retire(stage.outputs(run_dir))  # no stale artifact is reused by a resume
         print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}{reason}", flush=True)
         started = time.time()
-        try:
-            with manifest.timed_stage(stage.name) as facts:
-                facts.update(stage_functions[stage.name]() or {})
-        finally:
-            # vLLM servers end with their stage: training gets the cores and memory, and eval's server starts with
-            # the new adapters as LoRA modules anyway (the teacher's, started by prep, has none)
-            engine.shutdown_all()
-            release_freed_memory()
+        run_stage(config, stage, options, prints[stage.name])
         print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s", flush=True)
-        manifest = Manifest(run_dir)
     return decisions
 
 
-def _discard(stage: Stage, run_dir: RunDir, recorded: dict[str, Any], current: dict[str, str]) -> None:
-    """Retire outputs made under another fingerprint (to stale/), so no stale artifact is reused by a resume."""
-    run_dir.retire(stage.outputs(run_dir))
+def run_one(config: RagtuneConfig, name: str, options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """`ragtune STAGE`: the run's config and inputs, then the one stage, recorded as `ragtune run` records it."""
+    Manifest(RunDir(config.output_dir)).record_run(config.resolved(), input_hashes(config))
+    return run_stage(config, stage_named(name), options)
+
+
+def run_stage(config: RagtuneConfig, stage: Stage, options: RunOptions, inputs: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """One stage, recorded in the manifest (fingerprint and inputs, status, seconds, the facts it returns): the one
+    runner behind `ragtune run` and `ragtune STAGE`. `inputs`: the stage's fingerprints, when already computed."""
+    run_dir = RunDir(config.output_dir)
+    inputs = inputs or fingerprints(config)[stage.name]
+    manifest = Manifest(run_dir)
+    manifest.update_stage(stage.name, fingerprint=inputs["fingerprint"], inputs=inputs)
+    try:
+        with manifest.timed_stage(stage.name) as facts:
+            facts.update(stage.run(config, run_dir, options) or {})
+    finally:
+        # vLLM servers end with their stage, on errors too: training gets the cores and memory, and eval's server
+        # starts with the new adapters as LoRA modules anyway (the teacher's, started by prep, has none)
+        engine.shutdown_all()
+        release_freed_memory()
+    return facts
 
 
 # --- runs on the same prep: repeats over seeds, sweep trials --------------------------------------------------------
@@ -233,20 +292,15 @@ def share_prep(parent: RunDir, child: RunDir) -> None:
     manifest.save()
 
 
-def share_eval_rows(source: RunDir, child: RunDir, modes: Sequence[str]) -> list[Path]:
-    """Copy `source`'s answers and scores of the models a child does not change (the base, the teacher), its
-    retrieval and judge sanity rows into the child's empty eval/: eval reuses every row whose fingerprint still
-    matches, so N seeds answer and judge the base and the teacher once, not N times. Returns the copied files."""
-    from ragtune.eval.answer import REFERENCE_MODEL
-    from ragtune.eval.summary import BASELINE, RETRIEVER
+def share_eval_rows(source: RunDir, child: RunDir, ev: EvalConfig) -> list[Path]:
+    """Copy the rows `source`'s eval can lend (`eval.reuse.reusable_files`: the base's and the teacher's) into the
+    child's eval/ while it is empty; returns the copied files."""
+    from ragtune.eval.reuse import reusable_files
 
-    if child.eval.exists() or not source.summary.exists():
+    if child.eval.exists():
         return []
-    files = [source.retrieval, source.judge_sanity, source.scores(RETRIEVER, "rag")]
-    files += [path(model, mode) for model in (BASELINE, REFERENCE_MODEL) for mode in modes
-              for path in (source.answers, source.scores)]
     copied = []
-    for path in (f for f in files if f.exists()):
+    for path in reusable_files(source, ev):
         child.eval.mkdir(parents=True, exist_ok=True)
         copied.append(Path(shutil.copy2(path, child.eval / path.name)))
     return copied
@@ -265,26 +319,16 @@ def release_freed_memory() -> None:
         pass
 
 
-def run_on_shared_prep(
-    config: RagtuneConfig,
-    parent: RunDir,
-    *,
-    start: str | None = None,
-    only: str | None = None,
-    force: bool = False,
-    stage_functions: dict[str, Callable[[], dict[str, Any]]],
-    before_work: Callable[[], None] | None = None,
-) -> dict[str, str]:
+def run_on_shared_prep(config: RagtuneConfig, parent: RunDir, options: RunOptions = RunOptions()) -> dict[str, str]:
     """`run_pipeline` in a child folder whose prep is `parent`'s. Prep never runs there (it would write into the
     parent's data/ through the link): `--force` and `--from prep` start at train."""
     child = RunDir(config.output_dir)
     share_prep(parent, child)
-    if only == "prep":
+    if options.only == "prep":
         return dict.fromkeys(STAGES, "skip")
-    if force or start == "prep":
-        start, force = "train", False
+    if options.force or options.start == "prep":
+        options = replace(options, start="train", force=False)
     if plan(config, child)["prep"] != "skip":  # the recorded prep is not this config's (other settings or code)
         raise UserFacingError(f"{parent.root}: its prep was made under other settings or code than this config's. "
                               "Run `ragtune run CONFIG --only prep` to bring it up to date, then this command again.")
-    return run_pipeline(config, start=start, only=only, force=force, stage_functions=stage_functions,
-                        before_work=before_work)
+    return run_pipeline(config, options)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ragtune.app.config import RagtuneConfig
 from ragtune.core.artifacts import write_json
-from ragtune.app.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
+from ragtune.app.pipeline import RunOptions, child_config, run_on_shared_prep, run_pipeline, share_eval_rows
+from ragtune.core.render import md_table, text_table
 from ragtune.core.run_dir import RunDir
 
 REPEATS_DIR = "repeats"
@@ -30,30 +31,19 @@ def seeds(config: RagtuneConfig, repeats: int) -> list[int]:
     return [first + i for i in range(repeats)]
 
 
-def run_repeats(
-    config: RagtuneConfig,
-    overrides: Sequence[str],
-    repeats: int,
-    *,
-    start: str | None = None,
-    only: str | None = None,
-    force: bool = False,
-    stage_functions: Callable[[RagtuneConfig], dict[str, Callable[[], dict[str, Any]]]],
-    before_work: Callable[[RagtuneConfig], None] | None = None,
-) -> list[RunDir]:
+def run_repeats(config: RagtuneConfig, overrides: Sequence[str], repeats: int,
+                options: RunOptions = RunOptions()) -> list[RunDir]:
     """Run the config, then each further seed on its prep; returns the run folders, the config's own first."""
     root = RunDir(config.output_dir)
-    run_pipeline(config, start=start, only=only, force=force, stage_functions=stage_functions(config),
-                 before_work=(lambda: before_work(config)) if before_work else None)
+    run_pipeline(config, options)
     runs = [root]
     for seed in seeds(config, repeats)[1:]:
         folder = root.root / REPEATS_DIR / f"seed-{seed}"
         child = child_config(config, overrides, folder, {"train.seed": seed},
                              comment=f"repeat of {config.config_path} with train.seed {seed} (ragtune run --repeats)")
         print(f"[ragtune] repeat train.seed={seed}: {folder}", flush=True)
-        share_eval_rows(root, RunDir(child.output_dir), child.eval.modes)
-        run_on_shared_prep(child, root, start=start, only=only, force=force, stage_functions=stage_functions(child),
-                           before_work=(lambda c=child: before_work(c)) if before_work else None)
+        share_eval_rows(root, RunDir(child.output_dir), child.eval)
+        run_on_shared_prep(child, root, options)
         runs.append(RunDir(child.output_dir))
     return runs
 
@@ -92,11 +82,8 @@ def pooled_markdown(pooled: dict[str, Any]) -> str:
              + ", ".join(f"`{r}`" for r in pooled["runs"]) + ".", "",
              f"Pooled: {pooled['method']}. A 'better' that one seed shows and the others do not is not a result: "
              "it is that seed's luck until the other seeds agree.", "",
-             "| " + " | ".join(POOLED_COLUMNS) + " |", "|" + "---|" * len(POOLED_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if not rows:
-        lines.append("| " + " | ".join(["–"] * len(POOLED_COLUMNS)) + " |")
-    lines += ["", "The runs one by one, and the spread of each delta: report.md / report.html in this folder.", ""]
+             md_table(POOLED_COLUMNS, rows or [["–"] * len(POOLED_COLUMNS)]),
+             "", "The runs one by one, and the spread of each delta: report.md / report.html in this folder.", ""]
     return "\n".join(lines)
 
 
@@ -104,6 +91,4 @@ def pooled_table(pooled: dict[str, Any]) -> str:
     """The pooled verdicts as aligned plain text (the terminal's view of pooled.md)."""
     rows = [[r[2] + f" ({r[1]}, {r[0]})", r[3], r[5], r[6], r[7]] for r in pooled_rows(pooled)]
     header = ["metric", "deltas per run", "pooled delta (95% CI)", "runs better", "pooled verdict"]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in rows])
+    return text_table(header, rows)

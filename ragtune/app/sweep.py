@@ -10,12 +10,12 @@ trials table and the optimization history: report.md, report.html, summary.json)
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from ragtune.app.config import ConfigError, RagtuneConfig, SweepConfig
 from ragtune.core.artifacts import write_json
 from ragtune.core.errors import UserFacingError
+from ragtune.core.render import CSS, PALETTE, html_table, md_table, scale, text_table
+from ragtune.core.render import escape as _e
 from ragtune.core.run_dir import RunDir
-from ragtune.app.pipeline import child_config, run_on_shared_prep, run_pipeline, share_eval_rows
+from ragtune.app.pipeline import RunOptions, child_config, run_on_shared_prep, run_pipeline, share_eval_rows
 
 SWEEP_DIR = "sweep"
 STORAGE_NAME = "sweep.db"
@@ -41,9 +43,7 @@ def run_sweep(
     config: RagtuneConfig,
     overrides: Sequence[str],
     n_trials: int | None = None,
-    *,
-    stage_functions: Callable[[RagtuneConfig], dict[str, Callable[[], dict[str, Any]]]],
-    before_work: Callable[[RagtuneConfig], None] | None = None,
+    options: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """Prep once, then trials until the study holds `n_trials` (default `sweep.n_trials`) complete ones; returns the
     sweep's summary (also sweep/summary.json)."""
@@ -54,8 +54,7 @@ def run_sweep(
     ################
     # Prep, shared by every trial
     ################
-    run_pipeline(config, only="prep", stage_functions=stage_functions(config),
-                 before_work=(lambda: before_work(config)) if before_work else None)
+    run_pipeline(config, replace(options, only="prep"))
 
     ################
     # The study: resumed, unfinished trials retried first
@@ -64,7 +63,7 @@ def run_sweep(
     retry_interrupted(study)
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if remaining > 0:
-        objective = trial_objective(config, overrides, root, sweep, stage_functions, before_work)
+        objective = trial_objective(config, overrides, root, sweep, options)
         study.optimize(objective, n_trials=remaining)
     else:
         print(f"[ragtune] sweep: the study already holds {n_trials} complete trials (--trials raises it)", flush=True)
@@ -134,8 +133,7 @@ def retry_interrupted(study: optuna.Study) -> list[int]:
 
 
 def trial_objective(config: RagtuneConfig, overrides: Sequence[str], root: RunDir, sweep: SweepConfig,
-                    stage_functions: Callable[[RagtuneConfig], dict[str, Callable[[], dict[str, Any]]]],
-                    before_work: Callable[[RagtuneConfig], None] | None) -> Callable[[optuna.Trial], float]:
+                    options: RunOptions) -> Callable[[optuna.Trial], float]:
     """Optuna's objective: draw the trial's values, run its folder on the shared prep, read the objective there."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -150,11 +148,9 @@ def trial_objective(config: RagtuneConfig, overrides: Sequence[str], root: RunDi
                              comment=f"trial {trial.number} of sweep `{config.name}` ({config.config_path})")
         evaluated = sorted((root.root / SWEEP_DIR).glob("trial-*/eval/summary.json"))
         if sweep.objective != "eval_loss" and evaluated:  # the base's and teacher's rows of an earlier trial
-            share_eval_rows(RunDir(evaluated[-1].parent.parent), RunDir(folder), child.eval.modes)
+            share_eval_rows(RunDir(evaluated[-1].parent.parent), RunDir(folder), child.eval)
         try:
-            run_on_shared_prep(child, root, only="train" if sweep.objective == "eval_loss" else None,
-                               stage_functions=stage_functions(child),
-                               before_work=(lambda: before_work(child)) if before_work else None)
+            run_on_shared_prep(child, root, replace(options, only="train" if sweep.objective == "eval_loss" else None))
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # the next `ragtune sweep` retries it in this folder
             raise
@@ -231,7 +227,7 @@ def write_report(study: optuna.Study, config: RagtuneConfig, sweep: SweepConfig,
     write_json(out / "summary.json", summary, default=str)
     (out / "report.md").write_text(render_markdown(summary, header, rows), encoding="utf-8")
     (out / "report.html").write_text(render_html(summary, header, rows, complete), encoding="utf-8")
-    summary.update(report_md=str(out / "report.md"), report_html=str(out / "report.html"), table=_text_table(header, rows))
+    summary.update(report_md=str(out / "report.md"), report_html=str(out / "report.html"), table=text_table(header, rows))
     return summary
 
 
@@ -249,15 +245,12 @@ def render_markdown(summary: dict[str, Any], header: list[str], rows: list[list[
         f"# ragtune sweep `{summary['study']}`", "",
         f"Objective: `{summary['objective']}` ({summary['direction']}d) · study: `{summary['storage']}` · "
         f"{len(rows)} trials", "", f"**{best_line(summary)}**", "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows], "",
+        md_table(header, rows), "",
         "The optimization history (each trial's objective and the best so far) is in report.html.", ""])
 
 
 def render_html(summary: dict[str, Any], header: list[str], rows: list[list[str]], complete: list[FrozenTrial]) -> str:
-    from ragtune.eval.report import CSS
-
-    table = ("<table data-check=trials><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    table = html_table(header, rows, check="trials")
     points = [(t.number, t.value) for t in complete if t.value is not None and math.isfinite(t.value)]
     body = (f"<h1>ragtune sweep {_e(summary['study'])}</h1><p class=muted>objective <code>{_e(summary['objective'])}"
             f"</code> ({_e(summary['direction'])}d) · study {_e(summary['storage'])}</p>"
@@ -269,16 +262,13 @@ def render_html(summary: dict[str, Any], header: list[str], rows: list[list[str]
 
 def svg_history(points: list[tuple[int, float]], label: str, maximize: bool) -> str:
     """Each complete trial's objective (dots) and the best so far (a step line), against the trial number."""
-    from ragtune.eval.report import PALETTE
-
     width, height, left, right, top, bottom = 560, 250, 62, 20, 24, 36
     if not points:
         return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="60"><text x="10" y="30">no complete trial</text></svg>'
     numbers, values = [n for n, _ in points], [v for _, v in points]
     pad = (max(values) - min(values)) * 0.08 or abs(values[0]) * 0.05 or 0.05
     lo_x, hi_x, lo_y, hi_y = min(numbers), max(numbers), min(values) - pad, max(values) + pad
-    x = lambda n: left + (n - lo_x) / ((hi_x - lo_x) or 1) * (width - left - right)  # noqa: E731
-    y = lambda v: height - bottom - (v - lo_y) / (hi_y - lo_y) * (height - top - bottom)  # noqa: E731
+    x, y = scale(lo_x, hi_x, left, width - right), scale(lo_y, hi_y, height - bottom, top)
     best, steps = None, []
     for n, v in points:
         if best is not None and (v > best if maximize else v < best):
@@ -303,13 +293,3 @@ def svg_history(points: list[tuple[int, float]], label: str, maximize: bool) -> 
 
 def _show(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _text_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows])

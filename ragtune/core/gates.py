@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ragtune.core.grounding import (ANSWER_TAG, SENTENCE_BREAK, content_words, final_answer, grounding, lexical_overlap,
                                     normalize, repetition, support)
 
@@ -178,6 +180,38 @@ def _first_failure(text: str, answer: str, finish_reason: str | None, contexts: 
     return None, None
 
 
+class AnswerGates(BaseModel):
+    """What a teacher answer must pass to become a training row (`ragtune.core.gates`): finished (not cut at
+    max_new_tokens), grounded in the contexts it was shown, no loop, RAFT quotes verbatim, no refusal when the
+    oracle chunk was shown. Every rejected answer goes to data/answers.rejected.jsonl with its reason and text."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    # how grounding is measured (ragtune.core.gates.MEASURES): "support", the share of the answer's words and figures
+    # (beyond the question's) found in its contexts, for a teacher that paraphrases and computes (with every gate:
+    # keeps 97% of FinanceBench's correct GPT-4 answers, rejects 88% of them shown another filing's pages, and both
+    # refusals; bigram keeps 44%; scripts/bench_gates.py); "bigram", the share
+    # of its content-word pairs, for a small teacher that invents around the question's words (SmolLM2-135M:
+    # AUC 0.97 against 0.91 for single words). `ragtune gates FILE --config C` measures both on your teacher
+    measure: Literal["support", "bigram"] = "support"
+    # the grounding score an answer needs; None: the measure's measured default (support 0.35, bigram 0.3)
+    min_grounding: float | None = Field(None, ge=0, le=1)
+    # share of the question's content words the answer must contain: an answer about something else is off topic.
+    # 0 (off) by default: a strong teacher's "$1.2 billion." shares no word with "What was 2021 revenue?"; an
+    # extractive teacher (`teacher_answer: extract`) needs it, its sentence is grounded whatever it chose
+    min_question_overlap: float = Field(0.0, ge=0, le=1)
+    # a truncated answer is asked again once with this budget (None: twice teacher.max_new_tokens)
+    retry_max_new_tokens: int | None = Field(None, ge=1)
+    # the judge role decides where the lexical gate is unsure: every candidate that passed the form gates (no
+    # loop, finished, no refusal with the oracle shown) and scores at least `judge_min_grounding` is kept or
+    # rejected by the judge's faithfulness verdict (an LLM call each; worth it with a strong judge). A judge error
+    # is retried; one that persists leaves the lexical verdict, never "unfaithful"
+    llm_faithfulness: bool = False
+    # below this, an answer is ungrounded whatever the judge says: on FinanceBench's dev half every correct answer
+    # scores at least 0.2 (support), and 64% of them shown another filing's pages score less (no judge call)
+    judge_min_grounding: float = Field(0.2, ge=0, le=1)
+
+
 def pick_best(candidates: Sequence[Verdict], texts: Sequence[str | None] | None = None) -> int | None:
     """Best-of-N: the ok candidate the others agree with most (self-consistency: the mean overlap of its content
     words with each other ok candidate's), then the most on topic, then the first; None if none is ok.
@@ -196,7 +230,7 @@ def pick_best(candidates: Sequence[Verdict], texts: Sequence[str | None] | None 
     return max(ok, key=lambda i: (round(agreement(i), 6), candidates[i].on_topic, -i)) if ok else None
 
 
-def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: Any, *, oracle_in_context: bool,
+def gate_candidates(candidates: Sequence[Any], contexts: Sequence[str], gates: AnswerGates, *, oracle_in_context: bool,
                     chain_of_thought: bool, question: str) -> list[Verdict]:
     """The verdict on each of one question's candidate completions under the `answer_gates` settings (with the gates
     off, every non-empty answer passes and still carries its grounding score)."""

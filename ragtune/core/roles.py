@@ -71,13 +71,6 @@ class LLMRole(Strict):
     # generation
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
-    # best-of-N teacher answers (prep): the answer at `temperature` plus num_candidates - 1 samples at
-    # candidate_temperature; of those the answer gates pass, the one the others agree with most is kept
-    num_candidates: int = Field(1, ge=1)
-    candidate_temperature: float = Field(0.7, gt=0)
-    # cost estimate (USD per million tokens), optional
-    price_per_million_input_tokens: float | None = None
-    price_per_million_output_tokens: float | None = None
 
     @field_validator("engine_args")
     @classmethod
@@ -108,6 +101,19 @@ class LLMRole(Strict):
             raise ValueError("`max_model_len` is now a vLLM engine argument: write `engine_args: {max_model_len: "
                              f"{raw['max_model_len']}}}` (unset on a GPU, the plan sizes it from the config)")
         return raw
+
+
+class TeacherRole(LLMRole):
+    """The teacher: an LLM role plus what only the teacher has, best-of-N answers and the prices the report's cost
+    section charges for its tokens (the judge carries neither)."""
+
+    # best-of-N teacher answers (prep): the answer at `temperature` plus num_candidates - 1 samples at
+    # candidate_temperature; of those the answer gates pass, the one the others agree with most is kept
+    num_candidates: int = Field(1, ge=1)
+    candidate_temperature: float = Field(0.7, gt=0)
+    # cost estimate (USD per million tokens), optional
+    price_per_million_input_tokens: float | None = None
+    price_per_million_output_tokens: float | None = None
 
 
 class StudentConfig(Strict):
