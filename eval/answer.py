@@ -347,8 +347,8 @@ def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]],
         answers = backend.chat(conversations, max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
         return answers, [{} for _ in answers]
     prep = config.data_prep
-    views = [teacher_view(c, prep) for c in conversations]
     if mode != "rag":
+        views = [teacher_view(c, prep) for c in conversations]
         answers = ask_teacher(backend, views, prep, temperature=0.0, max_new_tokens=config.teacher.max_new_tokens)
         return answers, [{} for _ in answers]
     chosen, facts = [], []

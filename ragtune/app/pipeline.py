@@ -29,8 +29,6 @@ from ragtune.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prep", "train", "merge", "eval", "report")
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -100,6 +98,7 @@ PIPELINE = (
           lambda r: [r.report_html, r.report_md]),
 )
 
+STAGES = tuple(stage.name for stage in PIPELINE)
 
 def stage_named(name: str) -> Stage:
     return next(stage for stage in PIPELINE if stage.name == name)
