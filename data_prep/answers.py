@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.gates import AnswerGates, Verdict
 from ragtune.core.grounding import final_answer
+from ragtune.core.llm.overlap import depth_for, overlapped
 from ragtune.core.rag import build_closed_book_messages
 from ragtune.core.teacher import BestOfN, best_of_n
 from ragtune.data_prep.questions import yes_no_schema
@@ -58,14 +59,21 @@ def answer_all(jobs: list[AnswerJob], config: "RagtuneConfig", teacher: LazyBack
         # a batch of questions is sent greedy first, then the samples: on vLLM the samples' prompts are then
         # prefix-cache hits (prefill is most of a RAG answer's cost on a CPU)
         batch_size = teacher.get().batch_size if order else 1
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+
+        def answer(batch: list[AnswerJob]) -> list[BestOfN]:
             picks = best_of_n(teacher.get(), [job.messages for job in batch], config.data_prep, config.teacher,
                               questions=[job.question["question"] for job in batch],
                               contexts=[job.contexts for job in batch], oracle_in=[job.oracle_in for job in batch],
                               top_logprobs=config.data_prep.teacher_top_logprobs)
             if config.data_prep.answer_gates.llm_faithfulness:
                 _judge_faithfulness(batch, picks, judge, config.data_prep.answer_gates)
+            return picks
+
+        batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+        # the next batch starts while this one's tail generates; not beside a judge, which may replace the teacher's
+        # managed server (one at a time on a machine without a GPU plan)
+        depth = 1 if config.data_prep.answer_gates.llm_faithfulness or not order else depth_for(teacher.get())
+        for batch, picks in overlapped(batches, answer, depth):
             for job, pick in zip(batch, picks):
                 if all(c.error is not None for c in pick.candidates):
                     failures.append({"id": f"answers:{job.question['id']}:{time.time_ns()}", "step": "answers",

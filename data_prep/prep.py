@@ -32,8 +32,10 @@ import logging
 import math
 import random
 import re
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,7 @@ from ragtune.core.gpu_plan import gpu_plan
 from ragtune.core.rag import build_rag_messages, embedding_model, retrieve
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 from ragtune.core.llm import check_same_tokenizer, make_backend
+from ragtune.core.llm.overlap import depth_for, overlapped
 from ragtune.core.teacher import teacher_fingerprint
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
@@ -313,6 +316,11 @@ def _filter_questions(raw_rows: dict[str, dict[str, Any]], chunks: list[dict[str
     return selected, rejected
 
 
+# One batch embeds at a time: a tokenizer shared by two threads can fail ("Already borrowed"), and the two would
+# only share the same cores.
+_EMBEDDING = threading.Lock()
+
+
 def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int, prep: DataPrepConfig,
                         teacher: "LazyBackend", raw: JsonlAppender, failures: JsonlAppender,
                         roundtrip: tuple["VectorStoreIndex", list[str] | None] | None) -> None:
@@ -322,21 +330,43 @@ def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int,
         rows = [r for r in raw.rows if r["split"] == split_name]
         return len({normalize_question(c["question"]) for r in rows for c in r["candidates"] if not c.get("reason")})
 
-    position = 0
-    with tqdm(total=need, initial=min(usable(), need), desc=f"{split_name} questions", unit="q") as bar:
+    sent = {"chunks": 0, "written": 0}  # this call's chunks asked and chunks written back
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        position = 0
         while usable() < need and position < len(order):
-            backend = teacher.get()
-            batch = [c for c in order[position : position + backend.batch_size] if c["id"] not in raw.done_keys]
-            position += backend.batch_size
-            if not batch:
-                continue
-            prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in batch]
-            completions = backend.chat(prompts, stop_when=lambda text: enough_questions(text, prep.num_questions_per_chunk))
-            parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
-            verdicts = answerable_verdicts(batch, parsed, completions, prep, backend)
-            if roundtrip is not None:
-                index, node_ids = roundtrip
+            size = teacher.get().batch_size
+            batch = [c for c in order[position : position + size] if c["id"] not in raw.done_keys]
+            position += size
+            if batch:
+                sent["chunks"] += len(batch)
+                yield batch
+
+    def worth_asking_ahead() -> bool:
+        """Whether the batches in flight, at the yield so far of usable questions per chunk, leave `need` unmet."""
+        rows = sum(1 for r in raw.rows if r["split"] == split_name)
+        per_chunk = usable() / rows if rows else 1.0
+        return usable() + per_chunk * (sent["chunks"] - sent["written"]) < need
+
+    def ask(batch: list[dict[str, Any]]) -> tuple[list[Any], list[Any], list[Any]]:
+        backend = teacher.get()
+        prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in batch]
+        completions = backend.chat(prompts, stop_when=lambda text: enough_questions(text, prep.num_questions_per_chunk))
+        parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
+        verdicts = answerable_verdicts(batch, parsed, completions, prep, backend)
+        if roundtrip is not None:
+            index, node_ids = roundtrip
+            with _EMBEDDING:
                 roundtrip_verdicts(batch, parsed, verdicts, index, prep.roundtrip_top_k, node_ids)
+        return completions, parsed, verdicts
+
+    if usable() >= need:
+        return  # nothing to ask: the teacher is not even built
+    with tqdm(total=need, initial=min(usable(), need), desc=f"{split_name} questions", unit="q") as bar:
+        # the next batch is asked while this one's tail generates, unless the one in flight should meet `need`
+        for batch, (completions, parsed, verdicts) in overlapped(batches(), ask, depth_for(teacher.get()),
+                                                                 ahead=worth_asking_ahead):
+            sent["written"] += len(batch)
             for chunk, completion, (kept, dropped), verdict in zip(batch, completions, parsed, verdicts):
                 if completion.error is not None:
                     failures.append({"id": f"questions:{chunk['id']}:{time.time_ns()}", "step": "questions",

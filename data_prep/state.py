@@ -70,11 +70,13 @@ class LazyBackend:
     def __init__(self, factory: Callable[[], "ChatBackend"]):
         self._factory = factory
         self._value: "ChatBackend | None" = None
+        self._lock = threading.Lock()  # batches in flight together (`overlapped`) build it once
 
     def get(self) -> "ChatBackend":
-        if self._value is None:
-            self._value = self._factory()
-        return self._value
+        with self._lock:
+            if self._value is None:
+                self._value = self._factory()
+            return self._value
 
     def build_during(self, work: Callable[[], T], when: bool = True) -> T:
         """`work()`'s result, the backend being built meanwhile (`when`): `work` runs in another thread, the build

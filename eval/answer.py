@@ -18,6 +18,7 @@ import gc
 import logging
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from ragtune.core.artifacts import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
 from ragtune.core.errors import UserFacingError, check_failures
 from ragtune.core.grounding import final_answer
+from ragtune.core.llm.overlap import depth_for, overlapped
 from ragtune.core.teacher import ask_teacher, best_of_n, teacher_fingerprint, teacher_view
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
@@ -254,6 +256,18 @@ def reference_contexts(question: dict[str, Any], retrieved: dict[str, Any], chun
     return ids[:keep] + [oracle], texts[:keep] + [chunk_text[oracle]]
 
 
+@dataclass
+class ModeRows:
+    """One mode's answers file for one model: the questions it asks, their contexts and the ones still to answer."""
+
+    mode: str
+    contexts: dict[str, tuple[list[str], list[str]]]
+    asked: list[dict[str, Any]]
+    fingerprint: str
+    rows: JsonlAppender
+    todo: list[dict[str, Any]]
+
+
 def generate_answers(
     config: "RagtuneConfig",
     run_dir: RunDir,
@@ -267,9 +281,10 @@ def generate_answers(
     """Answer every question in every mode with one model (loaded only if some answer is missing); `specs`
     are all the models of this eval, so a vLLM server for the base starts with every adapter at once.
     `conditions` holds, per retrieval-condition mode `rag@<condition>`, the (context ids, texts) of each question it
-    asks (eval/conditions.py; a question it skipped is not there).
+    asks (eval/conditions.py; a question it skipped is not there). Every mode's batches go to the model overlapped
+    (`overlapped`: the next batch starts while the one before finishes), each written to its mode's file in order.
 
-    Returns timing facts per mode: seconds generating, answers generated, tokens, and errors recorded.
+    Returns timing facts per mode: seconds its batches were in flight, answers generated, tokens, errors recorded.
     """
     backend: ChatBackend | None = None
     facts: dict[str, Any] = {}
@@ -278,60 +293,85 @@ def generate_answers(
     if spec.kind == "teacher" and "rag" in modes:
         chunk_text = {c["id"]: c["text"] for c in read_jsonl(run_dir.chunks)} if run_dir.chunks.exists() else {}
         rag_contexts = {q["id"]: reference_contexts(q, retrieval[q["id"]], chunk_text) for q in questions}
-    for mode in modes:
-        mode_contexts = (conditions or {}).get(mode, rag_contexts)
-        asked = [q for q in questions if q["id"] in mode_contexts]
-        fingerprint = answer_fingerprint(config, run_dir, spec, mode)
-        with open_rows(run_dir, run_dir.answers(spec.name, mode), "question_id", fingerprint, retry_errors=True) as rows:
-            todo = [q for q in asked if q["id"] not in rows.done_keys]
-            mode_facts = {"generated": 0, "reused": len(asked) - len(todo), "seconds": 0.0, "completion_tokens": 0}
-            if todo and backend is None:
-                started = time.perf_counter()
-                backend = load_backend(config, spec, run_dir, specs)
-                facts["load_seconds"] = round(time.perf_counter() - started, 2)
-            with tqdm(total=len(todo), desc=f"answers {spec.name}/{mode}", unit="q", disable=not todo) as bar:
-                batch_size = backend.batch_size if backend is not None else 1
-                for start in range(0, len(todo), batch_size):
-                    batch = todo[start : start + batch_size]
-                    assert backend is not None
-                    _answer_batch(backend, spec, config, mode, batch, mode_contexts, rows, mode_facts, fingerprint)
-                    bar.update(len(batch))
-            mode_facts["seconds"] = round(mode_facts["seconds"], 2)
-            mode_facts["errors"] = sum(1 for r in rows.rows if r.get("error"))
-            check_failures(f"eval answers of {spec.name} ({mode})", mode_facts["errors"], len(asked),
-                           (r.get("error") for r in rows.rows), config.eval.max_failure_fraction,
-                           run_dir.answers(spec.name, mode))
-            mode_facts["empty"] = sum(1 for r in rows.rows if r.get("answer") == "")
-            facts[mode] = mode_facts
+    with ExitStack() as files:
+        plans = []
+        for mode in modes:
+            mode_contexts = (conditions or {}).get(mode, rag_contexts)
+            asked = [q for q in questions if q["id"] in mode_contexts]
+            fingerprint = answer_fingerprint(config, run_dir, spec, mode)
+            rows = files.enter_context(open_rows(run_dir, run_dir.answers(spec.name, mode), "question_id",
+                                                 fingerprint, retry_errors=True))
+            plans.append(ModeRows(mode, mode_contexts, asked, fingerprint, rows,
+                                  [q for q in asked if q["id"] not in rows.done_keys]))
+            facts[mode] = {"generated": 0, "reused": len(asked) - len(plans[-1].todo), "seconds": 0.0,
+                           "completion_tokens": 0}
+        if any(plan.todo for plan in plans):
+            started = time.perf_counter()
+            backend = load_backend(config, spec, run_dir, specs)
+            facts["load_seconds"] = round(time.perf_counter() - started, 2)
+            _answer_modes(backend, spec, config, plans, facts)
+        for plan in plans:
+            _check_mode(config, run_dir, spec, plan, facts[plan.mode])
     if backend is not None:
         del backend
         gc.collect()
     return facts
 
 
-def _answer_batch(backend: "ChatBackend", spec: ModelSpec, config: "RagtuneConfig", mode: str,
-                  batch: list[dict[str, Any]], rag_contexts: dict[str, tuple[list[str], list[str]]],
-                  rows: JsonlAppender, mode_facts: dict[str, Any], fingerprint: str) -> None:
-    """One batch of questions answered in `mode` and appended to the answers file, with its time and tokens."""
+def _answer_modes(backend: "ChatBackend", spec: ModelSpec, config: "RagtuneConfig", plans: list[ModeRows],
+                  facts: dict[str, Any]) -> None:
+    """Every mode's missing answers, batch by batch, overlapped; each batch appended to its mode's file in order."""
+    size = backend.batch_size
+    jobs = [(plan, plan.todo[start : start + size]) for plan in plans for start in range(0, len(plan.todo), size)]
+
+    def ask(job: tuple[ModeRows, list[dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]], float]:
+        plan, batch = job
+        started = time.perf_counter()
+        completions, gated = _generate(backend, _conversations(config, plan, batch), spec, config, batch,
+                                       [_context(plan, q)[1] for q in batch], plan.mode)
+        return completions, gated, time.perf_counter() - started
+
+    with tqdm(total=sum(len(plan.todo) for plan in plans), desc=f"answers {spec.name}", unit="q") as bar:
+        for (plan, batch), (completions, gated, seconds) in overlapped(jobs, ask, depth_for(backend)):
+            mode_facts = facts[plan.mode]
+            mode_facts["seconds"] += seconds
+            for question, completion, verdict in zip(batch, completions, gated):
+                ids, ctx = _context(plan, question)
+                text = None if completion.error else (completion.text or "").strip()
+                plan.rows.append({
+                    "question_id": question["id"], "question": question["question"], "contexts": ctx,
+                    "context_ids": ids, "answer": user_answer(text, config), "raw_answer": text,
+                    "error": completion.error, "model": spec.name, "mode": plan.mode,
+                    "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                    **verdict, "fingerprint": plan.fingerprint,
+                })
+                mode_facts["generated"] += 1
+                mode_facts["completion_tokens"] += completion.completion_tokens
+            bar.update(len(batch))
+
+
+def _context(plan: ModeRows, question: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(context ids, texts) a question is asked with in the plan's mode: none closed-book."""
+    return plan.contexts[question["id"]] if is_rag(plan.mode) else ([], [])
+
+
+def _conversations(config: "RagtuneConfig", plan: ModeRows, batch: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
     from ragtune.core.rag import build_closed_book_messages, build_rag_messages
 
-    context_ids = [rag_contexts[q["id"]][0] if is_rag(mode) else [] for q in batch]
-    contexts = [rag_contexts[q["id"]][1] if is_rag(mode) else [] for q in batch]
-    conversations = [build_rag_messages(q["question"], ctx, config.data_prep) if is_rag(mode)
-                     else build_closed_book_messages(q["question"], config.data_prep) for q, ctx in zip(batch, contexts)]
-    started = time.perf_counter()
-    completions, gated = _generate(backend, conversations, spec, config, batch, contexts, mode)
-    mode_facts["seconds"] += time.perf_counter() - started
-    for question, ids, ctx, completion, verdict in zip(batch, context_ids, contexts, completions, gated):
-        text = None if completion.error else (completion.text or "").strip()
-        rows.append({
-            "question_id": question["id"], "question": question["question"], "contexts": ctx, "context_ids": ids,
-            "answer": user_answer(text, config), "raw_answer": text, "error": completion.error, "model": spec.name,
-            "mode": mode, "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            **verdict, "fingerprint": fingerprint,
-        })
-        mode_facts["generated"] += 1
-        mode_facts["completion_tokens"] += completion.completion_tokens
+    if is_rag(plan.mode):
+        return [build_rag_messages(q["question"], _context(plan, q)[1], config.data_prep) for q in batch]
+    return [build_closed_book_messages(q["question"], config.data_prep) for q in batch]
+
+
+def _check_mode(config: "RagtuneConfig", run_dir: RunDir, spec: ModelSpec, plan: ModeRows,
+                mode_facts: dict[str, Any]) -> None:
+    """The mode's facts finished; too many failed answers stop eval (`eval.max_failure_fraction`)."""
+    mode_facts["seconds"] = round(mode_facts["seconds"], 2)
+    mode_facts["errors"] = sum(1 for r in plan.rows.rows if r.get("error"))
+    check_failures(f"eval answers of {spec.name} ({plan.mode})", mode_facts["errors"], len(plan.asked),
+                   (r.get("error") for r in plan.rows.rows), config.eval.max_failure_fraction,
+                   run_dir.answers(spec.name, plan.mode))
+    mode_facts["empty"] = sum(1 for r in plan.rows.rows if r.get("answer") == "")
 
 
 def _generate(backend: "ChatBackend", conversations: list[list[dict[str, str]]], spec: ModelSpec,

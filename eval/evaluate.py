@@ -209,10 +209,12 @@ def make_judge(config: "RagtuneConfig", run_dir: RunDir) -> Any:
 
 
 def make_embeddings(config: "RagtuneConfig") -> Any:
-    from ragtune.eval.judge import timed_embeddings
     from ragtune.core.models import resolve_embedding
+    from ragtune.core.rag import embedding_dtype
+    from ragtune.eval.judge import timed_embeddings
 
-    return timed_embeddings(resolve_embedding(config.embedding.model), config.embedding.embed_batch_size)
+    path = resolve_embedding(config.embedding.model)
+    return timed_embeddings(path, config.embedding.embed_batch_size, embedding_dtype(config.embedding, path))
 
 
 def judge_fingerprint(config: "RagtuneConfig") -> str:

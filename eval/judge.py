@@ -271,10 +271,13 @@ class BatchedJudge(InstructorBaseRagasLLM):
             ) from None
 
 
-def timed_embeddings(model_path: str, batch_size: int) -> Any:
-    """Ragas's modern `HuggingFaceEmbeddings` (sentence-transformers) that remembers the texts it has
-    embedded (the same question and reference come back for every model and mode) and counts its seconds."""
+def timed_embeddings(model_path: str, batch_size: int, torch_dtype: str = "float32") -> Any:
+    """Ragas's modern `HuggingFaceEmbeddings` (sentence-transformers, its weights in `torch_dtype`) that remembers the
+    texts it has embedded (the same question and reference come back for every model and mode) and counts its
+    seconds and tokens (the stage's roofline)."""
     from ragas.embeddings.huggingface_provider import HuggingFaceEmbeddings
+
+    from ragtune.core.rag import count_embedded
 
     class _Timed(HuggingFaceEmbeddings):
         """One encode at a time: Ragas calls from many worker threads, which only thrash a CPU."""
@@ -295,9 +298,10 @@ def timed_embeddings(model_path: str, batch_size: int) -> Any:
                 if todo:
                     started = time.perf_counter()
                     vectors = super()._embed_texts_local(todo, **kwargs)
+                    count_embedded(self.model_instance, todo)
                     self.seconds += time.perf_counter() - started
                     self.calls += 1
                     self._vectors.update(zip(todo, vectors))
                 return [self._vectors[t] for t in texts]
 
-    return _Timed(model=model_path, batch_size=batch_size)
+    return _Timed(model=model_path, batch_size=batch_size, model_kwargs={"torch_dtype": torch_dtype})

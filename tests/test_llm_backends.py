@@ -530,3 +530,58 @@ def test_an_endpoint_judge_keeps_max_concurrency_calls_in_flight():
     finally:
         server.close()
     assert [v.verdict for v in verdicts] == [1] * 40 and state["most"] == 40, state
+
+
+def test_overlapped_batches_come_back_in_order_with_the_next_one_already_in_flight():
+    """Batch k+1 runs while batch k is still working (the engine never sees only a batch's tail), results come back
+    in batch order, the batches are read one ahead of the results, and an error surfaces at its own batch's turn."""
+    from ragtune.core.llm import overlapped
+
+    running, most, lock, read = [0], [0], threading.Lock(), []
+
+    def work(batch: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2 if batch % 2 == 0 else 0.05)  # even batches have a long tail
+        with lock:
+            running[0] -= 1
+        if batch == 4:
+            raise RuntimeError("batch 4 failed")
+        return batch * 10
+
+    def batches():
+        for k in range(6):
+            read.append(k)
+            yield k
+
+    results = []
+    with pytest.raises(RuntimeError, match="batch 4 failed"):
+        for batch, result in overlapped(batches(), work):
+            results.append((batch, result))
+            assert max(read) <= batch + 2  # read at most one batch beyond the one in flight
+    assert results == [(0, 0), (1, 10), (2, 20), (3, 30)]
+    assert most[0] == 2  # two batches were in flight together, never more
+
+
+def test_overlapped_asks_ahead_only_when_the_batch_in_flight_is_not_enough():
+    """`ahead()` False: the batch in flight is written before the next one is read (a count it may meet stops the
+    loop without a wasted batch); True: the next one starts beside it."""
+    from ragtune.core.llm import overlapped
+
+    written: list[int] = []
+
+    def batches():
+        k = 0
+        while sum(written) < 5:
+            yield k
+            k += 1
+
+    def run(**kwargs: Any) -> list[int]:
+        written.clear()
+        for batch, _ in overlapped(batches(), lambda b: b, **kwargs):
+            written.append(1)  # the batch's results are written: one unit of the need
+        return list(range(len(written)))
+
+    assert run(ahead=lambda: sum(written) + 1 < 5) == [0, 1, 2, 3, 4]  # 5 batches for a need of 5: none in vain
+    assert run() == [0, 1, 2, 3, 4, 5]  # without `ahead`, one batch is read past the need

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,17 @@ def test_run_every_stage_then_skip_then_rerun_only_downstream_of_a_change(tiny_r
     assert manifest["stages"]["report"]["seconds"] >= 0
     assert manifest["inputs"] and manifest["versions"]["transformers"]
     assert "report:" in first.stdout and "metric" in first.stdout  # the verdict table
+    # each stage's work against this machine's floor (ragtune.core.roofline): the teacher's and the embedding's in
+    # prep, the student's training steps, the students' answers in eval; the report and --dry-run read it
+    work = {name: {w["kind"]: w for w in manifest["stages"][name]["roofline"]["work"]} for name in ("prep", "train", "eval")}
+    assert {"embed", "prefill", "decode"} <= set(work["prep"]) and {"prefill", "decode"} <= set(work["eval"])
+    assert work["train"]["train"]["tokens"] > 0 and work["train"]["train"]["where"].startswith("cpu")
+    for name in ("prep", "train", "eval"):
+        roof = manifest["stages"][name]["roofline"]
+        assert roof["floor_s"] > 0 and roof["x_floor"] >= 1 and roof["rss_peak_gb"] > 0.1, (name, roof)
+    assert "Time against this machine" in run_dir.report_md.read_text()
+    plan = _ragtune("run", str(tiny_run), "--dry-run", "--force").stdout
+    assert re.search(r"train +run +~[0-9.]+ min \(its floor here", plan) and "min on this machine" in plan, plan
 
     second = _ragtune("run", str(tiny_run))
     assert _executed(second) == []

@@ -213,6 +213,27 @@ def test_finish_reason_length_when_cut(server):
     assert ended.finish_reason == "stop" and "Paris" in ended.text
 
 
+def test_the_servers_work_is_read_from_its_prometheus_counters(server):
+    """The roofline counts what vLLM says it computed: its prompt and generated tokens move by exactly the usage
+    the answers report, and a repeated prompt shows up as cached prefill (prefix caching), not as work."""
+    from ragtune.core import roofline
+
+    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8))
+    before = engine.vllm_counters(httpx.get(f"http://127.0.0.1:{server.port}/metrics").text)
+    # longer than two KV blocks (128 tokens each on CPU): only whole blocks are cached
+    prompt = [{"role": "user", "content": "Name three colours of the rainbow, then three more. " * 30}]
+    done = backend.chat([prompt]) + backend.chat([prompt])
+    after = engine.vllm_counters(httpx.get(f"http://127.0.0.1:{server.port}/metrics").text)
+    assert after["prompt_tokens"] - before["prompt_tokens"] == sum(c.prompt_tokens for c in done)
+    assert after["generated_tokens"] - before["generated_tokens"] == sum(c.completion_tokens for c in done)
+    assert after["cached_tokens"] - before["cached_tokens"] >= done[1].prompt_tokens // 2
+    with roofline.metered() as meter:
+        server.count_work()
+    prefill = next(w for w in meter.work if w.kind == "prefill")
+    assert prefill.tokens == after["prompt_tokens"] - after["cached_tokens"] and prefill.floor_s > 0
+    assert prefill.where == f"vllm cpu {server.settings[0]}"
+
+
 def test_lora_adapters_answer_like_peft_from_one_server(server, smollm2_dir, adapters, log_dir):
     """`tiny` was served from the start; `tiny2` is loaded into the running server (no restart)."""
     pid = server.process.pid

@@ -155,7 +155,41 @@ def run(config: "RagtuneConfig", run_dir: RunDir, check_only: bool = False) -> d
         trainer.processing_class.save_pretrained(str(run_dir.adapter))
         write_loss_curve(trainer.state.log_history, run_dir.loss_curve)
     facts.update(training_facts(trainer, result, run_dir))
+    count_training_work(trainer, facts)
     return facts
+
+
+def count_training_work(trainer: Any, facts: dict[str, Any]) -> None:
+    """This process's training work for the stage's roofline (`ragtune.core.roofline`): the steps it ran (a resumed
+    run counts from its checkpoint) over the trainer's own tokenized rows, and its eval-loss passes."""
+    from ragtune.core import roofline
+    from ragtune.core.precision import MODES
+
+    state, dataset = trainer.state, trainer.train_dataset
+    if not state.global_step or dataset is None or "input_ids" not in dataset.column_names:
+        return
+    start = int(str(facts.get("resumed_from") or "-0").rsplit("-", 1)[-1] or 0)
+    share = (state.epoch or 0) * (state.global_step - start) / max(state.global_step, 1)  # epochs this process ran
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    if "labels" in dataset.column_names:  # TRL's labels: -100 where no loss is taken
+        labelled = sum(sum(1 for token in row if token != -100) for row in dataset["labels"])
+    else:  # labels made by the collator (e.g. DataCollatorForCompletionOnlyLM): logits at every position
+        labelled = sum(lengths)
+    precision = facts["precision"]
+    mode = precision["choice"] if precision["choice"] in MODES else precision["torch_dtype"] or "float32"
+    where = f"{precision['device']} {mode}"
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    name = str(getattr(model, "name_or_path", "student"))
+    roofline.count_training(model.config, name, tokens=round(sum(lengths) * share), labelled=round(labelled * share),
+                            sequence=sum(lengths) / len(lengths), full=facts["method"] == "full", mode=mode,
+                            device=precision["device"], where=where)
+    evals = [e for e in state.log_history if "eval_loss" in e and e.get("step", 0) > start]
+    eval_set = trainer.eval_dataset
+    if evals and eval_set is not None and "input_ids" in eval_set.column_names:
+        eval_lengths = [len(ids) for ids in eval_set["input_ids"]]
+        roofline.count_forward("eval_forward", model.config, name, tokens=sum(eval_lengths) * len(evals),
+                               sequence=sum(eval_lengths) / len(eval_lengths), logits=0, dtype=mode,
+                               device=precision["device"], where=where)
 
 
 def training_facts(trainer: Any, result: Any, run_dir: RunDir) -> dict[str, Any]:

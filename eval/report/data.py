@@ -16,8 +16,10 @@ REJECTIONS = (("question", "questions_rejected"), ("answer", "answers_rejected")
 
 def load_run_files(run_dir: RunDir) -> dict[str, dict[str, Any]]:
     """prep's data/stats.json (`stats`), train's logs/data_stats.json (`tokens`) and logs/loss_curve.json
-    (`loss`): each {"path", "data"} with data None and a `problem` when the file is missing or unreadable."""
+    (`loss`), the run's manifest.json (`manifest`): each {"path", "data"} with data None and a `problem` when the
+    file is missing or unreadable."""
     files = {"stats": (run_dir.stats, "`ragtune prep` writes it"),
+             "manifest": (run_dir.manifest, "`ragtune run` writes it"),
              "tokens": (run_dir.data_stats, "`ragtune train` writes the token statistics"),
              "loss": (run_dir.loss_curve, "`ragtune train` writes it")}
     out: dict[str, dict[str, Any]] = {}

@@ -14,6 +14,7 @@ from ragtune.eval.report.plots import svg_bars, svg_loss, svg_paired
 from ragtune.eval.report.questions import (
     is_golden, model_header, questions_line, side_by_side_models, side_by_side_rows,
 )
+from ragtune.eval.report.roofline import ROOFLINE_COLUMNS, ROOFLINE_NOTE, roofline_rows
 from ragtune.eval.report.verdicts import (
     CONDITION_COLUMNS, CONDITION_FACT_COLUMNS, CONDITIONS_NOTE, DECLARED, GAP_NOTE, VERDICT_COLUMNS, comparison_rows,
     condition_fact_rows, condition_rows, fmt, oracle_line, results_rows, sanity_rows, skip_lines, spread_rows,
@@ -80,6 +81,8 @@ def render_html(labels: list[str], summaries: list[dict[str, Any]], per_question
             body.append(data_html(run_files[label]))
         if costs is not None:
             body.append(cost_html(costs[label]))
+        if run_files is not None:
+            body.append(roofline_html(run_files[label]))
         retrieval = summary["retrieval"]
         rows = [[m, fmt(e["mean"]), e["failures"]] for m, e in retrieval.items() if isinstance(e, dict)]
         body.append(f"<h3>Retrieval (same for every model)</h3><p>{_e(oracle_line(retrieval))}</p>"
@@ -176,6 +179,13 @@ def side_by_side_html(summary: dict[str, Any], rows: list[dict[str, Any]]) -> st
             cells.append(f'<td data-model="{_e(m)}">{_e(text)}{score}</td>')
         out.append(f'<tr data-question="{_e(r["question_id"])}"><td>{_e(r["question"])}</td>{"".join(cells)}</tr>')
     return head + "".join(out) + "</table>"
+
+
+def roofline_html(files: dict[str, dict[str, Any]]) -> str:
+    """Stage times against this machine's floor (nothing when the manifest recorded no roofline)."""
+    rows = roofline_rows(files["manifest"]["data"])
+    return (f"<h3>Time against this machine</h3><p class=muted>{_e(ROOFLINE_NOTE)}</p>"
+            + html_table(ROOFLINE_COLUMNS, rows, check="roofline")) if rows else ""
 
 
 def cost_html(cost: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from ragtune.eval.report.data import data_count_rows, loss_lines, rejection_rows
 from ragtune.eval.report.questions import (
     is_golden, model_header, questions_line, side_by_side_models, side_by_side_rows,
 )
+from ragtune.eval.report.roofline import ROOFLINE_COLUMNS, ROOFLINE_NOTE, roofline_rows
 from ragtune.eval.report.verdicts import (
     CONDITION_COLUMNS, CONDITION_FACT_COLUMNS, CONDITIONS_NOTE, DECLARED, GAP_NOTE, VERDICT_COLUMNS, comparison_rows,
     condition_fact_rows, condition_rows, fmt, oracle_line, results_rows, sanity_rows, skip_lines, spread_rows,
@@ -51,6 +52,8 @@ def render_markdown(labels: list[str], summaries: list[dict[str, Any]],
             parts += data_markdown(run_files[label])
         if costs is not None:
             parts += cost_markdown(costs[label])
+        if run_files is not None:
+            parts += roofline_markdown(run_files[label])
         retrieval = summary["retrieval"]
         parts += ["### Retrieval (same for every model)", "", oracle_line(retrieval), ""]
         rows = [[m, fmt(e["mean"]), str(e["failures"])] for m, e in retrieval.items() if isinstance(e, dict)]
@@ -115,6 +118,12 @@ def side_by_side_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -
              for r in chosen]
     return parts + [md_table(["question", *(["golden reference"] if golden else []),
                               *[model_header(summary, m) for m in models]], table), ""]
+
+
+def roofline_markdown(files: dict[str, dict[str, Any]]) -> list[str]:
+    """Stage times against this machine's floor (none when the manifest recorded no roofline)."""
+    rows = roofline_rows(files["manifest"]["data"])
+    return ["### Time against this machine", "", ROOFLINE_NOTE, "", md_table(ROOFLINE_COLUMNS, rows), ""] if rows else []
 
 
 def cost_markdown(cost: dict[str, Any]) -> list[str]:

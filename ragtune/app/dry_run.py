@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ragtune.app.config import ConfigError, LLMRole, RagtuneConfig, embedding_window_warnings
+from ragtune.app.estimate import stage_estimates
 from ragtune.core import engine
 from ragtune.core.errors import UserFacingError
-from ragtune.core.run_dir import NotARunFolder, check_run_folder
+from ragtune.core.run_dir import NotARunFolder, RunDir, check_run_folder
 from ragtune.app.pipeline import PIPELINE
 
 if TYPE_CHECKING:
@@ -428,7 +429,10 @@ def dry_run(config: RagtuneConfig, decisions: dict[str, str]) -> int:
     for level, message in checks:
         print(f"[{level:5}] {message}")
     print(f"\nplan for {config.output_dir}:")
+    estimates, minutes = stage_estimates(RunDir(config.output_dir), decisions)
     for stage in PIPELINE:
-        print(f"  {stage.name:7} {decisions[stage.name]}")
+        print(f"  {stage.name:7} {decisions[stage.name]:7} {estimates[stage.name]}".rstrip())
+    if minutes is not None:
+        print(f"  about {minutes:.0f} min on this machine (each stage's recorded work at its recorded gap to the floor)")
     print("\n" + "\n".join(gpu_lines))
     return 1 if any(level == "error" for level, _ in checks) else 0

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from ragtune.app.config import RagtuneConfig, load_config
-from ragtune.core import engine
+from ragtune.core import engine, roofline
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
 from ragtune.eval.config import EvalConfig
@@ -216,8 +216,9 @@ def run_pipeline(config: RagtuneConfig, options: RunOptions = RunOptions()) -> d
             run_dir.retire(stage.outputs(run_dir))  # no stale artifact is reused by a resume
         print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}{reason}", flush=True)
         started = time.time()
-        run_stage(config, stage, options, prints[stage.name])
-        print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s", flush=True)
+        roof = run_stage(config, stage, options, prints[stage.name]).get("roofline") or {}
+        floor = f" (its work's floor here: {roof['floor_s']:.0f}s, {roof['x_floor']}x)" if roof.get("x_floor") else ""
+        print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s{floor}", flush=True)
     return decisions
 
 
@@ -229,15 +230,19 @@ def run_one(config: RagtuneConfig, name: str, options: RunOptions = RunOptions()
 
 def run_stage(config: RagtuneConfig, stage: Stage, options: RunOptions, inputs: dict[str, str] | None = None
               ) -> dict[str, Any]:
-    """One stage, recorded in the manifest (fingerprint and inputs, status, seconds, the facts it returns): the one
-    runner behind `ragtune run` and `ragtune STAGE`. `inputs`: the stage's fingerprints, when already computed."""
+    """One stage, recorded in the manifest (fingerprint and inputs, status, seconds, the facts it returns, its work
+    against this machine's floor: `roofline`): the one runner behind `ragtune run` and `ragtune STAGE`. `inputs`:
+    the stage's fingerprints, when already computed."""
     run_dir = RunDir(config.output_dir)
     inputs = inputs or fingerprints(config)[stage.name]
     manifest = Manifest(run_dir)
     manifest.update_stage(stage.name, fingerprint=inputs["fingerprint"], inputs=inputs)
     try:
-        with manifest.timed_stage(stage.name) as facts:
+        with manifest.timed_stage(stage.name) as facts, roofline.metered() as meter:
+            started = time.monotonic()
             facts.update(stage.run(config, run_dir, options) or {})
+            engine.shutdown_all()  # a server adds its work to the meter as it stops
+            facts["roofline"] = meter.summary(time.monotonic() - started)
     finally:
         # vLLM servers end with their stage, on errors too: training gets the cores and memory, and eval's server
         # starts with the new adapters as LoRA modules anyway (the teacher's, started by prep, has none)

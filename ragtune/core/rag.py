@@ -40,12 +40,55 @@ class IndexNotFound(UserFacingError, FileNotFoundError):
 
 
 def embedding_model(embedding: "EmbeddingConfig") -> "HuggingFaceEmbedding":
-    """The configured sentence-transformers model as a LlamaIndex embedding (CPU/GPU picked by torch)."""
+    """The configured sentence-transformers model as a LlamaIndex embedding (CPU/GPU picked by torch), in
+    `embedding.torch_dtype` (`embedding_dtype`), counting the tokens it embeds for the stage's roofline."""
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
     from ragtune.core.models import resolve_embedding
 
-    return HuggingFaceEmbedding(model_name=resolve_embedding(embedding.model), embed_batch_size=embedding.embed_batch_size)
+    class CountedEmbedding(HuggingFaceEmbedding):
+        def _embed(self, inputs: list[Any], prompt_name: str | None = None) -> list[list[float]]:
+            vectors = super()._embed(inputs, prompt_name)
+            count_embedded(self._model, inputs)
+            return vectors
+
+    path = resolve_embedding(embedding.model)
+    return CountedEmbedding(model_name=path, embed_batch_size=embedding.embed_batch_size,
+                            model_kwargs={"torch_dtype": embedding_dtype(embedding, path)})
+
+
+def embedding_dtype(embedding: "EmbeddingConfig", path: str) -> str:
+    """`embedding.torch_dtype` resolved: `auto` is the precision probe's choice at the model's shapes (CPU) or the
+    device's bf16 (GPU)."""
+    if embedding.torch_dtype != "auto":
+        return embedding.torch_dtype
+    from transformers import AutoConfig
+
+    from ragtune.core.precision import choose_dtype
+
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        model_config = None
+    return choose_dtype(model_config=model_config)
+
+
+def count_embedded(model: Any, texts: list[Any]) -> None:
+    """Add the tokens a sentence-transformers `model` just embedded (as it truncates them) to the stage's roofline."""
+    from ragtune.core import roofline
+
+    texts = [t for t in texts if isinstance(t, str)]
+    if not texts:
+        return
+    tokens = model.tokenize(texts)["attention_mask"]
+    lengths = tokens.sum(dim=1)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    device = str(model.device).split(":")[0]
+    encoder = model[0].auto_model.config
+    name = str(getattr(encoder, "_name_or_path", "embedding")).rstrip("/").removesuffix("/model")  # a wheel's folder
+    roofline.count_forward("embed", encoder, name,
+                           tokens=int(lengths.sum()), sequence=float(lengths.float().mean()), logits=0, dtype=dtype,
+                           device=device, where=f"sentence-transformers {device} {dtype}")
 
 
 def build_index(nodes: list["BaseNode"], embed_model: "HuggingFaceEmbedding", persist_dir: Path) -> "VectorStoreIndex":

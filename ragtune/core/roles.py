@@ -129,3 +129,8 @@ class StudentConfig(Strict):
 class EmbeddingConfig(Strict):
     model: str = "all-minilm-l6-v2"
     embed_batch_size: int = Field(64, ge=1)
+    # sentence-transformers' `model_kwargs={"torch_dtype": ...}`. `auto`: the faster of fp32 and bf16 weights at the
+    # model's shapes in ragtune's precision probe on CPU, bf16 on a GPU that supports it. A constant is wrong on one
+    # CPU or the other: at MiniLM's shapes a 2-core AVX2 EPYC ran bf16 weights at 0.53x fp32 (7.7 vs 14.4 GFLOP/s,
+    # 2026-12-05); a Xeon with AMX runs bf16 GEMMs 4-6x fp32 (issue #29)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -84,7 +84,20 @@ class HFChatBackend:
             except Exception as err:  # a failed batch is recorded per conversation, never dropped
                 log.warning("generation failed for %d conversations: %s", len(batch), err)
                 results.extend(Completion(None, f"{type(err).__name__}: {err}") for _ in batch)
+        self.count_work(results)
         return results
+
+    def count_work(self, results: list[Completion]) -> None:
+        """This call's prompt and generated tokens, for the stage's roofline (`ragtune.core.roofline`)."""
+        from ragtune.core import roofline
+
+        done = [c for c in results if c.error is None]
+        if done:
+            dtype = str(self.model.dtype).removeprefix("torch.")
+            roofline.count_generation(self.model.config, self.model_name, cached_tokens=0, requests=len(done),
+                                      prompt_tokens=sum(c.prompt_tokens for c in done),
+                                      generated_tokens=sum(c.completion_tokens for c in done), dtype=dtype,
+                                      device=self.device.type, where=f"transformers {self.device.type} {dtype}")
 
     def _generate_fitting(self, batch: list[list[Message]], max_new_tokens: int, temperature: float,
                           json_schema: Schemas | None, *args: Any) -> list[Completion]:
