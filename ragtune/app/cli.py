@@ -146,8 +146,10 @@ def _setup_logging(verbosity: int) -> None:
         import warnings
 
         # on an avx512_bf16 CPU bitsandbytes tries the hub's kernels-community 4-bit kernel at import and warns when it
-        # cannot (offline, or `kernels` not installed), then uses its own: nothing for the user to do
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        # cannot (offline, or `kernels` not installed), then uses its own: nothing for the user to do. `kernels` >= 0.19
+        # also warns, offline, that it skips the publisher trust check of the kernel it then does not load
+        for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
