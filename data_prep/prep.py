@@ -85,10 +85,9 @@ def run(config: "RagtuneConfig", run_dir: RunDir, teacher: "ChatBackend | None" 
     run_dir.data.mkdir(parents=True, exist_ok=True)
     state = StepState(run_dir)
     servers = gpu_plan(config)  # where managed vLLM servers run: GPUs, tensor parallelism, memory, context length
-    teacher_backend = LazyBackend(
-        lambda: teacher or make_backend(config.teacher, run_dir.logs, servers.teacher, seed=config.seed))
+    teacher_backend = LazyBackend(lambda: teacher or make_backend(config.teacher, run_dir.logs, servers.teacher))
     # the judge only for data_prep.answer_gates.llm_faithfulness
-    judge_backend = LazyBackend(lambda: make_backend(config.judge, run_dir.logs, servers.judge, seed=config.seed))
+    judge_backend = LazyBackend(lambda: make_backend(config.judge, run_dir.logs, servers.judge))
     embed_model = embedding_model(config.embedding)
     if config.retriever is None and config.data_prep.chunk_size > embed_model.max_length:  # --dry-run says it too
         log.warning("data_prep.chunk_size %d is longer than the %d word pieces %s reads: retrieval and the leakage, "

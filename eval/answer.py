@@ -419,7 +419,7 @@ def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, spec
 
     plan = gpu_plan(config)
     if spec.kind == "teacher":
-        return make_backend(config.teacher, log_dir=run_dir.logs, server=plan.teacher, seed=config.seed)
+        return make_backend(config.teacher, log_dir=run_dir.logs, server=plan.teacher)
     student = config.student
     if plan.eval is not None:  # eval.backend: vllm
         from ragtune.core.engine import get_server

@@ -200,7 +200,7 @@ def make_judge(config: "RagtuneConfig", run_dir: RunDir) -> Any:
 
     role = config.judge
     in_process = role.backend == "hf"
-    backend = make_backend(role, log_dir=run_dir.logs, server=gpu_plan(config).judge, seed=config.seed)
+    backend = make_backend(role, log_dir=run_dir.logs, server=gpu_plan(config).judge)
     return BatchedJudge(backend, max_new_tokens=role.max_new_tokens, temperature=role.temperature,
                         constrain=in_process, max_length=config.eval.judge_max_length,
                         max_items=config.eval.judge_max_items, batch_size=None if in_process else 1,

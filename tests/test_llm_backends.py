@@ -49,20 +49,6 @@ def test_batched_generation_equals_one_by_one_greedy(smollm2_backend):
     assert all(c.text for c in batched)
 
 
-def test_seeded_sampling_draws_the_same_batch_again_and_each_repeat_its_own(smollm2_dir, smollm2_backend):
-    """`seed`: a sampled batch draws the same answers on every call; repeats of one view in it differ."""
-    from ragtune.core.llm.types import row_seeds
-
-    seeded = HFChatBackend(str(smollm2_dir), batch_size=8, max_new_tokens=24, seed=3)
-    seeded.model, seeded.tokenizer = smollm2_backend.model, smollm2_backend.tokenizer
-    view, other = ([{"role": "user", "content": q}] for q in QUESTIONS[:2])
-    first = [c.text for c in seeded.chat([view, view, other], temperature=1.0)]
-    assert [c.text for c in seeded.chat([view, view, other], temperature=1.0)] == first
-    assert first[0] != first[1]
-    seeds = row_seeds(3, [view, view, other])
-    assert len(set(seeds)) == 3 and row_seeds(3, [other, view]) == [seeds[2], seeds[0]]
-
-
 def test_out_of_memory_halves_the_batch_and_still_answers_every_conversation(smollm2_dir, smollm2_backend):
     """A device that holds at most two conversations at once (the fault is injected; generation is real): the batch
     is halved until it fits, later batches start at the size that fitted, and the answers are the unsplit ones."""

@@ -213,20 +213,6 @@ def test_finish_reason_length_when_cut(server):
     assert ended.finish_reason == "stop" and "Paris" in ended.text
 
 
-def test_seeded_samples_repeat_across_calls_orders_and_batches_and_differ_per_repeat(server):
-    """The run's `seed` makes best-of-N samples reproducible on the real engine: the same rows draw the same
-    samples in another call, alone or in another order, and a view asked three times draws three samples."""
-    backend = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=24), seed=7)
-    view, other = _rag(*FACTS[0]), _rag(*FACTS[1])
-    first = [c.text for c in backend.chat([view, view, view, other], temperature=1.0)]
-    again = [c.text for c in backend.chat([other, view, view, view], temperature=1.0)]
-    assert again == [first[3], *first[:3]]
-    assert [backend.chat([other], temperature=1.0)[0].text] == [first[3]]
-    assert len(set(first[:3])) == 3
-    unseeded = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=24), seed=8)
-    assert [c.text for c in unseeded.chat([view, view, view], temperature=1.0)] != first[:3]
-
-
 def test_the_servers_work_is_read_from_its_prometheus_counters(server):
     """The roofline counts what vLLM says it computed: its prompt and generated tokens move by exactly the usage
     the answers report, and a repeated prompt shows up as cached prefill (prefix caching), not as work."""

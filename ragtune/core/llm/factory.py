@@ -13,9 +13,8 @@ from ragtune.core.llm.types import ChatBackend, Completion, Message
 from ragtune.core.roles import LLMRole
 
 
-def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: ServerPlan | None = None,
-                 seed: int | None = None) -> ChatBackend:
-    """The backend a role asks for; `seed` (the run's) makes its sampled answers reproducible (`row_seeds`). `backend: vllm` without `base_url` starts (or reuses) the process-wide
+def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: ServerPlan | None = None) -> ChatBackend:
+    """The backend a role asks for. `backend: vllm` without `base_url` starts (or reuses) the process-wide
     managed vLLM server for `role.model`, logging to `log_dir`, placed as `server` says (the run's GPU plan:
     `gpu_plan(config).teacher`; None: the role's own settings on this machine's default device); the caller ends it
     with `ragtune.core.engine.shutdown_all()` (it also ends at exit)."""
@@ -23,7 +22,7 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
         return HFChatBackend(
             role.model, torch_dtype=role.torch_dtype, device_map=role.device_map, batch_size=role.batch_size,
             max_new_tokens=role.max_new_tokens, temperature=role.temperature,
-            trust_remote_code=role.trust_remote_code, seed=seed,
+            trust_remote_code=role.trust_remote_code,
         )
     if role.backend == "vllm" and not role.base_url:
         from ragtune.core.engine import get_server
@@ -31,10 +30,10 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
         place = server or ServerPlan(gpus=(), dtype=role.torch_dtype, engine_args=role.engine_args)
         return ManagedServerBackend(
             lambda: get_server(role.model, log_dir=log_dir, dtype=place.dtype, engine_args=place.engine_args,
-                               gpus=place.gpus, trust_remote_code=role.trust_remote_code), role, seed=seed)
+                               gpus=place.gpus, trust_remote_code=role.trust_remote_code), role)
     if len(role.base_urls) > 1:
-        return ReplicaBackend([openai_backend(role, base_url=url, seed=seed) for url in role.base_urls])
-    return openai_backend(role, seed=seed)
+        return ReplicaBackend([openai_backend(role, base_url=url) for url in role.base_urls])
+    return openai_backend(role)
 
 
 class ManagedServerBackend:
@@ -43,15 +42,14 @@ class ManagedServerBackend:
     next call starts it again. A server that died is not restarted here: its calls fail with the reason.
     `served` is the model name requested (a LoRA adapter's), by default the server's own model."""
 
-    def __init__(self, start: Callable[[], Any], role: LLMRole, served: str | None = None, seed: int | None = None):
-        self._start, self._role, self._served, self._seed = start, role, served, seed
+    def __init__(self, start: Callable[[], Any], role: LLMRole, served: str | None = None):
+        self._start, self._role, self._served = start, role, served
         self._server = start()
         self._backend = self._connect()
 
     def _connect(self) -> "OpenAIChatBackend":
         return openai_backend(self._role, model=self._served or self._server.served_model_name,
-                              base_url=self._server.base_url, unavailable_hint=self._server.describe_failure,
-                              seed=self._seed)
+                              base_url=self._server.base_url, unavailable_hint=self._server.describe_failure)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -64,7 +62,7 @@ class ManagedServerBackend:
 
 
 def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | None = None,
-                   unavailable_hint: Callable[[], str] | None = None, seed: int | None = None) -> OpenAIChatBackend:
+                   unavailable_hint: Callable[[], str] | None = None) -> OpenAIChatBackend:
     """An OpenAIChatBackend with the role's client settings; `model`/`base_url` override the role's."""
     return OpenAIChatBackend(
         model=model or role.model, base_url=base_url or next(iter(role.base_urls), "https://api.openai.com/v1"),
@@ -72,5 +70,5 @@ def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | N
         timeout=role.timeout, max_retries=role.max_retries, max_consecutive_failures=role.max_consecutive_failures,
         max_new_tokens=role.max_new_tokens, temperature=role.temperature,
         structured_output=role.structured_output, unavailable_hint=unavailable_hint,
-        token_ids_in_logprobs=role.backend == "vllm", seed=seed,
+        token_ids_in_logprobs=role.backend == "vllm",
     )

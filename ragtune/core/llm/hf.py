@@ -9,8 +9,7 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable
 
-from ragtune.core.llm.types import (Completion, FinishReason, Message, Schema, Schemas, json_error, row_seeds,
-                                    schema_rows)
+from ragtune.core.llm.types import Completion, FinishReason, Message, Schema, Schemas, json_error, schema_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ class HFChatBackend:
         temperature: float = 0.0,
         trust_remote_code: bool = False,
         model_name: str | None = None,
-        seed: int | None = None,
     ):
         from ragtune.core.models import inference_device_map, load_causal_lm, load_tokenizer
 
@@ -38,7 +36,6 @@ class HFChatBackend:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.seed = seed  # a sampled batch seeds torch from its rows' `row_seeds`: the same batch, the same samples
         # the base model's tokenizer: a PEFT adapter folder has no config.json, so resolve_model rejects it
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.model = load_causal_lm(model, dtype=torch_dtype, device_map=inference_device_map(device_map),
@@ -74,20 +71,15 @@ class HFChatBackend:
         stop_when: Callable[[str], bool] | None = None,
         top_logprobs: int | None = None,
     ) -> list[Completion]:
-        import torch
-
         results: list[Completion] = []
-        temperature = self.temperature if temperature is None else temperature
-        seeds = row_seeds(self.seed, conversations) if self.seed is not None and temperature > 0 else None
         start = 0
         while start < len(conversations):  # batch_size may shrink on the way (out of memory)
             batch = conversations[start : start + self.batch_size]
             schema = schema_rows(json_schema, start, start + len(batch))
-            if seeds:
-                torch.manual_seed(sum(seeds[start : start + len(batch)]) % 2**32)
             start += len(batch)
             try:
-                results.extend(self._generate_fitting(batch, max_new_tokens or self.max_new_tokens, temperature,
+                results.extend(self._generate_fitting(batch, max_new_tokens or self.max_new_tokens,
+                                                      self.temperature if temperature is None else temperature,
                                                       schema, stop_when, top_logprobs))
             except Exception as err:  # a failed batch is recorded per conversation, never dropped
                 log.warning("generation failed for %d conversations: %s", len(batch), err)

@@ -10,19 +10,16 @@ from typing import Any, Callable
 import httpx
 
 from ragtune.core.llm.breaker import CircuitBreaker
-from ragtune.core.llm.types import (BackendUnavailable, Completion, Message, RowLost, Schema, Schemas, Token,
-                                    json_error, row_seeds)
+from ragtune.core.llm.types import BackendUnavailable, Completion, Message, RowLost, Schema, Schemas, Token, json_error
 
 
-def fan_out(pool: ThreadPoolExecutor, row: Callable[[list[Message], Schema | None, int | None], Completion],
-            conversations: list[list[Message]], json_schema: Schemas | None,
-            seeds: list[int] | None = None) -> list[Completion]:
-    """One `chat` call: `row(conversation, schema, seed)` for every conversation on `pool`, the Completions in order.
+def fan_out(pool: ThreadPoolExecutor, row: Callable[[list[Message], Schema | None], Completion],
+            conversations: list[list[Message]], json_schema: Schemas | None) -> list[Completion]:
+    """One `chat` call: `row(conversation, schema)` for every conversation on `pool`, the Completions in order.
     An endpoint that stops answering cancels the rows not started and raises BackendUnavailable carrying the rows
     finished before it."""
     schemas = json_schema if isinstance(json_schema, list) else [json_schema] * len(conversations)
-    futures = [pool.submit(row, c, schema, seed)
-               for c, schema, seed in zip(conversations, schemas, seeds or [None] * len(conversations))]
+    futures = [pool.submit(row, c, schema) for c, schema in zip(conversations, schemas)]
     done: list[Completion | None] = []
     failure: BackendUnavailable | None = None
     for future in futures:
@@ -38,11 +35,6 @@ def fan_out(pool: ThreadPoolExecutor, row: Callable[[list[Message], Schema | Non
     if failure is not None:
         raise BackendUnavailable(str(failure), done)
     return [c for c in done if c is not None]
-
-
-def seeded(params: dict[str, Any], seed: int | None) -> dict[str, Any]:
-    """`params` with the row's sampling `seed`, when it has one."""
-    return params if seed is None else {**params, "seed": seed}
 
 
 class OpenAIChatBackend:
@@ -71,7 +63,6 @@ class OpenAIChatBackend:
         structured_output: bool = True,
         unavailable_hint: Callable[[], str] | None = None,
         token_ids_in_logprobs: bool = False,
-        seed: int | None = None,
     ):
         import openai
 
@@ -86,7 +77,6 @@ class OpenAIChatBackend:
         # vLLM's `return_tokens_as_token_ids`: log-prob tokens come as "token_id:123", not as text (other endpoints
         # reject the unknown parameter)
         self.token_ids_in_logprobs = token_ids_in_logprobs
-        self.seed = seed  # sampled rows send a per-row `seed` (`row_seeds`): vLLM and OpenAI honour it
         api_key = "unused"  # the SDK insists on a key; a local server without --api-key ignores it
         if api_key_env:
             api_key = os.environ.get(api_key_env) or ""
@@ -134,9 +124,8 @@ class OpenAIChatBackend:
         if not self._probed:
             self.probe()
         params = self.params(max_new_tokens, temperature, top_logprobs)
-        return fan_out(self._pool, lambda c, schema, seed: self._row(c, seeded(self._with_schema(params, schema), seed),
-                                                                     stop_when),
-                       conversations, json_schema, self.row_seeds(params, conversations))
+        return fan_out(self._pool, lambda c, schema: self._row(c, self._with_schema(params, schema), stop_when),
+                       conversations, json_schema)
 
     def _row(self, messages: list[Message], params: dict[str, Any],
              stop_when: Callable[[str], bool] | None) -> Completion:
@@ -158,10 +147,6 @@ class OpenAIChatBackend:
             if self.token_ids_in_logprobs:
                 params["extra_body"] = {"return_tokens_as_token_ids": True}
         return params
-
-    def row_seeds(self, params: dict[str, Any], conversations: list[list[Message]]) -> list[int] | None:
-        """The rows' seeds when this call samples and the backend has a seed, else None (greedy needs none)."""
-        return row_seeds(self.seed, conversations) if self.seed is not None and params["temperature"] > 0 else None
 
     def _with_schema(self, params: dict[str, Any], schema: Schema | None) -> dict[str, Any]:
         """`params` with `response_format` json_schema (vLLM's structured outputs), when the endpoint has them."""

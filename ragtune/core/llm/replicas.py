@@ -7,7 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ragtune.core.llm.openai import OpenAIChatBackend, fan_out, seeded
+from ragtune.core.llm.openai import OpenAIChatBackend, fan_out
 from ragtune.core.llm.types import BackendUnavailable, Completion, Message, RowLost, Schema, Schemas
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class ReplicaBackend:
         if not self._probed:
             self.probe()
         params = self.replicas[0].params(max_new_tokens, temperature, top_logprobs)
-        return fan_out(self._pool, lambda c, schema, seed: self._row(c, seeded(params, seed), schema, stop_when),
-                       conversations, json_schema, self.replicas[0].row_seeds(params, conversations))
+        return fan_out(self._pool, lambda c, schema: self._row(c, params, schema, stop_when), conversations,
+                       json_schema)
 
     def _row(self, messages: list[Message], params: dict[str, Any], schema: Schema | None,
              stop_when: Callable[[str], bool] | None) -> Completion:

@@ -3,9 +3,7 @@ raises, and the `ChatBackend` protocol the stages program against."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
@@ -81,20 +79,6 @@ class ChatBackend(Protocol):
         an endpoint cannot and generates until its own stop). `top_logprobs=k` fills `Completion.tokens` and
         `Completion.logprobs`."""
         ...
-
-
-def row_seeds(seed: int, conversations: list[list[Message]]) -> list[int]:
-    """Per conversation, its sampling seed under the run's `seed`: from its messages and how many identical ones came
-    before it in the call. A row draws the same sample whatever its batch, order or resume, and a view asked N times
-    in one call (best-of-N) draws N different ones: the demo's kept rows were 109, 112 and 113 in three unseeded
-    runs of one commit."""
-    seen: Counter[str] = Counter()
-    seeds = []
-    for conversation in conversations:
-        key = json.dumps(conversation, sort_keys=True)
-        seeds.append(int(hashlib.sha256(f"{seed}:{seen[key]}:{key}".encode()).hexdigest()[:8], 16))
-        seen[key] += 1
-    return seeds
 
 
 def json_error(text: str, finish_reason: str | None, max_new_tokens: int) -> str | None:
