@@ -415,6 +415,7 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     assert trainer.score_labelled_only
     items = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator([{"input_ids": x["input_ids"], "labels": x["labels"]} for x in items])
+    assert batch["input_ids"].shape[1] % 32 == 0  # SFT_DEFAULTS' pad_to_multiple_of: the loss ignores the padding
     trainer.model.train()
     results = []
     for labelled_only in (True, False):
