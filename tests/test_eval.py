@@ -478,7 +478,7 @@ def test_judge_output_parsing_and_its_errors() -> None:
 class _JudgeServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint that answers AnswerRelevancy calls and stalls on everything else."""
 
-    stall_seconds = 3.0
+    stall_seconds = 20.0
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -516,7 +516,8 @@ def judge_server() -> Iterator[str]:
 def test_failing_judge_is_a_recorded_failure_not_a_nan(
     limit: str, judge_server: str, prepared_data: Path, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    backend_timeout, judge_timeout = (1.0, 600.0) if limit == "backend timeout" else (30.0, 1.0)
+    # 4 s, not 1: under CI's load a 1 s limit also cut the answers this server gives at once
+    backend_timeout, judge_timeout = (4.0, 600.0) if limit == "backend timeout" else (30.0, 4.0)
     config, run = make_run(
         tmp_path, prepared_data, models,
         judge={"backend": "openai", "model": "stub-judge", "base_url": judge_server, "timeout": backend_timeout,
@@ -530,8 +531,8 @@ def test_failing_judge_is_a_recorded_failure_not_a_nan(
     assert base["faithfulness"]["n"] == 0 and base["faithfulness"]["mean"] is None
     assert base["faithfulness"]["failures"] == 3
     (reason,) = base["faithfulness"]["failure_reasons"]
-    assert re.search(r"timed out after 1(\.0)?s", reason), reason
-    assert base["answer_relevancy"]["n"] == 3 and 0 <= base["answer_relevancy"]["mean"] <= 1
+    assert re.search(r"timed out after 4(\.0)?s", reason), reason
+    assert base["answer_relevancy"]["n"] == 3 and 0 <= base["answer_relevancy"]["mean"] <= 1, base["answer_relevancy"]
     assert base["bleu_score"]["n"] == 3
     assert base["ragas_score"] == {"n": 0, "value": None}
     for row in read_jsonl(run.scores("base", "rag")):
