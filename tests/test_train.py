@@ -516,7 +516,7 @@ def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_conf
     entry = json.loads(cache.read_text())
     cases = [  # (GFLOP/s per format, expected choice, SFTConfig.bf16, dtype of the frozen base)
         ({"fp32": 60.0, "bf16_autocast": 1.5, "bf16_weights": 1.7}, "fp32", False, torch.float32),  # AVX2-only EPYC
-        ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 310.0}, "bf16_weights", False, torch.bfloat16),
+        ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 310.0}, "bf16_weights", True, torch.bfloat16),
         ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 200.0}, "bf16_autocast", True, torch.float32),
         ({"fp32": 100.0, "bf16_autocast": 105.0, "bf16_weights": 90.0}, "fp32", False, torch.float32),  # within MARGIN
     ]
