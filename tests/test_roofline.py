@@ -62,3 +62,11 @@ def test_dry_run_rescales_a_recorded_stage_by_this_machines_rate_now():
     seconds, how = rescaled_seconds({"seconds": 300.0, "work": [item]})
     assert seconds == pytest.approx(150.0) and "floor here" in how
     assert rescaled_seconds({"seconds": 300.0, "work": [{**item, "gflops": None}]})[0] == 300.0
+
+
+def test_weights_and_autocast_map_to_the_probe_format_that_runs_them():
+    """fp32 weights under bf16 autocast (`train.bf16: true`) run the probe's bf16_autocast GEMMs, not fp32's."""
+    assert roofline.precision_mode("float32", autocast=True) == "bf16_autocast"
+    assert roofline.precision_mode("float32") == "fp32"
+    assert roofline.precision_mode("bfloat16", autocast=True) == "bf16_weights"
+    assert roofline.precision_mode("bf16_weights") == "bf16_weights"

@@ -176,7 +176,8 @@ def count_training_work(trainer: Any, facts: dict[str, Any]) -> None:
     else:  # labels made by the collator (e.g. DataCollatorForCompletionOnlyLM): logits at every position
         labelled = sum(lengths)
     precision = facts["precision"]
-    mode = precision["choice"] if precision["choice"] in MODES else precision["torch_dtype"] or "float32"
+    mode = roofline.precision_mode(precision["choice"] if precision["choice"] in MODES
+                                   else precision["torch_dtype"] or "float32", autocast=bool(precision["bf16"]))
     where = f"{precision['device']} {mode}"
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     name = str(getattr(model, "name_or_path", "student"))

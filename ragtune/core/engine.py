@@ -102,6 +102,7 @@ class VLLMServer:
         self.lora_modules = dict(lora_modules or {})
         self.engine_args = dict(engine_args or {})
         self.gpus = tuple(gpus)
+        self.trust_remote_code = trust_remote_code
         self.settings = (dtype, trust_remote_code, json.dumps(self.engine_args, sort_keys=True), self.gpus)
         needed = max((lora_rank(path) for path in self.lora_modules.values()), default=16)  # 16: vLLM's default
         self.max_lora_rank = int(self.engine_args.get("max_lora_rank")
@@ -151,7 +152,7 @@ class VLLMServer:
         if self.lora_modules:
             defaults.update(max_lora_rank=self.max_lora_rank, max_loras=len(self.lora_modules))
         args += engine_flags({**defaults, **self.engine_args})
-        if self.settings[1]:  # trust_remote_code
+        if self.trust_remote_code:
             args.append("--trust-remote-code")
         if self.lora_modules:
             args += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in self.lora_modules.items())]
@@ -164,7 +165,7 @@ class VLLMServer:
         python = find_engine_python()
         if self.engine_args:
             check_engine_args(python, self.engine_args)
-        model_path = dense_copy(resolve_model(self.served_model_name), self.settings[1]).name_or_path
+        model_path = dense_copy(resolve_model(self.served_model_name), self.trust_remote_code).name_or_path
         on_cpu = not _cuda_available()
         self.model_path, self.on_cpu = model_path, on_cpu
         if self.gpus and max(self.gpus) >= _cuda_devices():

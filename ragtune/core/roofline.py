@@ -82,11 +82,13 @@ def _config(model: Any) -> Any:
     return model
 
 
-def precision_mode(dtype: str) -> str:
-    """The precision probe's format for weights in `dtype` (or a probe format, kept)."""
-    from ragtune.core.precision import BF16_WEIGHTS, FP32, MODES
+def precision_mode(dtype: str, autocast: bool = False) -> str:
+    """The precision probe's format for weights in `dtype` (or a probe format, kept), under bf16 `autocast` or not."""
+    from ragtune.core.precision import BF16_AUTOCAST, BF16_WEIGHTS, FP32, MODES
 
-    return dtype if dtype in MODES else BF16_WEIGHTS if dtype in ("bfloat16", "bf16") else FP32
+    if dtype in MODES:
+        return dtype
+    return BF16_WEIGHTS if dtype in ("bfloat16", "bf16") else BF16_AUTOCAST if autocast else FP32
 
 
 def cpu_rate(shapes: list[list[int]], mode: str, backward: bool) -> float | None:
