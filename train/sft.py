@@ -163,7 +163,6 @@ def count_training_work(trainer: Any, facts: dict[str, Any]) -> None:
     """This process's training work for the stage's roofline (`ragtune.core.roofline`): the steps it ran (a resumed
     run counts from its checkpoint) over the trainer's own tokenized rows, and its eval-loss passes."""
     from ragtune.core import roofline
-    from ragtune.core.precision import MODES
 
     state, dataset = trainer.state, trainer.train_dataset
     if not state.global_step or dataset is None or "input_ids" not in dataset.column_names:
@@ -176,8 +175,7 @@ def count_training_work(trainer: Any, facts: dict[str, Any]) -> None:
     else:  # labels made by the collator (e.g. DataCollatorForCompletionOnlyLM): logits at every position
         labelled = sum(lengths)
     precision = facts["precision"]
-    mode = roofline.precision_mode(precision["choice"] if precision["choice"] in MODES
-                                   else precision["torch_dtype"] or "float32", autocast=bool(precision["bf16"]))
+    mode = roofline.precision_mode(precision["torch_dtype"] or "float32", autocast=bool(precision["bf16"]))
     where = f"{precision['device']} {mode}"
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     name = str(getattr(model, "name_or_path", "student"))
