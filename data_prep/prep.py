@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,11 +65,6 @@ if TYPE_CHECKING:
     from ragtune.core.llm import ChatBackend
 
 log = logging.getLogger(__name__)
-
-# generate this many more questions than asked: near-duplicate removal (both splits) and the leakage check (eval)
-# drop some after generation (demo, whole filing: 27 near-duplicates of 200 train questions; 2 leaked of 36 eval)
-QUESTION_SLACK = 0.2
-
 
 class PrepError(UserFacingError):
     """The stage cannot produce a usable dataset; says why and what to change."""
@@ -252,11 +246,11 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
     state.start("questions", fingerprint, outputs)
 
     targets = {"train": prep.num_train_questions, "eval": prep.num_eval_questions}
-    raw_rows = _raw_questions(config, run_dir, chunks, split, targets, teacher, index)
-    selected, rejected = _filter_questions(raw_rows, chunks, targets, prep, embed_model)
+    selected = _raw_questions(config, run_dir, chunks, split, targets, teacher, index, embed_model)
+    rejected = selected.pop("rejected")
     if not selected["train"]:
         raise PrepError(
-            f"no usable training question out of {sum(len(r['candidates']) for r in raw_rows.values())} generated "
+            f"no usable training question out of {len(rejected)} generated "
             f"(see {run_dir.questions_rejected} for the reasons). Use a stronger teacher, raise teacher.max_new_tokens, "
             "or relax data_prep.answerable_check."
         )
@@ -278,42 +272,51 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
 
 
 def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[str, Any]], split: dict[str, set[str]],
-                   targets: dict[str, int], teacher: LazyBackend, index: "VectorStoreIndex") -> dict[str, dict[str, Any]]:
-    """The teacher's questions per chunk (data/questions.raw.jsonl, resumed), chunks in a seeded order per split."""
+                   targets: dict[str, int], teacher: LazyBackend, index: "VectorStoreIndex",
+                   embed_model: Any) -> dict[str, list[dict[str, Any]]]:
+    """The teacher's questions per chunk (data/questions.raw.jsonl, resumed), chunks in a seeded order per split,
+    until the filters keep each split's target; returns the kept questions per split and every rejected one
+    ("rejected"). Generation stops on the filtered count, not the raw one: a fixed 20 % margin for the
+    near-duplicate and leakage filters asked ~100 of the demo's 512 chunks for questions that were then surplus."""
     prep = config.data_prep
+    chunk_by_id = {c["id"]: c for c in chunks}
+    embeddings = _CachedEmbeddings(embed_model)
+    selected: dict[str, list[dict[str, Any]]] = {"rejected": []}
     with JsonlAppender(run_dir.questions_raw, key="chunk_id") as raw, \
             JsonlAppender(run_dir.teacher_failures, key="id") as failures:
         for split_name in ("train", "eval"):
             order = [c for c in chunks if region_of(c, prep.split_unit) in split[split_name]]
             random.Random(f"{config.seed}:{split_name}").shuffle(order)
-            need = targets[split_name] + math.ceil(QUESTION_SLACK * targets[split_name])
             roundtrip = None
             if prep.roundtrip_top_k and split_name in prep.roundtrip_splits:
                 # the check searches as the split is answered: train rows among train chunks, eval everywhere
                 roundtrip = (index, sorted(c["id"] for c in order) if split_name == "train" else None)
-            _generate_questions(split_name, order, need, prep, teacher, raw, failures, roundtrip)
-        return {row["chunk_id"]: row for row in raw.rows}
+
+            def kept(split_name: str = split_name) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                rows = [r for r in raw.rows if r["split"] == split_name]
+                return filter_questions(rows, chunk_by_id, prep, embeddings, selected.get("train"))
+
+            _generate_questions(split_name, order, targets[split_name], prep, teacher, raw, failures, roundtrip,
+                                lambda: len(kept()[0]))
+            questions, rejected = kept()
+            surplus = questions[targets[split_name]:]
+            selected[split_name] = questions[: targets[split_name]]
+            selected["rejected"] += rejected + [{**q, "reason": f"surplus: num_{split_name}_questions reached"}
+                                                for q in surplus]
+    return selected
 
 
-def _filter_questions(raw_rows: dict[str, dict[str, Any]], chunks: list[dict[str, Any]], targets: dict[str, int],
-                      prep: DataPrepConfig, embed_model: Any) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Kept questions per split (de-duplicated, no eval question leaking a train one, at most the target) and
-    every rejected one with its reason."""
-    chunk_by_id = {c["id"]: c for c in chunks}
-    selected: dict[str, list[dict[str, Any]]] = {}
-    rejected: list[dict[str, Any]] = []
-    for split_name in ("train", "eval"):
-        kept, dropped = select_questions([r for r in raw_rows.values() if r["split"] == split_name], chunk_by_id)
-        selected[split_name], near = drop_near_duplicates(kept, embed_model, prep.near_duplicate_threshold)
-        rejected.extend(dropped + near)
-    for split_name in ("train", "eval"):
-        if split_name == "eval":
-            selected["eval"], leaked = drop_leakage(selected["train"], selected["eval"], embed_model, prep.leakage_threshold)
-            rejected.extend(leaked)
-        surplus = selected[split_name][targets[split_name]:]
-        selected[split_name] = selected[split_name][: targets[split_name]]
-        rejected.extend({**q, "reason": f"surplus: num_{split_name}_questions reached"} for q in surplus)
-    return selected, rejected
+def filter_questions(rows: list[dict[str, Any]], chunk_by_id: dict[str, dict[str, Any]], prep: DataPrepConfig,
+                     embed_model: Any, train: list[dict[str, Any]] | None = None
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One split's kept questions in generation order (distinct, no near-duplicate and, given the kept `train`
+    questions, none leaking one of them) and the rejected ones with their reasons."""
+    questions, rejected = select_questions(rows, chunk_by_id)
+    questions, near = drop_near_duplicates(questions, embed_model, prep.near_duplicate_threshold)
+    leaked: list[dict[str, Any]] = []
+    if train is not None:
+        questions, leaked = drop_leakage(train, questions, embed_model, prep.leakage_threshold)
+    return questions, rejected + near + leaked
 
 
 # One batch embeds at a time: a tokenizer shared by two threads can fail ("Already borrowed"), and the two would
@@ -321,15 +324,27 @@ def _filter_questions(raw_rows: dict[str, dict[str, Any]], chunks: list[dict[str
 _EMBEDDING = threading.Lock()
 
 
+class _CachedEmbeddings:
+    """The embedding model's vectors by text, each text embedded once: generation counts the kept questions after
+    every batch, each count embedding only the new ones."""
+
+    def __init__(self, embed_model: Any) -> None:
+        self.embed_model, self.vectors = embed_model, {}
+
+    def get_text_embedding_batch(self, texts: list[str]) -> list[list[float]]:
+        new = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        if new:
+            with _EMBEDDING:
+                self.vectors.update(zip(new, self.embed_model.get_text_embedding_batch(new)))
+        return [self.vectors[t] for t in texts]
+
+
 def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int, prep: DataPrepConfig,
                         teacher: "LazyBackend", raw: JsonlAppender, failures: JsonlAppender,
-                        roundtrip: tuple["VectorStoreIndex", list[str] | None] | None) -> None:
-    """Ask the teacher for questions, chunk batch by chunk batch, until `need` usable ones exist; `roundtrip` is
-    the index and chunk ids the round-trip check searches (None: no check)."""
-    def usable() -> int:
-        rows = [r for r in raw.rows if r["split"] == split_name]
-        return len({normalize_question(c["question"]) for r in rows for c in r["candidates"] if not c.get("reason")})
-
+                        roundtrip: tuple["VectorStoreIndex", list[str] | None] | None,
+                        usable: Callable[[], int]) -> None:
+    """Ask the teacher for questions, chunk batch by chunk batch, until `usable()` (the questions the filters keep)
+    reaches `need`; `roundtrip` is the index and chunk ids the round-trip check searches (None: no check)."""
     sent = {"chunks": 0, "written": 0}  # this call's chunks asked and chunks written back
 
     def batches() -> Iterator[list[dict[str, Any]]]:

@@ -243,8 +243,13 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
     # every generated question is either kept or rejected with a reason: none silently dropped
     rejected = read_jsonl(run_dir.questions_rejected)
     assert all(r["reason"] for r in rejected)
-    generated = sum(len(r["candidates"]) for r in read_jsonl(run_dir.questions_raw))
-    assert generated == len(train_q) + len(eval_q) + len(rejected)
+    raw = read_jsonl(run_dir.questions_raw)
+    assert sum(len(r["candidates"]) for r in raw) == len(train_q) + len(eval_q) + len(rejected)
+    # generation stops on what the filters keep: a split short of its target asked every chunk it has
+    split = split_regions(chunks, prep, config.seed)
+    for name, kept, target in (("train", train_q, prep.num_train_questions), ("eval", eval_q, prep.num_eval_questions)):
+        region = {c["id"] for c in chunks if region_of(c, prep.split_unit) in split[name]}
+        assert len(kept) == target or {r["chunk_id"] for r in raw if r["split"] == name} == region, name
 
     # every training question ends as a kept row or a rejected answer with its reason and text: none lost
     rows, rejected_answers = read_jsonl(run_dir.train_jsonl), read_jsonl(run_dir.answers_rejected)
@@ -254,7 +259,6 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
     assert all(r["reason"] and r["candidates"] and all("text" in c for c in r["candidates"]) for r in rejected_answers)
     assert facts["answers_rejected"] == dict(Counter(r["reason"] for r in rejected_answers))
     # no training context comes from an eval page: retrieval and RAFT distractors see train-region chunks only
-    split = split_regions(chunks, prep, config.seed)
     questions = {q["id"]: q for q in train_q}
     for row in rows:
         meta = row["meta"]
