@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 from ragtune.core.artifacts import JsonlAppender
 from ragtune.core.gates import AnswerGates, Verdict
 from ragtune.core.grounding import final_answer
+from ragtune.core.llm import LazyBackend
 from ragtune.core.llm.overlap import depth_for, overlapped
 from ragtune.core.rag import build_closed_book_messages
 from ragtune.core.teacher import BestOfN, best_of_n
 from ragtune.data_prep.questions import yes_no_schema
-from ragtune.data_prep.state import LazyBackend
 
 if TYPE_CHECKING:
     from ragtune.app.config import RagtuneConfig

@@ -47,7 +47,7 @@ from ragtune.core.errors import UserFacingError, check_failures
 from ragtune.core.gpu_plan import gpu_plan
 from ragtune.core.rag import build_rag_messages, embedding_model, retrieve
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
-from ragtune.core.llm import check_same_tokenizer, make_backend
+from ragtune.core.llm import LazyBackend, check_same_tokenizer, make_backend
 from ragtune.core.llm.overlap import depth_for, overlapped
 from ragtune.core.teacher import teacher_fingerprint
 from ragtune.data_prep.config import DataPrepConfig
@@ -56,7 +56,7 @@ from ragtune.data_prep.questions import (
     answerable_verdicts, drop_leakage, drop_near_duplicates, enough_questions, normalize_question, parse_questions,
     question_prompt, roundtrip_verdicts, select_questions,
 )
-from ragtune.data_prep.state import LazyBackend, StepState
+from ragtune.data_prep.state import StepState
 
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex

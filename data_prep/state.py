@@ -1,23 +1,18 @@
-"""Plumbing of prep's resumable steps: what each step consumed and finished, and a teacher built only when used."""
+"""Plumbing of prep's resumable steps: what each step consumed and finished."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any
 
 from ragtune.core.artifacts import write_json
 from ragtune.core.run_dir import RunDir
 
-if TYPE_CHECKING:
-    from ragtune.core.llm import ChatBackend
-
 log = logging.getLogger(__name__)
 
 STEPS = ("chunks", "index", "questions", "answers")
-T = TypeVar("T")
 
 
 class StepState:
@@ -62,47 +57,3 @@ class StepState:
 
     def _save(self) -> None:
         write_json(self.path, self.steps)
-
-
-class LazyBackend:
-    """Builds the teacher on first use, so a rerun with nothing left to generate never loads it."""
-
-    def __init__(self, factory: Callable[[], "ChatBackend"]):
-        self._factory = factory
-        self._value: "ChatBackend | None" = None
-        self._lock = threading.Lock()  # batches in flight together (`overlapped`) build it once
-
-    def get(self) -> "ChatBackend":
-        with self._lock:
-            if self._value is None:
-                self._value = self._factory()
-            return self._value
-
-    def build_during(self, work: Callable[[], T], when: bool = True) -> T:
-        """`work()`'s result, the backend being built meanwhile (`when`): `work` runs in another thread, the build
-        in this one (where a managed vLLM server installs its signal handlers). Reading the demo's 307-page PDF
-        keeps one core busy for 35 s and a vLLM start mostly one core for 27 s: side by side on 2 cores. If the
-        build fails, `work` still finishes (what it made is kept) before the error is raised."""
-        if not when:
-            return work()
-        done: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                done["value"] = work()
-            except BaseException as err:  # raised again in this thread
-                done["error"] = err
-
-        worker = threading.Thread(target=run, name="prep", daemon=True)  # daemon: Ctrl-C does not wait for it
-        worker.start()
-        failure = None
-        try:
-            self.get()
-        except Exception as err:
-            failure = err
-        worker.join()
-        if "error" in done:
-            raise done["error"]
-        if failure is not None:
-            raise failure
-        return done["value"]

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragtune.eval.answer import (
-    MODES, REFERENCE_MODEL, ModelSpec, answer_fingerprint, generate_answers, generation_order, load_questions,
-    model_specs, open_rows, retrieve_contexts,
+    MODES, REFERENCE_MODEL, ModelSpec, answer_fingerprint, generate_answers, generation_order, load_backend,
+    load_questions, model_specs, open_rows, retrieve_contexts, starts_a_server,
 )
 from ragtune.eval.conditions import condition_contexts, condition_modes, judge_free
 from ragtune.eval.config import RETRIEVAL_METRICS
@@ -41,6 +41,7 @@ from ragtune.eval.score import (
 )
 from ragtune.eval.summary import RETRIEVER, summarize, write_summary
 from ragtune.core.artifacts import JsonlAppender, read_jsonl
+from ragtune.core.llm import LazyBackend
 from ragtune.core.run_dir import RunDir, sha256_file, short_hash
 
 if TYPE_CHECKING:
@@ -64,12 +65,21 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     specs = model_specs(config, run_dir, [Path(a) for a in adapters])
 
     ################
-    # 1. Retrieval (once, shared by every model), and the contexts of each `eval.retrieval_conditions`
+    # 1. Retrieval (once, shared by every model), and the contexts of each `eval.retrieval_conditions`; the first
+    #    model's vLLM server starts meanwhile
     ################
-    step = time.perf_counter()
-    retrieval = retrieve_contexts(config, run_dir, questions)
-    conditions = condition_contexts(config, run_dir, questions, retrieval)
-    timings: dict[str, Any] = {"retrieval_seconds": round(time.perf_counter() - step, 2), "generation": {}}
+    timings: dict[str, Any] = {"generation": {}}
+
+    def contexts() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        step = time.perf_counter()
+        retrieval = retrieve_contexts(config, run_dir, questions)
+        conditions = condition_contexts(config, run_dir, questions, retrieval)
+        timings["retrieval_seconds"] = round(time.perf_counter() - step, 2)
+        return retrieval, conditions
+
+    first = generation_order(specs)[0]
+    server = LazyBackend(lambda: load_backend(config, first, run_dir, specs))
+    retrieval, conditions = server.build_during(contexts, when=starts_a_server(config, run_dir, first))
 
     ################
     # 2. Answers

@@ -15,7 +15,7 @@ from ragtune.core.gates import AnswerGates, check_answer
 from ragtune.core.llm import Completion, OpenAIChatBackend
 from ragtune.data_prep.answers import JUDGE_ATTEMPTS, AnswerJob, _judge_faithfulness
 from ragtune.core.teacher import BestOfN
-from ragtune.data_prep.state import LazyBackend
+from ragtune.core.llm import LazyBackend
 
 REVENUE = ("Revenue Year Ended December 31, 2020 to 2021 (In millions) 2020 2021 Mobility $ 6,089 $ 6,953 Delivery "
            "3,904 8,362 Freight 1,011 2,132 Total revenue $ 11,139 $ 17,455")

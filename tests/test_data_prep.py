@@ -125,7 +125,7 @@ def test_leakage_check_drops_near_duplicates_with_reason() -> None:
 def test_the_teacher_is_built_while_chunks_and_index_are_made_and_a_failed_build_keeps_their_work(tmp_path: Path) -> None:
     import threading
 
-    from ragtune.data_prep.state import LazyBackend
+    from ragtune.core.llm import LazyBackend
 
     events: list[str] = []
     work_started = threading.Event()
@@ -230,6 +230,9 @@ def test_prep_on_the_excerpt(prepared: dict[str, Any]) -> None:
     by_id = {c["id"]: c for c in chunks}
 
     index = load_index(config.embedding, run_dir.index)
+    from llama_index.core import StorageContext  # load_index reads the vector stores' JSON itself: the same data
+    stores = StorageContext.from_defaults(persist_dir=str(run_dir.index)).vector_stores
+    assert {n: s.data for n, s in stores.items()} == {n: s.data for n, s in index.storage_context.vector_stores.items()}
     probe = chunks[len(chunks) // 2]
     assert retrieve(index, [probe["text"]], 1)[0][0]["id"] == probe["id"]
 

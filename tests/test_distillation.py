@@ -55,7 +55,7 @@ def teacher_rows(smollm2_dir: Path, tiny_llama_dir: Path, excerpt_pdf: Path, tmp
     from ragtune.core.rag import build_rag_messages
     from ragtune.data_prep.answers import AnswerJob, answer_all
     from ragtune.data_prep.documents import load_documents
-    from ragtune.data_prep.state import LazyBackend
+    from ragtune.core.llm import LazyBackend
 
     root = tmp_path_factory.mktemp("kd_prep")
     config = load_config(_config(root, smollm2_dir, tiny_llama_dir))

@@ -167,6 +167,22 @@ def test_reference_contexts_swap_in_a_missed_source_chunk() -> None:
     assert reference_contexts(hit, retrieved, chunk_text) == (["c2", "c3"], retrieved["contexts"])
 
 
+def test_the_first_students_server_starts_during_retrieval_only_when_its_answers_are_missing(write_config) -> None:
+    from ragtune.eval.answer import REFERENCE_MODEL, ModelSpec, starts_a_server
+
+    config = load_config(write_config(eval={"backend": "vllm", "modes": ["rag", "closed_book"]}))
+    run_dir = RunDir(config.output_dir)
+    base = ModelSpec("base", "base", "smollm2-135m-instruct", None, "base")
+    teacher = ModelSpec(REFERENCE_MODEL, "teacher", "smollm2-135m-instruct", None, "teacher")
+    assert starts_a_server(config, run_dir, base) and not starts_a_server(config, run_dir, teacher)
+    run_dir.answers("base", "rag").parent.mkdir(parents=True)
+    run_dir.answers("base", "rag").write_text("", encoding="utf-8")
+    assert starts_a_server(config, run_dir, base)  # closed_book's answers are still missing
+    run_dir.answers("base", "closed_book").write_text("", encoding="utf-8")
+    assert not starts_a_server(config, run_dir, base)
+    assert not starts_a_server(load_config(write_config(eval={"backend": "hf"})), run_dir, base)
+
+
 def test_tuned_models_scores_only_the_merged_model(evaluated: dict[str, Any], tmp_path: Path) -> None:
     """`eval.tuned_models: [merged]` skips base + adapter/ (the merge stage verified they agree)."""
     run = RunDir(tmp_path / "merged_only")

@@ -9,13 +9,14 @@ callers record failures instead of dropping samples; only an endpoint that stops
 (`BackendUnavailable`), and it does so once, quickly, naming the URL.
 
 One concern per module: `types` (messages, Completion, errors, the ChatBackend protocol), `hf`, `openai` (with
-`breaker`, its circuit breaker), `overlap` (batches of calls in flight together), `replicas`, `factory`
+`breaker`, its circuit breaker), `overlap` (batches of calls in flight together), `replicas`, `lazy` (a backend built on first use, or while other work runs), `factory`
 (`make_backend`, the managed server's backend) and `same_tokenizer` (soft-label distillation's check). The names below are the ones the stages import from here.
 """
 
 from ragtune.core.llm.breaker import CircuitBreaker
 from ragtune.core.llm.factory import ManagedServerBackend, make_backend, openai_backend
 from ragtune.core.llm.hf import HFChatBackend, StopWhen
+from ragtune.core.llm.lazy import LazyBackend
 from ragtune.core.llm.openai import OpenAIChatBackend, fan_out
 from ragtune.core.llm.overlap import overlapped
 from ragtune.core.llm.replicas import ReplicaBackend
@@ -26,7 +27,7 @@ from ragtune.core.llm.types import (
 )
 
 __all__ = [
-    "BackendUnavailable", "ChatBackend", "CircuitBreaker", "Completion", "FinishReason", "HFChatBackend",
+    "BackendUnavailable", "ChatBackend", "CircuitBreaker", "Completion", "FinishReason", "HFChatBackend", "LazyBackend",
     "ManagedServerBackend", "Message", "OpenAIChatBackend", "ReplicaBackend", "RowLost", "Schema", "Schemas",
     "StopWhen", "Token", "TokenizerMismatch", "check_same_tokenizer", "fan_out", "json_error", "make_backend",
     "openai_backend", "overlapped", "schema_rows",
