@@ -15,7 +15,9 @@ from ragtune.core.errors import UserFacingError
 from ragtune.core.gates import check_answer
 from ragtune.core.llm import HFChatBackend
 from ragtune.core.rag import build_rag_messages
-from ragtune.core.teacher import context_sentences, sentence_schema, teacher_candidates, teacher_view
+from ragtune.core.teacher import (
+    CHOICE_TOKENS, chosen_sentence, context_sentences, extract_answers, sentence_schema, teacher_candidates, teacher_view,
+)
 
 # Real chunks of Uber's 2021 10-K as the demo's 128-token splitter cut them: a bullet list cut mid-item, a chunk that
 # starts mid-sentence, a definition, a table row.
@@ -111,6 +113,31 @@ def test_extractive_teacher_answers_with_a_sentence_of_its_own_contexts(smollm2_
     assert (nothing.text, nothing.error, nothing.completion_tokens) == ("", None, 0)
     assert check_answer(nothing.text, nothing.finish_reason, contexts[2]).reason == "empty"
     assert check_answer(gaap.text, gaap.finish_reason, contexts[0]).grounding == 1.0
+
+
+def test_a_choice_is_read_off_its_first_tokens_as_the_full_decode_makes_it(smollm2_dir: Path) -> None:
+    """Greedy: the sentence extract_answers reads off CHOICE_TOKENS tokens is the one the whole decode writes."""
+    backend = HFChatBackend(str(smollm2_dir), batch_size=4, max_new_tokens=200)
+    contexts = [[DEFINITION, RISKS], [TAKE_RATE, BULLETS], [RISKS, TAKE_RATE], [DEFINITION, TAKE_RATE]]
+    questions = ["What does GAAP mean?", "How is Take Rate defined?", "Why did stock prices fluctuate?",
+                 "What is Take Rate?"]
+    views = [build_rag_messages(q, c, _prep()) for q, c in zip(questions, contexts)]
+    early = extract_answers(backend, views, contexts, 128, temperature=0.0)
+    schemas = [sentence_schema(context_sentences(c, 3 * 128)) for c in contexts]
+    full = backend.chat(views, json_schema=schemas, max_new_tokens=200)
+    assert [a.text for a in early] == [json.loads(f.text)["answer"] for f in full]
+    assert all(a.finish_reason == "stop" and 0 < a.completion_tokens <= CHOICE_TOKENS for a in early)
+    assert sum(a.completion_tokens for a in early) < sum(f.completion_tokens for f in full)
+
+
+def test_chosen_sentence_of_a_cut_reply() -> None:
+    sentences = ["Gross Bookings grew 56% year over year.", "Gross Bookings fell.", "“GAAP” means principles."]
+    assert chosen_sentence('{"answer": "Gross Bookings g', sentences) == sentences[0]
+    assert chosen_sentence('{"answer": "Gross Bookings ', sentences) is None  # two sentences start so
+    assert chosen_sentence('{"answer": "\\u201cGA', sentences) == sentences[2]
+    assert chosen_sentence('{"answer": "\\u20', sentences) is None  # a cut escape is left out: nothing chosen yet
+    assert chosen_sentence('{"answer": "Gross Bookings fell."}', sentences) == sentences[1]
+    assert chosen_sentence('{"answer": "Net', sentences) is None and chosen_sentence("", sentences) is None
 
 
 def test_off_topic_gate_rejects_a_sentence_that_shares_no_word_with_the_question() -> None:

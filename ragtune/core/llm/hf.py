@@ -184,7 +184,8 @@ class HFChatBackend:
         stopped = any(t in self.eos_token_ids for t in tokens) or (stop_when is not None and stop_when(text))
         finish_reason: FinishReason = "stop" if stopped else "length"
         error = json_error(text, finish_reason, max_new_tokens) if json_schema is not None else None
-        return Completion(text if error is None else None, error, prompt_tokens, n_new, finish_reason)
+        return Completion(text if error is None else None, error, prompt_tokens, n_new, finish_reason,
+                          cut_json=text if error is not None and finish_reason == "length" else None)
 
     def _json_logits_processor(self, schema: Schemas) -> Any:
         """xgrammar constrains decoding so the output is valid JSON for `schema` (or each row's) by construction."""

@@ -223,7 +223,8 @@ class OpenAIChatBackend:
         logprobs = getattr(choice, "logprobs", None)
         content = (logprobs.content or []) if logprobs is not None else []
         return Completion(text if error is None else None, error, prompt_tokens or 0, completion_tokens or 0, finish,
-                          *self._logprobs(content if "logprobs" in params else None))
+                          *self._logprobs(content if "logprobs" in params else None),
+                          cut_json=text if error is not None and finish == "length" else None)
 
     @staticmethod
     def _logprobs(content: list[Any] | None) -> tuple[list[Token] | None, list[list[tuple[Token, float]]] | None]:

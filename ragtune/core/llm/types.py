@@ -39,6 +39,8 @@ class Completion:
     finish_reason: FinishReason | None = None
     tokens: list[Token] | None = None
     logprobs: list[list[tuple[Token, float]]] | None = None
+    # the text of a JSON reply cut at max_new_tokens (`error` says so): an extractive teacher reads its choice off it
+    cut_json: str | None = None
 
     @property
     def usage(self) -> dict[str, int]:
