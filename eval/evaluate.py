@@ -69,17 +69,7 @@ def run(config: "RagtuneConfig", run_dir: RunDir | Path, adapters: list[Path] | 
     #    model's vLLM server starts meanwhile
     ################
     timings: dict[str, Any] = {"generation": {}}
-
-    def contexts() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        step = time.perf_counter()
-        retrieval = retrieve_contexts(config, run_dir, questions)
-        conditions = condition_contexts(config, run_dir, questions, retrieval)
-        timings["retrieval_seconds"] = round(time.perf_counter() - step, 2)
-        return retrieval, conditions
-
-    first = generation_order(specs)[0]
-    server = LazyBackend(lambda: load_backend(config, first, run_dir, specs))
-    retrieval, conditions = server.build_during(contexts, when=starts_a_server(config, run_dir, first))
+    retrieval, conditions = contexts_as_the_first_server_starts(config, run_dir, questions, specs, timings)
 
     ################
     # 2. Answers
@@ -126,6 +116,23 @@ def load_eval_questions(config: "RagtuneConfig", run_dir: RunDir
         log.warning("golden question %s: its reference is in training row(s) %s of %s", leak["question_id"],
                     ", ".join(leak["train_rows"][:3]), run_dir.train_jsonl)
     return questions, {}, question_source(config, run_dir, questions, leaks)
+
+
+def contexts_as_the_first_server_starts(config: "RagtuneConfig", run_dir: RunDir, questions: list[dict[str, Any]],
+                                       specs: list[ModelSpec], timings: dict[str, Any]
+                                       ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The retrieved contexts and each retrieval condition's, while the first model's vLLM server starts (when its
+    answers will need one: `starts_a_server`); `timings` gets the retrieval's own seconds."""
+    def contexts() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        step = time.perf_counter()
+        retrieval = retrieve_contexts(config, run_dir, questions)
+        conditions = condition_contexts(config, run_dir, questions, retrieval)
+        timings["retrieval_seconds"] = round(time.perf_counter() - step, 2)
+        return retrieval, conditions
+
+    first = generation_order(specs)[0]
+    server = LazyBackend(lambda: load_backend(config, first, run_dir, specs))
+    return server.build_during(contexts, when=starts_a_server(config, run_dir, first))
 
 
 def score(config: "RagtuneConfig", run_dir: RunDir, specs: list[ModelSpec], questions: list[dict[str, Any]],
