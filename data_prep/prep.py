@@ -53,8 +53,7 @@ from ragtune.core.teacher import teacher_fingerprint
 from ragtune.data_prep.config import DataPrepConfig
 from ragtune.data_prep.answers import AnswerJob, answer_all
 from ragtune.data_prep.questions import (
-    answerable_verdicts, drop_leakage, drop_near_duplicates, enough_questions, normalize_question, parse_questions,
-    question_prompt, roundtrip_verdicts, select_questions,
+    answerable_verdicts, enough_questions, filter_questions, parse_questions, question_prompt, roundtrip_verdicts,
 )
 from ragtune.data_prep.state import StepState
 
@@ -246,11 +245,11 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
     state.start("questions", fingerprint, outputs)
 
     targets = {"train": prep.num_train_questions, "eval": prep.num_eval_questions}
-    selected = _raw_questions(config, run_dir, chunks, split, targets, teacher, index, embed_model)
+    selected = _ask_until_kept(config, run_dir, chunks, split, targets, teacher, index, embed_model)
     rejected = selected.pop("rejected")
     if not selected["train"]:
         raise PrepError(
-            f"no usable training question out of {len(rejected)} generated "
+            f"no usable training question out of {len(rejected) + len(selected['eval'])} generated "
             f"(see {run_dir.questions_rejected} for the reasons). Use a stronger teacher, raise teacher.max_new_tokens, "
             "or relax data_prep.answerable_check."
         )
@@ -271,7 +270,7 @@ def make_questions(config: "RagtuneConfig", run_dir: RunDir, state: StepState, c
     return facts
 
 
-def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[str, Any]], split: dict[str, set[str]],
+def _ask_until_kept(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[str, Any]], split: dict[str, set[str]],
                    targets: dict[str, int], teacher: LazyBackend, index: "VectorStoreIndex",
                    embed_model: Any) -> dict[str, list[dict[str, Any]]]:
     """The teacher's questions per chunk (data/questions.raw.jsonl, resumed), chunks in a seeded order per split,
@@ -304,19 +303,6 @@ def _raw_questions(config: "RagtuneConfig", run_dir: RunDir, chunks: list[dict[s
             selected["rejected"] += rejected + [{**q, "reason": f"surplus: num_{split_name}_questions reached"}
                                                 for q in surplus]
     return selected
-
-
-def filter_questions(rows: list[dict[str, Any]], chunk_by_id: dict[str, dict[str, Any]], prep: DataPrepConfig,
-                     embed_model: Any, train: list[dict[str, Any]] | None = None
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One split's kept questions in generation order (distinct, no near-duplicate and, given the kept `train`
-    questions, none leaking one of them) and the rejected ones with their reasons."""
-    questions, rejected = select_questions(rows, chunk_by_id)
-    questions, near = drop_near_duplicates(questions, embed_model, prep.near_duplicate_threshold)
-    leaked: list[dict[str, Any]] = []
-    if train is not None:
-        questions, leaked = drop_leakage(train, questions, embed_model, prep.leakage_threshold)
-    return questions, rejected + near + leaked
 
 
 # One batch embeds at a time: a tokenizer shared by two threads can fail ("Already borrowed"), and the two would

@@ -168,6 +168,19 @@ def select_questions(raw_rows: list[dict[str, Any]], chunk_by_id: dict[str, dict
     return kept, rejected
 
 
+def filter_questions(rows: list[dict[str, Any]], chunk_by_id: dict[str, dict[str, Any]], prep: DataPrepConfig,
+                     embed_model: Any, train: list[dict[str, Any]] | None = None
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One split's kept questions in generation order (distinct, no near-duplicate and, given the kept `train`
+    questions, none leaking one of them) and the rejected ones with their reasons."""
+    questions, rejected = select_questions(rows, chunk_by_id)
+    questions, near = drop_near_duplicates(questions, embed_model, prep.near_duplicate_threshold)
+    leaked: list[dict[str, Any]] = []
+    if train is not None:
+        questions, leaked = drop_leakage(train, questions, embed_model, prep.leakage_threshold)
+    return questions, rejected + near + leaked
+
+
 def drop_near_duplicates(questions: list[dict[str, Any]], embed_model: Any, threshold: float
                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Drop questions whose embedding is within `threshold` cosine similarity of an earlier kept one (the same

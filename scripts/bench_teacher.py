@@ -133,9 +133,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
     from ragtune.core import engine
-    from ragtune.core.llm import HFChatBackend, make_backend
+    from ragtune.core.llm import HFChatBackend, LazyBackend, make_backend
     from ragtune.data_prep.prep import make_answers
-    from ragtune.core.llm import LazyBackend
 
     questions = QUESTIONS[: args.questions]
     config, run_dir, state, chunks, index, split = prepare_run(args, work, questions)

@@ -41,7 +41,7 @@ class LazyBackend:
             except BaseException as err:  # raised again in this thread
                 done["error"] = err
 
-        worker = threading.Thread(target=run, name="prep", daemon=True)  # daemon: Ctrl-C does not wait for it
+        worker = threading.Thread(target=run, name="build-during", daemon=True)  # daemon: Ctrl-C does not wait for it
         worker.start()
         failure = None
         try:
