@@ -4,7 +4,9 @@ Nothing here needs a GPU or starts vLLM: the plan is computed for a declared GPU
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,10 @@ def test_engine_args_reach_the_exact_command_line() -> None:
 
     on_cpu = engine.VLLMServer("m", engine_args={"enforce_eager": False}).server_args("/models/m", on_cpu=True)
     assert "--no-enforce-eager" in on_cpu and "--enforce-eager" not in on_cpu
+    assert on_cpu[on_cpu.index("--block-size") + 1] == str(engine.CPU_BLOCK_SIZE)  # prefix-cache sharing on CPU
+    assert json.loads(on_cpu[on_cpu.index("--structured-outputs-config") + 1]) == {"backend": "guidance"}
+    own_blocks = engine.VLLMServer("m", engine_args={"block_size": 128}).server_args("/models/m", on_cpu=True)
+    assert own_blocks[own_blocks.index("--block-size") + 1] == "128" and own_blocks.count("--block-size") == 1
 
 
 def test_server_gpus_follow_ragtunes_own_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,3 +120,42 @@ def test_dry_run_prints_the_gpu_plan_of_gpu_qlora(monkeypatch: pytest.MonkeyPatc
     evaluate = next(line for line in out.splitlines() if line.strip().startswith("CUDA_VISIBLE_DEVICES=0 "))
     assert "--model meta-llama/Llama-3.1-8B-Instruct" in evaluate and "--lora-modules adapter=" in evaluate
     assert "which this machine lacks" in out
+
+
+def test_a_cpu_server_eval_can_take_outlives_its_stage_and_none_on_gpus(write_config, smollm2_dir: Path,
+                                                                        tiny_llama_dir: Path) -> None:
+    """`ragtune run` leaves prep's CPU server up for eval when eval serves the students in its settings, its model or
+    one of the same shape; another dtype, a LoRA server, a server on GPUs or a GPU plan end with the stage."""
+    from ragtune.app.pipeline import servers_eval_takes
+
+    config = load_config(write_config(student={"model": str(smollm2_dir)}, eval={"backend": "vllm"}))
+    takes = servers_eval_takes(config)
+    plan = gpu_plan(config).eval
+    served = engine.VLLMServer(str(smollm2_dir), dtype=plan.dtype)
+    assert takes(served)
+    alike = engine.VLLMServer("smollm2-135m-instruct", dtype=plan.dtype)
+    alike.model_path = str(smollm2_dir)
+    assert takes(alike)  # prep's teacher, by its alias: the student's own weights
+    other_shape = engine.VLLMServer(str(tiny_llama_dir), dtype=plan.dtype)
+    other_shape.model_path = str(tiny_llama_dir)
+    assert not takes(other_shape)
+    assert not takes(engine.VLLMServer(str(smollm2_dir), dtype="bfloat16" if plan.dtype != "bfloat16" else "float32"))
+    on_gpus = engine.VLLMServer(str(smollm2_dir), dtype=plan.dtype)
+    on_gpus.on_cpu = False
+    assert not takes(on_gpus)
+    assert servers_eval_takes(load_config(write_config(eval={"backend": "vllm"}, gpus={"count": 2}))) is None
+    assert servers_eval_takes(load_config(write_config())) is None  # in-process eval: no server to keep
+
+
+def test_weights_swap_only_between_models_that_differ_in_weights_alone(smollm2_dir: Path, tiny_llama_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """A saved copy with other weights, dtype and name is the same server; another shape, tokenizer or chat template
+    is not, nor a hub id this machine has no files of."""
+    copy = Path(shutil.copytree(smollm2_dir, tmp_path / "merged"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "merged", "dtype": "bfloat16"}))
+    assert engine.same_but_weights(str(smollm2_dir), str(copy))
+    assert not engine.same_but_weights(str(smollm2_dir), str(tiny_llama_dir))
+    (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert not engine.same_but_weights(str(smollm2_dir), str(copy))
+    assert not engine.same_but_weights(str(smollm2_dir), "no-such-org/no-such-model")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,23 +375,51 @@ def test_shutdown_all_leaves_no_process(server, log_dir):
     assert engine._servers == {}
 
 
-def test_one_managed_server_at_a_time_and_a_replaced_one_comes_back(smollm2_dir, log_dir):
-    """Starting another model's server stops the running one (eval answers its models one after another; two
-    servers split the machine: on a GPU each vLLM claims 90% of its memory); the first model's backend starts
-    its server again at its next call, with the same greedy answer."""
+def _merged(base: Path, out: Path) -> Path:
+    """A merged student: the base with a random LoRA folded in (other answers), saved beside the base's tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).merge_and_unload().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(base / name, out / name)
+    return out
+
+
+def test_one_managed_server_at_a_time_a_model_of_the_same_shape_swapped_in(smollm2_dir, tiny_llama_dir, log_dir,
+                                                                           tmp_path):
+    """A merged student takes its base's running server (its weights loaded in place, the prefix cache emptied) and
+    answers as PEFT's merged model does; the base's backend swaps them back at its next call. A model of another
+    shape stops the running server (one at a time: on a GPU each vLLM claims 90% of its memory) and the first
+    model's backend starts its server again, with the same greedy answer. `end_stage` keeps what it is told to."""
     question = [[{"role": "user", "content": "What is the capital of France?"}]]
-    teacher = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=16), log_dir=log_dir)
+    base = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=16), log_dir=log_dir)
     first = engine.get_server(MODEL, log_dir=log_dir)
-    [before] = teacher.chat(question)
-    other = make_backend(LLMRole(backend="vllm", model=str(smollm2_dir), max_new_tokens=16), log_dir=log_dir)
-    assert not _wait_gone(first.process.pid, 5) and list(engine._servers) == [str(smollm2_dir)]
+    [before] = base.chat(question)
+    merged_dir = _merged(smollm2_dir, tmp_path / "merged")
+    merged = make_backend(LLMRole(backend="vllm", model=str(merged_dir), max_new_tokens=16), log_dir=log_dir)
+    assert merged.base_url == base.base_url and first.alive and list(engine._servers) == [str(merged_dir)]
+    [swapped] = merged.chat(question)
+    [local] = HFChatBackend(str(merged_dir), max_new_tokens=16).chat(question)
+    assert swapped.text == local.text != before.text
+    [again] = base.chat(question)
+    assert again.text == before.text and list(engine._servers) == [MODEL] and first.alive
+
+    engine.end_stage(keep=lambda server: server is first)
+    assert first.alive and list(engine._servers) == [MODEL]
+    other = make_backend(LLMRole(backend="vllm", model=str(tiny_llama_dir), max_new_tokens=16), log_dir=log_dir)
+    assert not _wait_gone(first.process.pid, 5) and list(engine._servers) == [str(tiny_llama_dir)]
     assert "to start another" in first.describe_failure()
-    [after] = teacher.chat(question)
+    [after] = base.chat(question)
     assert after.error is None and after.text == before.text and "Paris" in after.text
     assert list(engine._servers) == [MODEL]
     assert engine.get_server(MODEL, log_dir=log_dir).process.pid != first.process.pid
-    assert other.base_url != teacher.base_url
-    engine.shutdown_all()
+    assert other.base_url != base.base_url
+    engine.end_stage()
+    assert engine._servers == {}
 
 
 # The owner takes Ctrl-C as a terminal's ragtune does, even when the suite itself was started in the background

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -55,6 +55,16 @@ SMALL_CPU = 4
 # vLLM's CPU docs also preload Intel's OpenMP (its venv has libiomp5.so): alone it served 96 question prompts at 32
 # in flight in 32.6-37.3 s instead of 45.1-48.6 s, but in prep, beside ragtune's own process on the same 2 cores, the
 # stage took 315 s with it and 297 s without (avx512_bf16 EPYC, 2026-12-05), so ragtune leaves torch's GNU OpenMP.
+# vLLM's prefix cache shares whole KV blocks, 128 tokens each by default on CPU: best-of-4 teacher answers on a
+# ~330-token RAG prompt shared 2 blocks and recomputed the rest 4 times. At 32 tokens (the smallest block the CPU
+# attention kernels take) prep prefilled 121k instead of 163k tokens and answered 1.87 instead of 1.41 rows/s; the
+# demo's prep took 259 s instead of 281 s (avx512_bf16 EPYC, 2026-12-05)
+CPU_BLOCK_SIZE = 32
+# Structured outputs through llguidance, which computes each token mask as it decodes, not xgrammar (vLLM's `auto`),
+# which compiles every new schema before its request runs: the extractive teacher sends one schema per row (its
+# contexts' sentences), and with xgrammar 31 of 32 requests waited ~10 s on compiles at the start of prep's answers.
+# The demo's 128 training rows: 54 s instead of 67 s, 2.37 instead of 1.89 rows/s (avx512_bf16 EPYC, 2026-12-05)
+CPU_GRAMMAR_BACKEND = "guidance"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 # Runs the API server in the engine's Python with a watchdog: when the owning ragtune process dies (even by
@@ -76,6 +86,12 @@ runpy.run_module(%(module)r, run_name="__main__", alter_sys=True)
 def small_cpu() -> bool:
     """Whether this process may use at most SMALL_CPU cores (where vLLM's CPU defaults cost more than they give)."""
     return len(os.sched_getaffinity(0)) <= SMALL_CPU
+
+
+def server_settings(dtype: str, trust_remote_code: bool, engine_args: dict[str, Any] | None,
+                    gpus: tuple[int, ...]) -> tuple[Any, ...]:
+    """What must match for a running server to serve another request: its dtype, code trust, engine args, GPUs."""
+    return dtype, trust_remote_code, json.dumps(dict(engine_args or {}), sort_keys=True), tuple(gpus)
 
 
 def free_port() -> int:
@@ -106,7 +122,7 @@ class VLLMServer:
         self.engine_args = dict(engine_args or {})
         self.gpus = tuple(gpus)
         self.trust_remote_code = trust_remote_code
-        self.settings = (dtype, trust_remote_code, json.dumps(self.engine_args, sort_keys=True), self.gpus)
+        self.settings = server_settings(dtype, trust_remote_code, self.engine_args, self.gpus)
         needed = max((lora_rank(path) for path in self.lora_modules.values()), default=16)  # 16: vLLM's default
         self.max_lora_rank = int(self.engine_args.get("max_lora_rank")
                                  or next((r for r in LORA_RANKS if r >= needed), LORA_RANKS[-1]))
@@ -117,6 +133,9 @@ class VLLMServer:
         self.model_path, self.on_cpu = "", True
         self.process: subprocess.Popen | None = None
         self.handed_over = False  # stopped by ragtune for another server: a backend may start it again
+        self.loaded = model  # whose weights it serves: its own, or a model of the same shape swapped in (`swap_to`)
+        self.users = 0  # backend calls in flight (`claim`): weights are swapped only under none
+        self.counted = dict.fromkeys(("prompt_tokens", "cached_tokens", "generated_tokens", "requests"), 0)
 
     @property
     def base_url(self) -> str:
@@ -150,6 +169,8 @@ class VLLMServer:
         defaults: dict[str, Any] = {}
         if on_cpu:  # torch.compile costs 40-110 s of startup on CPU for the same speed (measured here)
             defaults["enforce_eager"] = True
+            defaults["block_size"] = CPU_BLOCK_SIZE
+            defaults["structured_outputs_config"] = {"backend": CPU_GRAMMAR_BACKEND}
             if small_cpu():
                 defaults["distributed_executor_backend"] = "uni"
         if self.lora_modules:
@@ -176,7 +197,8 @@ class VLLMServer:
                               f"{','.join(map(str, self.gpus))}, but this process sees {_cuda_devices()} GPU(s): "
                               "change `gpus:` in the config (or its CUDA_VISIBLE_DEVICES), or run on the GPU box.")
         self.port = free_port()
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        # dev mode: the endpoints `swap_to` calls (collective_rpc, reset_prefix_cache); the server listens on 127.0.0.1
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1")
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus)
         if on_cpu:
@@ -234,6 +256,43 @@ class VLLMServer:
                               f"{response.text[:300]}")
         self.lora_modules[name] = path
 
+    def claim(self, model: str) -> bool:
+        """Count a backend call for `model` in flight (`release` ends it), if this server still holds its weights and
+        was not handed over; else False: the backend asks `get_server` again."""
+        with _lock:
+            if self.handed_over or self.loaded != model:
+                return False
+            self.users += 1
+            return True
+
+    def release(self) -> None:
+        with _lock:
+            self.users -= 1
+
+    def swap_to(self, model: str, model_path: str) -> bool:
+        """Serve `model` by loading its weights into this running server, when nothing is in flight and the two
+        models differ only in their weights (`same_but_weights`): vLLM's `reload_weights` over its dev endpoint
+        `collective_rpc`, then its prefix cache emptied (cached KV of the old weights would answer for the new).
+        On the demo's CPU: 0.3 s instead of a 17 s start, the same greedy text as a server started on `model`.
+        False when it does not apply; a reload that fails stops the server (its weights are then unknown)."""
+        if self.users or self.lora_modules or not self.alive or not same_but_weights(self.model_path, model_path):
+            return False
+        try:
+            reloaded = httpx.post(f"http://127.0.0.1:{self.port}/collective_rpc", timeout=STARTUP_TIMEOUT,
+                                  json={"method": "reload_weights", "kwargs": {"weights_path": model_path}})
+            reset = httpx.post(f"http://127.0.0.1:{self.port}/reset_prefix_cache", timeout=60)
+            ok = reloaded.status_code == 200 and reset.status_code == 200 and reset.json().get("success", True)
+        except (httpx.HTTPError, ValueError) as err:
+            reloaded, ok = err, False
+        if not ok:
+            log.warning("vLLM for %s could not load the weights of %s (%s): starting a server for it",
+                        self.loaded, model, getattr(reloaded, "text", reloaded))
+            self.hand_over()
+            return False
+        log.info("vLLM for %s now serves the weights of %s (in place)", self.served_model_name, model)
+        self.loaded, self.model_path = model, model_path
+        return True
+
     def can_load(self, adapters: dict[str, str]) -> bool:
         """Whether adapters fit the running server: LoRA enabled at start, ranks within its --max-lora-rank."""
         return bool(self.lora_modules) and all(lora_rank(p) <= self.max_lora_rank for p in adapters.values())
@@ -262,16 +321,20 @@ class VLLMServer:
         log.info("stopped vLLM for %s (pid %d)", self.served_model_name, self.process.pid)
 
     def count_work(self) -> None:
-        """Add the tokens this server prefilled (prefix-cache hits apart) and generated, from vLLM's Prometheus
-        counters, to the stage's roofline (`ragtune.core.roofline`); a server that does not answer adds nothing."""
+        """Add the tokens this server prefilled (prefix-cache hits apart) and generated since it was last counted, from
+        vLLM's Prometheus counters, to the stage's roofline (`ragtune.core.roofline`); a server that does not answer
+        adds nothing."""
         try:
             text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
         except httpx.HTTPError:
             return
+        totals = vllm_counters(text)
+        new = {name: total - self.counted[name] for name, total in totals.items()}
+        self.counted = totals
         dtype = self.served_dtype(self.model_path, self.on_cpu)
         roofline.count_generation(self.model_path, self.served_model_name, dtype=dtype,
                                   device="cpu" if self.on_cpu else "cuda",
-                                  where=f"vllm {'cpu ' + dtype if self.on_cpu else 'gpu'}", **vllm_counters(text))
+                                  where=f"vllm {'cpu ' + dtype if self.on_cpu else 'gpu'}", **new)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -318,6 +381,48 @@ def vllm_counters(metrics: str) -> dict[str, int]:
         if name in names:
             totals[names[name]] += round(float(line.rsplit(" ", 1)[-1]))
     return totals
+
+
+# config.json keys that name or date a checkpoint, not its shape: a merged student differs from its base only there
+NOT_SHAPE = ("_name_or_path", "torch_dtype", "dtype", "transformers_version")
+# the tokenizer.json parts that map text to token ids and back (a saved copy may add its own truncation settings)
+TOKENIZATION = ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder")
+
+
+def same_but_weights(model_path: str, other_path: str) -> bool:
+    """Whether a server started on `model_path` answers as one started on `other_path` once it holds the other's
+    weights: the same architecture and shapes (config.json but its names and dtype), tokenizer, chat template and
+    generation defaults (vLLM reads those at start only). A file that cannot be read (a hub id not in the local
+    cache) says no: the server is restarted instead."""
+    def serving(path: str) -> tuple[Any, ...] | None:
+        try:
+            files = {name: _model_file(path, name) for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                                "generation_config.json", "chat_template.jinja")}
+            config = json.loads(files["config.json"].read_text(encoding="utf-8"))
+            tokenizer = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
+            tokenizer_config = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8"))
+        except (OSError, ValueError, AttributeError):
+            return None
+        template = files["chat_template.jinja"].read_text(encoding="utf-8") if files["chat_template.jinja"] else None
+        generation = files["generation_config.json"].read_text(encoding="utf-8") if files["generation_config.json"] else ""
+        return ({k: v for k, v in config.items() if k not in NOT_SHAPE}, [tokenizer.get(k) for k in TOKENIZATION],
+                template or tokenizer_config.get("chat_template"), json.loads(generation or "{}"))
+
+    if model_path == other_path:
+        return True
+    mine = serving(model_path)
+    return mine is not None and mine == serving(other_path)
+
+
+def _model_file(path: str, name: str) -> Path | None:
+    """`name` in a model folder, or in the hub's local cache for a hub id; None where it is absent."""
+    if Path(path).is_dir():
+        found = Path(path) / name
+        return found if found.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, name)
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _group_alive(group: int, leader: subprocess.Popen) -> bool:
@@ -369,12 +474,14 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
 
     A live server is reused when its settings match; missing LoRA adapters are loaded into it at runtime
     when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
-    A server that died (killed, crashed) is replaced by a new one. Starting one stops the others: each takes
+    A server that died (killed, crashed) is replaced by a new one. A model of the same shape, tokenizer and settings
+    as a running server's (a merged student and its base) is swapped into it (`VLLMServer.swap_to`): one start for
+    both. Starting one stops the others: each takes
     its GPUs (vLLM claims 90% of each GPU's memory; on CPU its KV cache and every core), and eval runs
     its models one after another (the demo's eval held two servers, 9.2 GB of 2-core CPU RAM, at once).
     """
     wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
-    settings = (dtype, trust_remote_code, json.dumps(dict(engine_args or {}), sort_keys=True), tuple(gpus))
+    settings = server_settings(dtype, trust_remote_code, engine_args, gpus)
     with _lock:
         _install_cleanup()
         server = _servers.get(model)
@@ -387,6 +494,10 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
                     server.load_lora(name, path)
                 return server
             wanted = {**server.lora_modules, **wanted}
+        if server is None and not wanted:
+            swapped = _swap_in(model, settings, trust_remote_code)
+            if swapped is not None:
+                return swapped
         for other in [name for name in _servers if name != model]:
             log.info("stopping vLLM for %s before starting %s: one managed server at a time", other, model)
             _servers.pop(other).hand_over()
@@ -401,6 +512,31 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
             _servers.pop(model, None)
             raise
         return server
+
+
+def _swap_in(model: str, settings: tuple[Any, ...], trust_remote_code: bool) -> VLLMServer | None:
+    """A running server of the same settings that now holds `model`'s weights (`VLLMServer.swap_to`), re-registered
+    under `model`; None where none can."""
+    from ragtune.core.models import dense_copy, resolve_model
+
+    for other, server in list(_servers.items()):
+        if server.alive and server.settings == settings and not server.lora_modules:
+            model_path = dense_copy(resolve_model(model), trust_remote_code).name_or_path
+            if server.swap_to(model, model_path):
+                _servers[model] = _servers.pop(other)
+                return server
+    return None
+
+
+def end_stage(keep: Callable[[VLLMServer], bool] | None = None) -> None:
+    """A stage ends: every managed server's work goes to its roofline, and each is stopped but those `keep` says a
+    later stage will use (it then holds no claim, so it can take that stage's weights)."""
+    with _lock:
+        for name, server in list(_servers.items()):
+            if keep is not None and server.alive and keep(server):
+                server.count_work()
+            else:
+                _servers.pop(name).stop()
 
 
 def shutdown_all() -> None:

@@ -38,13 +38,14 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
 
 class ManagedServerBackend:
     """An `OpenAIChatBackend` on ragtune's managed vLLM server for one model. One managed server runs at a time,
-    so another model's (a judge between teacher batches) may have replaced this one since the last call: the
-    next call starts it again. A server that died is not restarted here: its calls fail with the reason.
+    so another model's (a judge between teacher batches) may have replaced this one, or its weights, since the last
+    call: the next call starts it again, or swaps its weights back; a call in flight keeps them (`claim`). A server that died is not restarted here: its calls fail with the reason.
     `served` is the model name requested (a LoRA adapter's), by default the server's own model."""
 
     def __init__(self, start: Callable[[], Any], role: LLMRole, served: str | None = None):
         self._start, self._role, self._served = start, role, served
         self._server = start()
+        self._model = self._server.loaded  # the model whose weights this backend's answers must come from
         self._backend = self._connect()
 
     def _connect(self) -> "OpenAIChatBackend":
@@ -55,10 +56,14 @@ class ManagedServerBackend:
         return getattr(self._backend, name)
 
     def chat(self, conversations: list[list[Message]], **kwargs: Any) -> list[Completion]:
-        if self._server.handed_over:
+        while not self._server.claim(self._model):  # handed over, or now holding another model's weights
             self._server = self._start()
             self._backend = self._connect()
-        return self._backend.chat(conversations, **kwargs)
+        server = self._server
+        try:
+            return self._backend.chat(conversations, **kwargs)
+        finally:
+            server.release()
 
 
 def openai_backend(role: LLMRole, *, model: str | None = None, base_url: str | None = None,
