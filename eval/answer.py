@@ -431,7 +431,7 @@ def load_backend(config: "RagtuneConfig", spec: ModelSpec, run_dir: RunDir, spec
         return make_backend(config.teacher, log_dir=run_dir.logs, server=plan.teacher)
     student = config.student
     if plan.eval is not None:  # eval.backend: vllm
-        from ragtune.core.engine import get_server
+        from ragtune.core.servers import get_server
         from ragtune.core.roles import LLMRole
 
         on_base = spec.kind in ("base", "adapter")

@@ -146,7 +146,7 @@ def judge_throughput(config: Any, run_dir: Any, batched: bool, n_questions: int)
 
 def answer_throughput(config: Any, run_dir: Any, backend: str) -> tuple[dict[str, Any], dict[tuple[str, str], list]]:
     """Every model's answers in every mode through `backend` (hf or vllm), timed; returns facts and the answers."""
-    from ragtune.core import engine
+    from ragtune.core import servers
     from ragtune.eval.answer import MODES, generate_answers, load_questions, model_specs, retrieve_contexts
 
     config = config.model_copy(update={
@@ -159,7 +159,7 @@ def answer_throughput(config: Any, run_dir: Any, backend: str) -> tuple[dict[str
     for spec in specs:
         generate_answers(config, run_dir, spec, list(MODES), questions, retrieval, specs)
     seconds = time.perf_counter() - started
-    engine.shutdown_all()
+    servers.shutdown_all()
     answers = {(s.name, m): [r["raw_answer"] for r in map(json.loads, run_dir.answers(s.name, m).read_text().splitlines())]
                for s in specs for m in MODES if run_dir.answers(s.name, m).exists()}
     count = sum(len(a) for a in answers.values())

@@ -132,7 +132,7 @@ def prepare_run(args: argparse.Namespace, work: Path, questions: list[str]) -> t
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from ragtune.core import engine
+    from ragtune.core import servers
     from ragtune.core.llm import HFChatBackend, LazyBackend, make_backend
     from ragtune.data_prep.prep import make_answers
 
@@ -160,7 +160,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     make_answers(config, run_dir, state, index, split, LazyBackend(lambda: teacher), LazyBackend(lambda: None))
     ragtune_seconds = time.perf_counter() - started
-    engine.shutdown_all()
+    servers.shutdown_all()
     rows = {r["meta"]["question_id"]: r for r in map(json.loads, run_dir.train_jsonl.read_text(encoding="utf-8").splitlines())}
     answers = [rows[f"bench-q{i:02d}"]["messages"][-1]["content"] for i in range(len(questions))]
 

@@ -429,6 +429,13 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     assert ours == pytest.approx(trl, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(our_grads, trl_grads))
 
+    trainer.model.eval()  # Trainer.evaluate's step, which reads only the loss: the same eval_loss as TRL's
+    losses = []
+    for labelled_only in (True, False):
+        trainer.score_labelled_only = labelled_only
+        losses.append(trainer.prediction_step(trainer.model, dict(batch), prediction_loss_only=True)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(trl, rel=1e-5)
+
 
 @pytest.mark.slow
 def test_gguf_is_converted_once_and_loads_the_same_model(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ragtune.core import engine
+from ragtune.core import engine, servers
 from ragtune.core.llm import BackendUnavailable, HFChatBackend, make_backend
 from ragtune.core.rag import build_rag_messages
 from ragtune.core.teacher import context_sentences, teacher_candidates, teacher_view
@@ -117,10 +117,10 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, adapters: dict[str, Path], log_dir: Path):
     started = time.monotonic()
-    server = engine.get_server(MODEL, lora_modules={"tiny": str(adapters["tiny"])}, log_dir=log_dir)
+    server = servers.get_server(MODEL, lora_modules={"tiny": str(adapters["tiny"])}, log_dir=log_dir)
     print(f"vLLM server start: {time.monotonic() - started:.0f} s")
     yield server
-    engine.shutdown_all()
+    servers.shutdown_all()
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_the_servers_work_is_read_from_its_prometheus_counters(server):
 def test_lora_adapters_answer_like_peft_from_one_server(server, smollm2_dir, adapters, log_dir):
     """`tiny` was served from the start; `tiny2` is loaded into the running server (no restart)."""
     pid = server.process.pid
-    same = engine.get_server(MODEL, lora_modules={name: str(path) for name, path in adapters.items()}, log_dir=log_dir)
+    same = servers.get_server(MODEL, lora_modules={name: str(path) for name, path in adapters.items()}, log_dir=log_dir)
     assert same is server and same.process.pid == pid and set(same.lora_modules) == {"tiny", "tiny2"}
     conversations = [_rag(c, q) for c, q in FACTS[:3]]
     base = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=24)).chat(conversations)
@@ -289,7 +289,7 @@ def test_eval_teacher_answers_from_the_server_of_base_and_adapters_when_served_a
     for spec in order[:3]:
         [answer] = load_backend(config, spec, RunDir(tmp_path / "run"), specs).chat([_rag(*FACTS[0][:2])])
         assert answer.error is None and answer.text
-    assert list(engine._servers) == [MODEL] and server.alive and server.process.pid == pid
+    assert list(servers._servers) == [MODEL] and server.alive and server.process.pid == pid
 
 
 def _served(server: engine.VLLMServer) -> float:
@@ -350,7 +350,7 @@ def test_killed_server_is_reported_and_the_next_get_server_starts_a_new_one(serv
     with pytest.raises(BackendUnavailable) as err:
         backend.chat([[{"role": "user", "content": "Hi"}]] * 2)
     assert server.base_url in str(err.value) and "exited with code -9" in str(err.value)
-    fresh = engine.get_server(MODEL, log_dir=log_dir)
+    fresh = servers.get_server(MODEL, log_dir=log_dir)
     assert fresh.process.pid != old_pid and fresh.alive
     [answer] = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=8)).chat(
         [[{"role": "user", "content": "What is the capital of France?"}]])
@@ -361,18 +361,18 @@ def test_on_a_small_cpu_the_model_runs_in_the_engine_core_without_a_worker_proce
     """2 processes instead of 3 (API server, engine core): 12 s less of each start and 0.6 GB less RSS here."""
     if not engine.small_cpu():
         pytest.skip(f"{len(os.sched_getaffinity(0))} cores: vLLM keeps its worker process")
-    current = engine.get_server(MODEL, log_dir=log_dir)
+    current = servers.get_server(MODEL, log_dir=log_dir)
     names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in _group_members(current.process.pid))
     assert "VLLM::EngineCor" in names and "VLLM::Worker" not in names, names  # comm keeps 15 characters
 
 
 def test_shutdown_all_leaves_no_process(server, log_dir):
-    current = engine.get_server(MODEL, log_dir=log_dir)
+    current = servers.get_server(MODEL, log_dir=log_dir)
     group = current.process.pid
     assert _group_members(group)
-    engine.shutdown_all()
+    servers.shutdown_all()
     assert not _wait_gone(group, 5)
-    assert engine._servers == {}
+    assert servers._servers == {}
 
 
 def _merged(base: Path, out: Path) -> Path:
@@ -397,29 +397,29 @@ def test_one_managed_server_at_a_time_a_model_of_the_same_shape_swapped_in(smoll
     model's backend starts its server again, with the same greedy answer. `end_stage` keeps what it is told to."""
     question = [[{"role": "user", "content": "What is the capital of France?"}]]
     base = make_backend(LLMRole(backend="vllm", model=MODEL, max_new_tokens=16), log_dir=log_dir)
-    first = engine.get_server(MODEL, log_dir=log_dir)
+    first = servers.get_server(MODEL, log_dir=log_dir)
     [before] = base.chat(question)
     merged_dir = _merged(smollm2_dir, tmp_path / "merged")
     merged = make_backend(LLMRole(backend="vllm", model=str(merged_dir), max_new_tokens=16), log_dir=log_dir)
-    assert merged.base_url == base.base_url and first.alive and list(engine._servers) == [str(merged_dir)]
+    assert merged.base_url == base.base_url and first.alive and list(servers._servers) == [str(merged_dir)]
     [swapped] = merged.chat(question)
     [local] = HFChatBackend(str(merged_dir), max_new_tokens=16).chat(question)
     assert swapped.text == local.text != before.text
     [again] = base.chat(question)
-    assert again.text == before.text and list(engine._servers) == [MODEL] and first.alive
+    assert again.text == before.text and list(servers._servers) == [MODEL] and first.alive
 
-    engine.end_stage(keep=lambda server: server is first)
-    assert first.alive and list(engine._servers) == [MODEL]
+    servers.end_stage(keep=lambda server: server is first)
+    assert first.alive and list(servers._servers) == [MODEL]
     other = make_backend(LLMRole(backend="vllm", model=str(tiny_llama_dir), max_new_tokens=16), log_dir=log_dir)
-    assert not _wait_gone(first.process.pid, 5) and list(engine._servers) == [str(tiny_llama_dir)]
+    assert not _wait_gone(first.process.pid, 5) and list(servers._servers) == [str(tiny_llama_dir)]
     assert "to start another" in first.describe_failure()
     [after] = base.chat(question)
     assert after.error is None and after.text == before.text and "Paris" in after.text
-    assert list(engine._servers) == [MODEL]
-    assert engine.get_server(MODEL, log_dir=log_dir).process.pid != first.process.pid
+    assert list(servers._servers) == [MODEL]
+    assert servers.get_server(MODEL, log_dir=log_dir).process.pid != first.process.pid
     assert other.base_url != base.base_url
-    engine.end_stage()
-    assert engine._servers == {}
+    servers.end_stage()
+    assert servers._servers == {}
 
 
 # The owner takes Ctrl-C as a terminal's ragtune does, even when the suite itself was started in the background
@@ -427,8 +427,8 @@ def test_one_managed_server_at_a_time_a_model_of_the_same_shape_swapped_in(smoll
 CHILD = """
 import json, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from ragtune.core import engine
-server = engine.get_server("smollm2-135m-instruct", log_dir=sys.argv[1])
+from ragtune.core import servers
+server = servers.get_server("smollm2-135m-instruct", log_dir=sys.argv[1])
 print(json.dumps({"pid": server.process.pid}), flush=True)
 time.sleep(900)
 """

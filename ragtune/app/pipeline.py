@@ -22,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from ragtune.app.config import RagtuneConfig, load_config
-from ragtune.core import engine, roofline
+from ragtune.core import engine, roofline, servers
 from ragtune.core.errors import UserFacingError
 from ragtune.core.run_dir import Manifest, RunDir, sha256_file, short_hash
 from ragtune.eval.config import EvalConfig
@@ -244,10 +244,10 @@ def run_stage(config: RagtuneConfig, stage: Stage, options: RunOptions, inputs: 
         with manifest.timed_stage(stage.name) as facts, roofline.metered() as meter:
             started = time.monotonic()
             facts.update(stage.run(config, run_dir, options) or {})
-            engine.end_stage(keep)  # a server adds its work to the meter as it stops or is kept
+            servers.end_stage(keep)  # a server adds its work to the meter as it stops or is kept
             facts["roofline"] = meter.summary(time.monotonic() - started)
     except BaseException:
-        engine.shutdown_all()  # on errors every server ends with its stage
+        servers.shutdown_all()  # on errors every server ends with its stage
         raise
     finally:
         release_freed_memory()

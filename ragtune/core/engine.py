@@ -1,10 +1,10 @@
 """The managed vLLM server behind `backend: vllm`: started on 127.0.0.1, shared, and always stopped.
 
 vLLM's OpenAI-compatible server gives continuous batching, prefix caching, guided JSON and LoRA adapters
-served next to their base. ragtune runs one server at a time (a process-wide registry: `get_server`), reused
-by every call for its model until another model's server replaces it or the stage ends; it talks to it
-through `OpenAIChatBackend` (`llm.ManagedServerBackend` starts it again after a replacement) and stops it
-with `shutdown_all()`.
+served next to their base. ragtune runs one server at a time (a process-wide registry: `ragtune.core.servers`),
+reused by every call for its model, or another of the same shape swapped in, until another model's server replaces it
+or the stage ends; it talks to it through `OpenAIChatBackend` (`llm.ManagedServerBackend` starts it again after a
+replacement) and stops it with `servers.shutdown_all()`.
 Nothing outlives ragtune: the server runs in its own process group, which `stop()` ends (SIGTERM, then
 SIGKILL); `shutdown_all` runs at exit and on SIGTERM/SIGHUP (Ctrl-C exits through atexit); and if ragtune
 is killed outright, a watchdog thread inside the server process sees its parent gone and ends the group.
@@ -16,7 +16,6 @@ parser: `ragtune.core.engine_args`) become `--kebab-case` flags.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -66,6 +65,8 @@ CPU_BLOCK_SIZE = 32
 # The demo's 128 training rows: 54 s instead of 67 s, 2.37 instead of 1.89 rows/s (avx512_bf16 EPYC, 2026-12-05)
 CPU_GRAMMAR_BACKEND = "guidance"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+# guards the servers of this process (`ragtune.core.servers`) and each one's claims (`VLLMServer.claim`)
+REGISTRY_LOCK = threading.RLock()
 
 # Runs the API server in the engine's Python with a watchdog: when the owning ragtune process dies (even by
 # SIGKILL, when no cleanup of ours can run) the server's parent changes and the watchdog ends its process group.
@@ -259,14 +260,14 @@ class VLLMServer:
     def claim(self, model: str) -> bool:
         """Count a backend call for `model` in flight (`release` ends it), if this server still holds its weights and
         was not handed over; else False: the backend asks `get_server` again."""
-        with _lock:
+        with REGISTRY_LOCK:
             if self.handed_over or self.loaded != model:
                 return False
             self.users += 1
             return True
 
     def release(self) -> None:
-        with _lock:
+        with REGISTRY_LOCK:
             self.users -= 1
 
     def swap_to(self, model: str, model_path: str) -> bool:
@@ -460,117 +461,3 @@ def cpu_dtype(model_path: str, trust_remote_code: bool = False) -> str:
     except (OSError, ValueError):
         model_config = None  # the probe's default shapes
     return choose_dtype("cpu", model_config)
-
-
-_servers: dict[str, VLLMServer] = {}
-_lock = threading.RLock()
-_cleanup_installed = False
-
-
-def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_dir: str | Path | None = None,
-               dtype: str = "float32", trust_remote_code: bool = False, engine_args: dict[str, Any] | None = None,
-               gpus: tuple[int, ...] = ()) -> VLLMServer:
-    """The running server for `model`, started if needed: one per model for the whole process.
-
-    A live server is reused when its settings match; missing LoRA adapters are loaded into it at runtime
-    when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
-    A server that died (killed, crashed) is replaced by a new one. A model of the same shape, tokenizer and settings
-    as a running server's (a merged student and its base) is swapped into it (`VLLMServer.swap_to`): one start for
-    both. Starting one stops the others: each takes
-    its GPUs (vLLM claims 90% of each GPU's memory; on CPU its KV cache and every core), and eval runs
-    its models one after another (the demo's eval held two servers, 9.2 GB of 2-core CPU RAM, at once).
-    """
-    wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
-    settings = server_settings(dtype, trust_remote_code, engine_args, gpus)
-    with _lock:
-        _install_cleanup()
-        server = _servers.get(model)
-        if server is not None and server.alive and server.settings == settings:
-            missing = {n: p for n, p in wanted.items() if server.lora_modules.get(n) != p}
-            if not missing:
-                return server
-            if server.can_load(missing):
-                for name, path in missing.items():
-                    server.load_lora(name, path)
-                return server
-            wanted = {**server.lora_modules, **wanted}
-        if server is None and not wanted:
-            swapped = _swap_in(model, settings, trust_remote_code)
-            if swapped is not None:
-                return swapped
-        for other in [name for name in _servers if name != model]:
-            log.info("stopping vLLM for %s before starting %s: one managed server at a time", other, model)
-            _servers.pop(other).hand_over()
-        if server is not None:
-            server.hand_over()
-        server = _servers[model] = VLLMServer(model, lora_modules=wanted, log_dir=log_dir, dtype=dtype,
-                                               trust_remote_code=trust_remote_code, engine_args=engine_args, gpus=gpus)
-        try:
-            server.start()
-        except BaseException:
-            server.stop()
-            _servers.pop(model, None)
-            raise
-        return server
-
-
-def _swap_in(model: str, settings: tuple[Any, ...], trust_remote_code: bool) -> VLLMServer | None:
-    """A running server of the same settings that now holds `model`'s weights (`VLLMServer.swap_to`), re-registered
-    under `model`; None where none can."""
-    from ragtune.core.models import dense_copy, resolve_model
-
-    for other, server in list(_servers.items()):
-        if server.alive and server.settings == settings and not server.lora_modules:
-            model_path = dense_copy(resolve_model(model), trust_remote_code).name_or_path
-            if server.swap_to(model, model_path):
-                _servers[model] = _servers.pop(other)
-                return server
-    return None
-
-
-def end_stage(keep: Callable[[VLLMServer], bool] | None = None) -> None:
-    """A stage ends: every managed server's work goes to its roofline, and each is stopped but those `keep` says a
-    later stage will use (it then holds no claim, so it can take that stage's weights)."""
-    with _lock:
-        for name, server in list(_servers.items()):
-            if keep is not None and server.alive and keep(server):
-                server.count_work()
-            else:
-                _servers.pop(name).stop()
-
-
-def shutdown_all() -> None:
-    """Stop every managed server (idempotent; runs at exit and on SIGTERM/SIGHUP). It waits a little for a
-    thread that is starting one, then stops them regardless: a signal must not wait minutes."""
-    locked = _lock.acquire(timeout=STOP_GRACE)
-    try:
-        while _servers:
-            _, server = _servers.popitem()
-            try:
-                server.stop()
-            except Exception as err:  # noqa: BLE001 - one stuck server must not keep the others running
-                log.warning("could not stop vLLM for %s: %s", server.served_model_name, err)
-    finally:
-        if locked:
-            _lock.release()
-
-
-def _install_cleanup() -> None:
-    """atexit covers normal exits, errors and Ctrl-C; SIGTERM and SIGHUP would skip it, so stop the servers
-    there first and then die of the same signal (only where their handler is still the default)."""
-    global _cleanup_installed
-    if _cleanup_installed:
-        return
-    _cleanup_installed = True
-    atexit.register(shutdown_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _stop_then_die)
-
-
-def _stop_then_die(signum: int, frame: object) -> None:
-    shutdown_all()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)

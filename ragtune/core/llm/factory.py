@@ -17,7 +17,7 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
     """The backend a role asks for. `backend: vllm` without `base_url` starts (or reuses) the process-wide
     managed vLLM server for `role.model`, logging to `log_dir`, placed as `server` says (the run's GPU plan:
     `gpu_plan(config).teacher`; None: the role's own settings on this machine's default device); the caller ends it
-    with `ragtune.core.engine.shutdown_all()` (it also ends at exit)."""
+    with `ragtune.core.servers.shutdown_all()` (it also ends at exit)."""
     if role.backend == "hf":
         return HFChatBackend(
             role.model, torch_dtype=role.torch_dtype, device_map=role.device_map, batch_size=role.batch_size,
@@ -25,7 +25,7 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
             trust_remote_code=role.trust_remote_code,
         )
     if role.backend == "vllm" and not role.base_url:
-        from ragtune.core.engine import get_server
+        from ragtune.core.servers import get_server
 
         place = server or ServerPlan(gpus=(), dtype=role.torch_dtype, engine_args=role.engine_args)
         return ManagedServerBackend(
