@@ -125,10 +125,12 @@ def test_dry_run_prints_the_gpu_plan_of_gpu_qlora(monkeypatch: pytest.MonkeyPatc
 def test_a_cpu_server_eval_can_take_outlives_its_stage_and_none_on_gpus(write_config, smollm2_dir: Path,
                                                                         tiny_llama_dir: Path) -> None:
     """`ragtune run` leaves prep's CPU server up for eval when eval serves the students in its settings, its model or
-    one of the same shape; another dtype, a LoRA server, a server on GPUs or a GPU plan end with the stage."""
+    one of the same shape; another dtype or shape, a server on GPUs, a GPU plan and an eval of adapters (LoRA modules:
+    a server of their own) end it with the stage."""
     from ragtune.app.pipeline import servers_eval_takes
 
-    config = load_config(write_config(student={"model": str(smollm2_dir)}, eval={"backend": "vllm"}))
+    config = load_config(write_config(student={"model": str(smollm2_dir)},
+                                      eval={"backend": "vllm", "tuned_models": ["merged"]}))
     takes = servers_eval_takes(config)
     plan = gpu_plan(config).eval
     served = engine.VLLMServer(str(smollm2_dir), dtype=plan.dtype)
@@ -143,8 +145,10 @@ def test_a_cpu_server_eval_can_take_outlives_its_stage_and_none_on_gpus(write_co
     on_gpus = engine.VLLMServer(str(smollm2_dir), dtype=plan.dtype)
     on_gpus.on_cpu = False
     assert not takes(on_gpus)
-    assert servers_eval_takes(load_config(write_config(eval={"backend": "vllm"}, gpus={"count": 2}))) is None
+    merged_only = {"backend": "vllm", "tuned_models": ["merged"]}
+    assert servers_eval_takes(load_config(write_config(eval=merged_only, gpus={"count": 2}))) is None
     assert servers_eval_takes(load_config(write_config())) is None  # in-process eval: no server to keep
+    assert servers_eval_takes(load_config(write_config(eval={"backend": "vllm"}))) is None  # the adapter too: LoRA
 
 
 def test_weights_swap_only_between_models_that_differ_in_weights_alone(smollm2_dir: Path, tiny_llama_dir: Path,

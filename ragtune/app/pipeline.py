@@ -263,8 +263,8 @@ def servers_eval_takes(config: RagtuneConfig) -> Callable[[engine.VLLMServer], b
     from ragtune.core.models import dense_copy, resolve_model
 
     plan = gpu_plan(config).eval
-    if plan is None or plan.gpus:
-        return None
+    if plan is None or plan.gpus or "adapter" in config.eval.tuned_models or config.eval.adapters:
+        return None  # adapters need a server started with LoRA: the kept one would be replaced
     student = config.student
     settings = engine.server_settings(plan.dtype, student.trust_remote_code, plan.engine_args, plan.gpus)
 
