@@ -278,16 +278,21 @@ class VLLMServer:
         False when it does not apply; a reload that fails stops the server (its weights are then unknown)."""
         if self.users or self.lora_modules or not self.alive or not same_but_weights(self.model_path, model_path):
             return False
+        why = ""
         try:
             reloaded = httpx.post(f"http://127.0.0.1:{self.port}/collective_rpc", timeout=STARTUP_TIMEOUT,
                                   json={"method": "reload_weights", "kwargs": {"weights_path": model_path}})
-            reset = httpx.post(f"http://127.0.0.1:{self.port}/reset_prefix_cache", timeout=60)
-            ok = reloaded.status_code == 200 and reset.status_code == 200 and reset.json().get("success", True)
+            if reloaded.status_code != 200:
+                why = f"reload_weights: HTTP {reloaded.status_code} {reloaded.text[:300]}"
+            else:
+                reset = httpx.post(f"http://127.0.0.1:{self.port}/reset_prefix_cache", timeout=60)
+                if reset.status_code != 200 or not reset.json().get("success", True):
+                    why = f"reset_prefix_cache: HTTP {reset.status_code} {reset.text[:300]}"
         except (httpx.HTTPError, ValueError) as err:
-            reloaded, ok = err, False
-        if not ok:
+            why = f"{type(err).__name__}: {err}"
+        if why:
             log.warning("vLLM for %s could not load the weights of %s (%s): starting a server for it",
-                        self.loaded, model, getattr(reloaded, "text", reloaded))
+                        self.loaded, model, why)
             self.hand_over()
             return False
         log.info("vLLM for %s now serves the weights of %s (in place)", self.served_model_name, model)
@@ -388,6 +393,8 @@ def vllm_counters(metrics: str) -> dict[str, int]:
 NOT_SHAPE = ("_name_or_path", "torch_dtype", "dtype", "transformers_version")
 # the tokenizer.json parts that map text to token ids and back (a saved copy may add its own truncation settings)
 TOKENIZATION = ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder")
+SERVING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 "chat_template.jinja")
 
 
 def same_but_weights(model_path: str, other_path: str) -> bool:
@@ -396,18 +403,16 @@ def same_but_weights(model_path: str, other_path: str) -> bool:
     generation defaults (vLLM reads those at start only). A file that cannot be read (a hub id not in the local
     cache) says no: the server is restarted instead."""
     def serving(path: str) -> tuple[Any, ...] | None:
+        files = {name: _model_file(path, name) for name in SERVING_FILES}
         try:
-            files = {name: _model_file(path, name) for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                                                                "generation_config.json", "chat_template.jinja")}
-            config = json.loads(files["config.json"].read_text(encoding="utf-8"))
-            tokenizer = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
-            tokenizer_config = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8"))
-        except (OSError, ValueError, AttributeError):
+            text = {name: found.read_text(encoding="utf-8") for name, found in files.items() if found is not None}
+            config, tokenizer = json.loads(text["config.json"]), json.loads(text["tokenizer.json"])
+            tokenizer_config = json.loads(text["tokenizer_config.json"])
+            generation = json.loads(text.get("generation_config.json", "{}"))
+        except (OSError, KeyError, ValueError):
             return None
-        template = files["chat_template.jinja"].read_text(encoding="utf-8") if files["chat_template.jinja"] else None
-        generation = files["generation_config.json"].read_text(encoding="utf-8") if files["generation_config.json"] else ""
         return ({k: v for k, v in config.items() if k not in NOT_SHAPE}, [tokenizer.get(k) for k in TOKENIZATION],
-                template or tokenizer_config.get("chat_template"), json.loads(generation or "{}"))
+                text.get("chat_template.jinja") or tokenizer_config.get("chat_template"), generation)
 
     if model_path == other_path:
         return True

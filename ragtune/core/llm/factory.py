@@ -39,7 +39,8 @@ def make_backend(role: LLMRole, log_dir: str | Path | None = None, server: Serve
 class ManagedServerBackend:
     """An `OpenAIChatBackend` on ragtune's managed vLLM server for one model. One managed server runs at a time,
     so another model's (a judge between teacher batches) may have replaced this one, or its weights, since the last
-    call: the next call starts it again, or swaps its weights back; a call in flight keeps them (`claim`). A server that died is not restarted here: its calls fail with the reason.
+    call: the next call starts it again, or swaps its weights back; a call in flight keeps them (`claim`). A server
+    that died is not restarted here: its calls fail with the reason.
     `served` is the model name requested (a LoRA adapter's), by default the server's own model."""
 
     def __init__(self, start: Callable[[], Any], role: LLMRole, served: str | None = None):
