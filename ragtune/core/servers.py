@@ -30,9 +30,9 @@ def get_server(model: str, *, lora_modules: dict[str, str] | None = None, log_di
     when it was started with LoRA and a large enough rank, else it is restarted serving all of them.
     A server that died (killed, crashed) is replaced by a new one. A model of the same shape, tokenizer and settings
     as a running server's (a merged student and its base) is swapped into it (`VLLMServer.swap_to`): one start for
-    both. Starting one stops the others: each takes
-    its GPUs (vLLM claims 90% of each GPU's memory; on CPU its KV cache and every core), and eval runs
-    its models one after another (the demo's eval held two servers, 9.2 GB of 2-core CPU RAM, at once).
+    both. Starting one stops the others: each takes its GPUs (vLLM claims 90% of each GPU's memory; on CPU its KV
+    cache and every core), and eval runs its models one after another (the demo's eval held two servers, 9.2 GB of
+    2-core CPU RAM, at once).
     """
     wanted = {name: str(path) for name, path in (lora_modules or {}).items()}
     settings = server_settings(dtype, trust_remote_code, engine_args, gpus)
