@@ -376,14 +376,12 @@ def test_shutdown_all_leaves_no_process(server, log_dir):
 
 
 def _merged(base: Path, out: Path) -> Path:
-    """A merged student: the base with a random LoRA folded in (other answers), saved beside the base's tokenizer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """A merged student: the base with a random LoRA (`_adapter`) folded in, saved beside the base's tokenizer."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(2)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).merge_and_unload().save_pretrained(out)
+    adapter = _adapter(base, out.with_name(out.name + "-adapter"), seed=2)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(base / name, out / name)
     return out

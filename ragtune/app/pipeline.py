@@ -203,6 +203,7 @@ def run_pipeline(config: RagtuneConfig, options: RunOptions = RunOptions()) -> d
         options.before_work(config)
     prints = fingerprints(config)
     Manifest(run_dir).record_run(config.resolved(), input_hashes(config))
+    eval_takes = servers_eval_takes(config)
     for i, stage in enumerate(PIPELINE):
         decision = decisions[stage.name]
         evaluates_later = any(decisions[later.name] != "skip" for later in PIPELINE[i + 1:] if later.name == "eval")
@@ -217,7 +218,7 @@ def run_pipeline(config: RagtuneConfig, options: RunOptions = RunOptions()) -> d
             run_dir.retire(stage.outputs(run_dir))  # no stale artifact is reused by a resume
         print(f"[ragtune] {stage.name}: {'resuming' if decision == 'resume' else 'running'}{reason}", flush=True)
         started = time.time()
-        keep = servers_eval_takes(config) if evaluates_later else None
+        keep = eval_takes if evaluates_later else None
         roof = run_stage(config, stage, options, prints[stage.name], keep).get("roofline") or {}
         floor = f" (its work's floor here: {roof['floor_s']:.0f}s, {roof['x_floor']}x)" if roof.get("x_floor") else ""
         print(f"[ragtune] {stage.name}: done in {time.time() - started:.1f}s{floor}", flush=True)

@@ -136,7 +136,7 @@ class VLLMServer:
         self.handed_over = False  # stopped by ragtune for another server: a backend may start it again
         self.loaded = model  # whose weights it serves: its own, or a model of the same shape swapped in (`swap_to`)
         self.users = 0  # backend calls in flight (`claim`): weights are swapped only under none
-        self.counted = dict.fromkeys(("prompt_tokens", "cached_tokens", "generated_tokens", "requests"), 0)
+        self.counted: dict[str, int] = {}  # vLLM's counters when its work was last counted (`count_work`)
 
     @property
     def base_url(self) -> str:
@@ -335,7 +335,7 @@ class VLLMServer:
         except httpx.HTTPError:
             return
         totals = vllm_counters(text)
-        new = {name: total - self.counted[name] for name, total in totals.items()}
+        new = {name: total - self.counted.get(name, 0) for name, total in totals.items()}
         self.counted = totals
         dtype = self.served_dtype(self.model_path, self.on_cpu)
         roofline.count_generation(self.model_path, self.served_model_name, dtype=dtype,

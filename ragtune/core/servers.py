@@ -73,12 +73,14 @@ def _swap_in(model: str, settings: tuple[Any, ...], trust_remote_code: bool) -> 
     under `model`; None where none can."""
     from ragtune.core.models import dense_copy, resolve_model
 
-    for other, server in list(_servers.items()):
-        if server.alive and server.settings == settings and not server.lora_modules:
-            model_path = dense_copy(resolve_model(model), trust_remote_code).name_or_path
-            if server.swap_to(model, model_path):
-                _servers[model] = _servers.pop(other)
-                return server
+    alike = [(other, server) for other, server in _servers.items() if server.settings == settings]
+    if not alike:
+        return None
+    model_path = dense_copy(resolve_model(model), trust_remote_code).name_or_path
+    for other, server in alike:
+        if server.swap_to(model, model_path):
+            _servers[model] = _servers.pop(other)
+            return server
     return None
 
 
