@@ -129,6 +129,31 @@ def test_bad_row_is_reported_with_file_and_line(make_config):
         sft.run(config, RunDir(config.output_dir), check_only=True)
 
 
+def test_validation_holds_out_whole_questions_with_their_closed_book_twins(tmp_path):
+    from ragtune.train.rows import load_rows, split_rows
+
+    rows = []
+    for q in range(20):
+        answer = {"role": "assistant", "content": f"answer {q}"}
+        rows.append({"messages": [{"role": "user", "content": f"question {q}"}, answer],
+                     "meta": {"question_id": f"q{q}", "mode": "closed_book"}})
+        rows.append({"messages": [{"role": "user", "content": f"context\nquestion {q}"}, answer],
+                     "meta": {"question_id": f"q{q}", "mode": "rag"}})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    train, held = split_rows(load_rows(path), 0.1, None, seed=3)
+    held_questions = {row["question"] for row in held}
+    assert len(held_questions) == 2 and len(held) == 4  # 10% of 20 questions, both rows of each
+    assert held_questions.isdisjoint(row["question"] for row in train) and len(train) == 36
+
+
+def test_eval_batches_take_the_training_batch_size_unless_set(write_config):
+    assert load_config(write_config(train={"per_device_train_batch_size": 2})).train.sft_kwargs()[
+        "per_device_eval_batch_size"] == 2
+    assert load_config(write_config(train={"per_device_train_batch_size": 2, "per_device_eval_batch_size": 8})
+                       ).train.sft_kwargs()["per_device_eval_batch_size"] == 8
+
+
 def test_peft_defaults_follow_the_method(write_config):
     prompt = load_config(write_config(train={"method": "prompt_tuning"}))
     assert prompt.train.peft_kwargs() == {"num_virtual_tokens": 20}

@@ -29,7 +29,8 @@ class TrainDataError(UserFacingError, ValueError):
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Read chat rows and turn them into TRL prompt-completion rows; `source` keeps `file:line` for errors."""
+    """Read chat rows and turn them into TRL prompt-completion rows; `source` keeps `file:line` for errors, `question`
+    the row's `meta.question_id` (a RAG row and its closed-book twin share it), else its `source`."""
     if not path.is_file():
         raise TrainDataError(f"{path}: training data not found. Run `ragtune prep CONFIG` first (it writes this file).")
     rows = []
@@ -56,21 +57,24 @@ def to_prompt_completion(row: dict[str, Any], source: str) -> dict[str, Any]:
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise TrainDataError(f"{source}: the last message must be the assistant's answer, after at least one prompt turn.")
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return {"prompt": turns[:-1], "completion": turns[-1:], "source": source}
+    question = (row.get("meta") or {}).get("question_id") if isinstance(row.get("meta"), dict) else None
+    return {"prompt": turns[:-1], "completion": turns[-1:], "source": source, "question": str(question or source)}
 
 
 def split_rows(rows: list[dict[str, Any]], validation_split: float, validation_file: Path | None, seed: int
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Held-out rows for eval loss: the validation file when given, else a seeded fraction (at least one row)."""
+    """Held-out rows for eval loss: the validation file when given, else a seeded fraction of the questions (at least
+    one), each with all its rows: a closed-book twin (`data_prep.closed_book_rows`) trained on while its RAG row is
+    held out would teach the held-out answer."""
     if validation_file is not None:
         return rows, load_rows(validation_file)
-    n_eval = held_out_count(len(rows), validation_split)
+    questions = list(dict.fromkeys(row["question"] for row in rows))
+    n_eval = held_out_count(len(questions), validation_split)
     if not n_eval:
         return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    random.Random(seed).shuffle(questions)
+    held = set(questions[:n_eval])
+    return [r for r in rows if r["question"] not in held], [r for r in rows if r["question"] in held]
 
 
 def train_and_eval_rows(config: "RagtuneConfig", run_dir: RunDir) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
