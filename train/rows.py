@@ -57,7 +57,8 @@ def to_prompt_completion(row: dict[str, Any], source: str) -> dict[str, Any]:
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise TrainDataError(f"{source}: the last message must be the assistant's answer, after at least one prompt turn.")
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    question = (row.get("meta") or {}).get("question_id") if isinstance(row.get("meta"), dict) else None
+    meta = row.get("meta")
+    question = meta.get("question_id") if isinstance(meta, dict) else None
     return {"prompt": turns[:-1], "completion": turns[-1:], "source": source, "question": str(question or source)}
 
 
