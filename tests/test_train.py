@@ -431,10 +431,12 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(make_config):
 
 
 def test_labelled_positions_loss_equals_trl_loss(make_config):
-    """ragtune's CPU loss path (LM head on trained positions only) gives TRL's loss and gradients."""
+    """ragtune's CPU loss path (LM head on trained positions only, right-padded rows without their attention mask)
+    gives TRL's loss and gradients (TRL's path keeps the mask)."""
     import torch
 
     from ragtune.train import sft
+    from ragtune.train.trainer import right_padded
 
     config = make_config()
     trainer, _, _ = sft.build_trainer(config, RunDir(config.output_dir))
@@ -442,6 +444,9 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     items = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator([{"input_ids": x["input_ids"], "labels": x["labels"]} for x in items])
     assert batch["input_ids"].shape[1] % 32 == 0  # SFT_DEFAULTS' pad_to_multiple_of: the loss ignores the padding
+    mask = batch["attention_mask"]
+    assert right_padded(mask) and not mask.all()  # so our path below runs without the mask
+    assert not right_padded(mask.flip(-1)) and not right_padded(torch.cat([mask[:, 1:], mask[:, :1]], dim=-1))
     trainer.model.train()
     results = []
     for labelled_only in (True, False):
