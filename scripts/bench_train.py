@@ -26,7 +26,7 @@ shared machine changes every number. `--profile` adds one more epoch of ragtune'
   fixes (one epoch, no validation, no saving), so ragtune's own defaults (SFT_DEFAULTS) decide the rest.
 
     python scripts/bench_train.py                       # SmolLM2-135M, 24 synthetic RAG rows, 2 alternating epochs
-    python scripts/bench_train.py --rows 8 --context-chars 2300 --out bench.json   # rows shaped like the demo's
+    python scripts/bench_train.py --rows 8 --context-chars 2300 --out bench.json   # ~620 tokens: two 256-token chunks (gpu-qlora.yaml)
     python scripts/bench_train.py --rows 64 --data runs/demo/data/train.jsonl
     python scripts/bench_train.py --rows 8 --context-chars 2300 --repeats 1 --skip-baseline --profile
     python scripts/bench_train.py --skip-baseline --also train.bf16=true \
@@ -59,8 +59,9 @@ USER_TEMPLATE = ("Context information is below.\n---------------------\n{context
 
 def synthetic_rows(pdf: Path, n: int, seed: int = 0, context_chars: int = 0) -> list[dict[str, Any]]:
     """data_prep-shaped chat rows from real filing text: 1-4 sentences of context, one of them the answer.
-    `context_chars` > 0: context of consecutive sentences up to that many characters instead (configs/demo.yaml's
-    RAFT rows hold two 256-token chunks, ~2000 characters), answers capped near 64 tokens like its teacher's."""
+    `context_chars` > 0: context of consecutive sentences up to that many characters instead (two 256-token chunks,
+    configs/gpu-qlora.yaml's, are ~2000 characters; configs/demo.yaml's two 128-token ones ~1000), answers capped
+    near 64 tokens like the demo teacher's."""
     from pypdf import PdfReader
 
     text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(pdf).pages))

@@ -50,12 +50,17 @@ SFT_DEFAULTS: dict[str, Any] = {
     # `activation_checkpointing` in transformers): every layer's forward runs twice; 0.67x tokens/s on
     # CPU. Small students on CPU or one GPU have the memory to keep activations; turn it on for big ones.
     "activation_checkpointing": False,
+    # `torch_compile` stays TRL's false: compiling SmolLM2's 30 decoder layers (`nn.Module.compile`, inductor) made
+    # an epoch of 16 rows of ~620 tokens 12 % faster once compiled (31.2-32.4 s vs 34.6-37.0) but its first epoch took
+    # 87.6 s: 55 s of compiling on 2 cores, more than the demo's 191 s of training would save (AMD EPYC,
+    # avx512_bf16). TRL's `torch_compile: true` compiles the whole model: no epoch in 500 s on a 2-core Xeon.
     # One row per forward, four per optimizer step (the same updates as batch 4: the loss sums tokens over the
-    # accumulated rows). No padding, so nothing is computed twice and attention takes its causal kernel; the
-    # demo's train stage (rows of ~500-740 tokens, max_length 768) peaked at 2.97 GB RSS instead of 8.63 GB
-    # with batch 4 (activations kept for backward: 0.9 vs 4.2 GB), with the same losses, at 1.04x batch 4's
-    # tokens/s (scripts/bench_train.py, AMD EPYC AVX2, 2 cores). With one row per batch, grouping rows by
-    # length has no padding left to save: TRL's random order stays.
+    # accumulated rows). No row padded to another's length, and attention takes its causal kernel (the trainer
+    # leaves out the mask of right-padded rows, `LabelledPositionsSFTTrainer`); the demo's train stage (rows of
+    # ~500-740 tokens, max_length 768) peaked at 2.97 GB RSS instead of 8.63 GB with batch 4 (activations kept for
+    # backward: 0.9 vs 4.2 GB), with the same losses, at 1.04x batch 4's tokens/s (scripts/bench_train.py, AMD EPYC
+    # AVX2, 2 cores). With one row per batch, grouping rows by length has no padding left to save: TRL's random order
+    # stays.
     "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 4,
     # Every new sequence length makes oneDNN build (and cache, with its reordered bf16 weights) new GEMM primitives:

@@ -30,8 +30,9 @@ class LabelledPositionsSFTTrainer(FSDPAdapterCheckpoints, SFTTrainer):
     Right-padded rows (TRL's collators pad right) go in without their attention mask (`right_padded`): under causal
     attention a real token sees only earlier positions, all real, and no padded position is scored, so the loss and
     gradients are TRL's. Without a mask SDPA takes its causal kernel, which skips the blocks above the diagonal:
-    0.70 instead of 0.89 s of attention per 640-token row (bf16, SmolLM2-135M's 30 layers, forward + backward),
-    30.3 instead of 33.4 s per epoch of 16 demo-shaped rows (best of 3 alternated; AMD EPYC, avx512_bf16, 2 cores).
+    0.70 instead of 0.89 s of attention per 640-token row (bf16, SmolLM2-135M's 30 layers, forward + backward), and
+    an epoch of 16 rows of ~620 tokens (two 256-token chunks) in 30.3-34.7 s instead of 33.4-37.6 (3 alternations;
+    AMD EPYC, avx512_bf16, 2 cores). On the demo's ~340-token rows the two were within noise.
 
     With `distillation` (offline) and `teacher_logprobs` (prep's records by row `source`), the training rows get
     their teacher's top-k (`attach_teacher_logprobs`) and the loss adds the KL term on every device; `eval_loss`
