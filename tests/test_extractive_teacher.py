@@ -58,6 +58,15 @@ def test_context_sentences_are_the_complete_sentences_of_the_contexts() -> None:
     assert context_sentences([TABLE, BULLETS], max_chars=300) == []
 
 
+def test_headings_names_and_capitalised_clauses_are_not_sentences() -> None:
+    """Lines of Uber's 10-K that end with a period but have no word in lower case beyond a title's small words; a
+    sentence of capitalised names still has its verb in lower case."""
+    lines = ["Section 2.17 Defaulting Lenders.", "Morgan Stanley Senior Funding, Inc.",
+             "INCLUDING FEDERAL AND STATE SECURITIES LAWS.", "Section 9.18 Acknowledgement and Consent to Bail-In of "
+             "EEA Financial Institutions.", "“Citigroup” means Citigroup Global Markets Inc."]
+    assert context_sentences(["\n\n".join(lines)], max_chars=300) == ["“Citigroup” means Citigroup Global Markets Inc."]
+
+
 def test_list_items_and_abbreviations_keep_their_sentences_whole() -> None:
     """A list marker is not part of the item's sentence, and punkt's split after "U.S." is not a sentence end (both
     are real 10-K text from eval contexts that offered no sentence, or half of one, in a demo run)."""
