@@ -240,8 +240,8 @@ def context_sentences(contexts: list[str], max_chars: int) -> list[str]:
 def _prose(sentence: str) -> bool:
     """Whether a word other than TITLE_CASE_SMALL_WORDS starts in lower case. Filings end headings, names and
     capitalised clauses with a period too ("Section 2.17 Defaulting Lenders.", "Morgan Stanley Senior Funding, Inc.",
-    "INCLUDING FEDERAL AND STATE SECURITIES LAWS."): 4 of 108 training answers of a demo run, and a tuned student
-    that learns to answer with a heading gives one where its base gave the figure."""
+    "INCLUDING FEDERAL AND STATE SECURITIES LAWS."): 4 of 108 training answers of a demo run were such lines, which
+    answer no question. 135 of the 3,469 candidate sentences of Uber's 10-K chunks are."""
     words = (word.strip("\"'“”‘’()[],;:.!?") for word in sentence.split())
     return any(word[:1].islower() and word not in TITLE_CASE_SMALL_WORDS for word in words)
 
