@@ -438,7 +438,10 @@ def test_labelled_positions_loss_equals_trl_loss(make_config):
     from ragtune.train import sft
     from ragtune.train.trainer import right_padded
 
-    config = make_config()
+    # fp32 (`bf16: false`), where the same gradients can be asked to 1e-4: with bf16 weights, which the precision probe
+    # may pick for the tiny Llama, the causal and the masked attention kernels round differently (up to 1.4e-4 past
+    # that tolerance, the loss still equal), and CI failed on it once
+    config = make_config(bf16=False)
     trainer, _, _ = sft.build_trainer(config, RunDir(config.output_dir))
     assert trainer.score_labelled_only
     items = [trainer.train_dataset[i] for i in range(4)]
