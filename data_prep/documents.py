@@ -25,6 +25,7 @@ from llama_index.core import Document
 
 from ragtune.core.artifacts import NotUtf8Error, decode_utf8
 from ragtune.core.errors import UserFacingError
+from ragtune.core.precision import busy
 from ragtune.data_prep.config import DOCUMENT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,14 @@ def _read_pdf(path: Path) -> list[tuple[int, str]]:
 
 
 def _extract_page(page: object) -> str:
-    try:
-        return page.extract_text(extraction_mode="layout")  # type: ignore[attr-defined]
-    except Exception as err:  # layout mode fails on some odd fonts; plain mode still gives the words
-        log.debug("layout extraction failed (%s); using plain extraction", err)
-        return page.extract_text()  # type: ignore[attr-defined]
+    """One page's text; a precision probe (the teacher's server starting beside the read) waits for it, and it for
+    the probe (`precision.busy`)."""
+    with busy():
+        try:
+            return page.extract_text(extraction_mode="layout")  # type: ignore[attr-defined]
+        except Exception as err:  # layout mode fails on some odd fonts; plain mode still gives the words
+            log.debug("layout extraction failed (%s); using plain extraction", err)
+            return page.extract_text()  # type: ignore[attr-defined]
 
 
 def clean_pdf_pages(pages: list[str]) -> list[str]:

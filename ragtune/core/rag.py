@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ragtune.core.artifacts import tmp_path
 from ragtune.core.errors import UserFacingError
+from ragtune.core.precision import busy
 
 if TYPE_CHECKING:
     from llama_index.core import VectorStoreIndex
@@ -49,7 +50,8 @@ def embedding_model(embedding: "EmbeddingConfig") -> "HuggingFaceEmbedding":
 
     class CountedEmbedding(HuggingFaceEmbedding):
         def _embed(self, inputs: list[Any], prompt_name: str | None = None) -> list[list[float]]:
-            vectors = super()._embed(inputs, prompt_name)
+            with busy():  # a precision probe beside it (a server starting) measures alone
+                vectors = super()._embed(inputs, prompt_name)
             count_embedded(self._model, inputs)
             return vectors
 
