@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from ragtune.core import precision
@@ -70,3 +71,18 @@ def test_a_step_that_probes_and_a_probe_beside_it_both_finish():
     with precision.busy():  # and the gate is open again afterwards
         _probe_into(results)
     assert len(results) == 4
+
+
+def test_a_probe_whose_passes_never_agree_decides_this_run_but_is_not_cached(tmp_path, monkeypatch):
+    """Cores busy throughout the probe (another job): its best rates choose for this run, and the next run measures
+    again instead of keeping that choice for every later run on the machine."""
+    monkeypatch.setenv("RAGTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "AGREE", 0.0)  # two passes must time exactly alike: they never do
+    unsettled = precision.probe(SHAPES, (precision.FP32,), backward=False)
+    assert unsettled["settled"] is False and unsettled["passes"] == precision.MAX_ROUNDS
+    assert unsettled["gflops"]["fp32"] > 0 and not Path(unsettled["cache_file"]).exists()
+
+    monkeypatch.setattr(precision, "AGREE", 1.0)  # any two passes agree
+    settled = precision.probe(SHAPES, (precision.FP32,), backward=False)
+    assert settled["settled"] is True and settled["cached"] is False and Path(settled["cache_file"]).exists()
+    assert precision.probe(SHAPES, (precision.FP32,), backward=False)["cached"] is True

@@ -551,10 +551,11 @@ def test_bf16_auto_picks_the_faster_format_of_the_probe_and_records_it(make_conf
     assert measured["requested"] == "auto" and measured["device"] == "cpu" and probe["cached"] is False
     assert set(probe["gflops"]) == set(precision.MODES) and probe["gflops"]["fp32"] > 0
     assert measured["choice"] == precision.pick(probe["gflops"]) and probe["seconds"] < 30
-    assert student.training_precision(config, "lora")["probe"]["cached"] is True
+    # cached once its passes agreed (on cores busy throughout they may not: then the next build measures again)
+    assert student.training_precision(config, "lora")["probe"]["cached"] is probe["settled"]
 
     cache = Path(probe["cache_file"])
-    entry = json.loads(cache.read_text())
+    entry = {k: v for k, v in probe.items() if k not in ("cached", "cache_file")}
     cases = [  # (GFLOP/s per format, expected choice, SFTConfig.bf16, dtype of the frozen base)
         ({"fp32": 60.0, "bf16_autocast": 1.5, "bf16_weights": 1.7}, "fp32", False, torch.float32),  # AVX2-only EPYC
         ({"fp32": 80.0, "bf16_autocast": 230.0, "bf16_weights": 310.0}, "bf16_weights", True, torch.bfloat16),

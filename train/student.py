@@ -140,8 +140,8 @@ def training_precision(config: "RagtuneConfig", method: str) -> dict[str, Any]:
     model_config = AutoConfig.from_pretrained(model_ref.name_or_path, trust_remote_code=config.student.trust_remote_code)
     probe = precision.probe(precision.linear_shapes(model_config), precision_modes(method))
     choice = precision.pick(probe["gflops"])
-    probe_facts = {k: probe[k] for k in ("gflops", "stopped_early", "rows", "shapes", "seconds", "cached", "cpu",
-                                         "isa", "torch", "threads", "cache_file")}
+    probe_facts = {k: probe[k] for k in ("gflops", "stopped_early", "rows", "shapes", "passes", "settled", "seconds",
+                                         "cached", "cpu", "isa", "torch", "threads", "cache_file")}
     # bf16_weights trains under autocast too: the fp32 adapters' GEMMs in bf16 (one demo epoch 125.6 s vs 139.7 s,
     # train/eval loss 0.2317/0.1235 vs 0.2303/0.1249, avx512_bf16 EPYC); bf16 weights leave autocast no other cast.
     return {**facts, "choice": choice, "bf16": choice in (precision.BF16_AUTOCAST, precision.BF16_WEIGHTS),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import sys
 import threading
@@ -39,6 +40,8 @@ from typing import Any
 
 from ragtune.core.artifacts import write_json
 from ragtune.core.models import cache_dir
+
+log = logging.getLogger(__name__)
 
 FP32, BF16_AUTOCAST, BF16_WEIGHTS = "fp32", "bf16_autocast", "bf16_weights"
 MODES = (FP32, BF16_AUTOCAST, BF16_WEIGHTS)
@@ -240,11 +243,12 @@ def _run_probe(shapes: list[tuple[int, int]], modes: list[str], backward: bool,
             stops[mode] += 1
             if stops[mode] == 2 or max(rates[mode]) < max(max(r) for r in rates.values()) / 10:
                 alive.remove(mode)
-        if passes >= rounds[0] and all(_agree(rates[m]) for m in alive):
+        settled = all(_agree(rates[m]) for m in alive)
+        if passes >= rounds[0] and settled:
             break
     return {"gflops": {m: round(max(r), 1) for m, r in rates.items()},
             "stopped_early": [m for m in modes if m not in alive], "rows": rows,
-            "shapes": [list(s) for s in shapes], "backward": backward, "passes": passes,
+            "shapes": [list(s) for s in shapes], "backward": backward, "passes": passes, "settled": settled,
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -255,7 +259,9 @@ def _agree(rates: list[float]) -> bool:
 
 
 def probe(shapes: list[tuple[int, int]], modes: Iterable[str], backward: bool = True) -> dict[str, Any]:
-    """`run_probe`, once per machine: the cached result when there is one (`cached: true`)."""
+    """`run_probe`, once per machine: the cached result when there is one (`cached: true`). A probe whose passes never
+    agreed (`settled: false`: the cores were busy throughout) is not cached: one busy moment must not decide every
+    later run on the machine."""
     from filelock import FileLock
 
     modes = list(modes)
@@ -268,7 +274,12 @@ def probe(shapes: list[tuple[int, int]], modes: Iterable[str], backward: bool = 
             except (OSError, ValueError):
                 pass  # a damaged entry is measured again
         result = {**run_probe(shapes, modes, backward), **machine()}
-        write_json(path, result)
+        if result["settled"]:
+            write_json(path, result)
+        else:
+            log.warning("precision probe: %d passes at %s did not agree to %.0f%% (another job is using the cores?): "
+                        "its best rates %s decide this run, and the next run measures again", result["passes"],
+                        shapes, AGREE * 100, result["gflops"])
     return {**result, "cached": False, "cache_file": str(path)}
 
 
