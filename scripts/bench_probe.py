@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -112,7 +113,7 @@ def main() -> None:
         "probe_switch_interval": precision.PROBE_SWITCH_INTERVAL, "pages_read_beside": pages,
         "quiet_choice": quiet,
         "agree": {name: sum(p["choice"] == quiet for p in probes) / len(probes) for name, probes in arms.items()},
-        "median_seconds": {name: sorted(p["seconds"] for p in probes)[len(probes) // 2] for name, probes in arms.items()},
+        "median_seconds": {name: statistics.median(p["seconds"] for p in probes) for name, probes in arms.items()},
         "arms": arms, "load_before": load_before, "load_after": os.getloadavg(),
     }
     text = json.dumps(report, indent=1)

@@ -77,8 +77,8 @@ PROBE_VERSION = 2
 class _Gate:
     """A probe measures alone in its process. Other threads' heavy steps run inside `busy()` (a PDF page read, a
     batch embedded: ~0.1 s each); a new step waits while a probe measures, and the probe waits for the steps under
-    way (the caller's own are suspended with it). Prep reads the documents and embeds them while the teacher's server starts, and that
-    start probes the server's format."""
+    way (the caller's own are suspended with it). Prep reads the documents and embeds them while the teacher's
+    server starts, and that start probes the server's format."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
