@@ -107,7 +107,7 @@ def main() -> None:
             reader.gated = True
             arms["busy, ragtune"].append(one_probe(shapes, args.backward))
         pages = reader.pages
-    quiet = max({p["choice"] for p in arms["quiet"]}, key=[p["choice"] for p in arms["quiet"]].count)
+    quiet = statistics.mode(p["choice"] for p in arms["quiet"])
     report = {
         "machine": precision.machine() | {"flags": None}, "shapes": shapes, "backward": args.backward,
         "probe_switch_interval": precision.PROBE_SWITCH_INTERVAL, "pages_read_beside": pages,

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ class _Gate:
 _GATE = _Gate()
 
 
-def busy() -> Any:
+def busy() -> AbstractContextManager[None]:
     """Wrap a heavy step of a thread that may run beside a probe: the probe waits for it, and it for the probe."""
     return _GATE.busy()
 
