@@ -354,11 +354,16 @@ def _generate_questions(split_name: str, order: list[dict[str, Any]], need: int,
         prompts = [[{"role": "user", "content": question_prompt(c["text"], prep)}] for c in batch]
         completions = backend.chat(prompts, stop_when=lambda text: enough_questions(text, prep.num_questions_per_chunk))
         parsed = [parse_questions(c.text or "", prep.num_questions_per_chunk) for c in completions]
-        verdicts = answerable_verdicts(batch, parsed, completions, prep, backend)
+        verdicts: list[list[str | None]] = [[None] * len(kept) for kept, _ in parsed]
+        # the cheapest check first, each on what the ones before kept: words, a vector search, a teacher call
+        if prep.answerable_check == "lexical":
+            answerable_verdicts(batch, parsed, verdicts, prep, backend)
         if roundtrip is not None:
             index, node_ids = roundtrip
             with _EMBEDDING:
                 roundtrip_verdicts(batch, parsed, verdicts, index, prep.roundtrip_top_k, node_ids)
+        if prep.answerable_check == "teacher":
+            answerable_verdicts(batch, parsed, verdicts, prep, backend)
         return completions, parsed, verdicts
 
     if usable() >= need:

@@ -158,14 +158,17 @@ def test_the_teacher_is_built_while_chunks_and_index_are_made_and_a_failed_build
     assert LazyBackend(build).build_during(lambda: "resumed", when=False) == "resumed" and events == []
 
 
-def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_path: Path) -> None:
+def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_path: Path,
+                                                                            tiny_llama_dir: Path) -> None:
     """Promptagator's round-trip filter on a real LlamaIndex index: a specific question finds its chunk, one
-    closer to another chunk (or whose chunk the split's search leaves out) is "not retrievable"; earlier rejects stay."""
+    closer to another chunk (or whose chunk the split's search leaves out) is "not retrievable"; earlier rejects stay.
+    The teacher's answerability check then asks about the survivors only."""
     from llama_index.core.schema import TextNode
 
     from ragtune.app.config import EmbeddingConfig
+    from ragtune.core.llm.hf import HFChatBackend
     from ragtune.core.rag import build_index, embedding_model
-    from ragtune.data_prep.questions import roundtrip_verdicts
+    from ragtune.data_prep.questions import answerable_verdicts, roundtrip_verdicts
 
     texts = {"p1-c0": "Uber's Mobility segment connects consumers with Drivers who provide rides in a variety of "
                       "vehicles, such as cars, auto rickshaws, motorbikes, minibuses, or taxis.",
@@ -175,7 +178,7 @@ def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_
                       "items, and either pick up at the restaurant or have it delivered."}
     index = build_index([TextNode(id_=i, text=t) for i, t in texts.items()], embedding_model(EmbeddingConfig()),
                         tmp_path / "index")
-    batch = [{"id": "p2-c0"}, {"id": "p3-c0"}]
+    batch = [{"id": i, "text": texts[i]} for i in ("p2-c0", "p3-c0")]
     parsed = [(["How does Freight connect carriers with shippers?", "What kinds of vehicles do Drivers use?"], []),
               (["Can consumers pick up a meal at the restaurant?", "What is a minibus?"], [])]
     verdicts: list[list[str | None]] = [[None, None], [None, "unanswerable: lexical overlap 0.00"]]
@@ -183,6 +186,19 @@ def test_roundtrip_check_keeps_questions_whose_source_chunk_retrieval_finds(tmp_
     assert verdicts[0][0] is None and verdicts[1][0] is None
     assert verdicts[0][1].startswith("not retrievable: its source chunk is not in the top 1 of the whole index")
     assert verdicts[1][1] == "unanswerable: lexical overlap 0.00"
+
+    class Recording(HFChatBackend):
+        def chat(self, conversations: list[Any], **kwargs: Any) -> list[Any]:
+            asked.extend(c[0]["content"].rsplit("Question: ", 1)[1] for c in conversations)
+            return super().chat(conversations, **kwargs)
+
+    asked: list[str] = []
+    dropped = [verdicts[0][1], verdicts[1][1]]
+    answerable_verdicts(batch, parsed, verdicts, DataPrepConfig(answerable_check="teacher"),
+                        Recording(str(tiny_llama_dir), batch_size=2, max_new_tokens=16))
+    assert asked == [parsed[0][0][0], parsed[1][0][0]]
+    assert [verdicts[0][1], verdicts[1][1]] == dropped
+    assert all(v is None or v.startswith("unanswerable") for v in (verdicts[0][0], verdicts[1][0]))
     only_others = [[None, None], [None, None]]
     roundtrip_verdicts(batch[:1], parsed[:1], only_others, index, 2, ["p1-c0", "p3-c0"])
     assert only_others[0] == [

@@ -337,11 +337,3 @@ def chosen_sentence(text: str | None, sentences: list[str]) -> str | None:
         return None
     found = [s for s in sentences if s.startswith(prefix)]
     return found[0] if len(found) == 1 else None
-    budget = max(len(json.dumps(s)) for k in asked for s in options[k]) + len('{"answer":}')
-    chosen = backend.chat([views[k] for k in asked], json_schema=[sentence_schema(options[k]) for k in asked],
-                          max_new_tokens=budget, temperature=temperature)
-    for k, completion in zip(asked, chosen):
-        if completion.text is not None:
-            completion = replace(completion, text=json.loads(completion.text)["answer"])
-        answers[k] = completion
-    return answers
